@@ -1,0 +1,331 @@
+"""The hybrid character model on an OpenCL device: forward, backward, AdamW,
+Hebbian and prototype rules, each step entirely in kernels (docs/model.md).
+
+    python -m engine.train --set train.steps=50     # trains this model
+
+Letters: B batch, S sequence, N = B·S, E embedding, H hidden, V vocab,
+T prototypes. Parameters live in one flat buffer (and so do gradients and
+Adam moments) in which every tensor starts at a multiple of CHUNK elements:
+AdamW, the global norm and clipping are then one launch each over the
+whole model, and per-tensor norms come from per-chunk partial sums.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import ops
+from .config import Config
+
+CHUNK = 1024
+PARAM_NAMES = ("W_emb", "W1", "b1", "W2", "b2")
+DECAYED = {"W_emb", "W1", "W2"}  # AdamW weight decay: weights only, not biases
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each parameter sits in the flat buffers (element offsets)."""
+    shapes: dict
+    offsets: dict
+    total: int
+
+    @classmethod
+    def build(cls, V: int, E: int, H: int) -> Layout:
+        shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, V), "b2": (V,)}
+        offsets, pos = {}, 0
+        for name in PARAM_NAMES:
+            offsets[name] = pos
+            pos += -(-int(np.prod(shapes[name])) // CHUNK) * CHUNK
+        return cls(shapes, offsets, pos)
+
+    def size(self, name) -> int:
+        return int(np.prod(self.shapes[name]))
+
+    def chunk_owner(self) -> list[str]:
+        """Parameter name of each CHUNK-sized piece of the flat buffer."""
+        owner = []
+        for name in PARAM_NAMES:
+            owner += [name] * (-(-self.size(name) // CHUNK))
+        return owner
+
+
+class Workspace:
+    """Per-(B,S) activations and gradients, allocated once per shape."""
+
+    def __init__(self, dev, B, S, E, H, V, T):
+        N = B * S
+        f, i = np.float32, np.int32
+        self.B, self.S, self.N = B, S, N
+        z = dev.empty
+        self.x, self.y, self.offsets = z((N,), i), z((N,), i), z((B,), i)
+        self.e, self.a, self.h, self.s = z((N, E)), z((N, H)), z((N, H)), z((N, H))
+        self.k, self.inv = z((N, H)), z((N,))
+        self.G, self.Gm, self.Q = z((B, S, S)), z((B, S, S)), z((B, S, S))
+        self.ht_buf, self.z_buf = z((N, H)), z((N, H))
+        self.scores, self.inv_v, self.assign = z((N, T)), z((N,)), z((N,), i)
+        self.logits, self.dlogits = z((N, V)), z((N, V))
+        self.loss_rows, self.hits, self.nv, self.loss_out = z((N,)), z((N,)), z((1,), i), z((4,))
+        self.dz, self.dh, self.da, self.de, self.dK = z((N, H)), z((N, H)), z((N, H)), z((N, E)), z((N, H))
+        self.perm, self.starts = z((N,), i), z((max(V, T) + 1,), i)
+        self.qerr, self.fw_norm, self.spike_cols = z((N,)), z((B,)), z((H,))
+        self.ht = self.h  # set per forward: which buffer holds h̃ and z
+        self.zz = self.h
+        self.post = self.s
+
+
+class Model:
+    """Parameters, optimiser state and local state of one model on one device."""
+
+    def __init__(self, dev, cfg: Config, vocab_size: int):
+        self.dev, self.cfg = dev, cfg
+        m = cfg.model
+        self.V, self.E, self.H, self.T = vocab_size, m.embedding_dim, m.hidden_dim, m.num_prototypes
+        self.layout = Layout.build(self.V, self.E, self.H)
+        n = self.layout.total
+        self.n_chunks = n // CHUNK
+        self.theta, self.grad = dev.zeros((n,)), dev.zeros((n,))
+        self.adam_m, self.adam_v = dev.zeros((n,)), dev.zeros((n,))
+        owner = self.layout.chunk_owner()
+        self.wd_mask = dev.to_device(np.array([name in DECAYED for name in owner], np.float32))
+        self.partials, self.gnorm = dev.zeros((self.n_chunks,)), dev.zeros((1,))
+        self.p = {name: self._view(self.theta, name) for name in PARAM_NAMES}
+        self.g = {name: self._view(self.grad, name) for name in PARAM_NAMES}
+        self.W_hebb = dev.zeros((self.H, self.H))
+        self.P = dev.zeros((self.T, self.H))
+        self.inv_p = dev.zeros((self.T,))
+        self.psums = dev.zeros((self.T, self.H))
+        self.usage = dev.to_device(np.full(self.T, 1.0 / self.T, np.float32))
+        self.proto_ready = cfg.proto.mode == "off"
+        self.step = 0  # optimiser steps taken
+        self._decay_w = {}
+        self._ws = {}
+
+    # -- buffers -----------------------------------------------------------------
+    def _view(self, flat, name):
+        import pyopencl.array as cla
+        off, size = self.layout.offsets[name], self.layout.size(name)
+        sub = flat.data.get_sub_region(off * 4, size * 4)
+        return cla.Array(self.dev.queue, self.layout.shapes[name], np.float32, data=sub)
+
+    def workspace(self, B, S) -> Workspace:
+        ws = self._ws.get((B, S))
+        if ws is None:
+            ws = self._ws[(B, S)] = Workspace(self.dev, B, S, self.E, self.H, self.V, self.T)
+        return ws
+
+    def decay_table(self, S):
+        """w[d] = η·λ^d for d < S, computed in float64 like the reference."""
+        w = self._decay_w.get(S)
+        if w is None:
+            lam = 1.0 - self.cfg.hebb.decay
+            host = (self.cfg.hebb.lr * lam ** np.arange(S, dtype=np.float64)).astype(np.float32)
+            w = self._decay_w[S] = self.dev.to_device(host)
+        return w
+
+    # -- host <-> device -------------------------------------------------------------
+    def set_params(self, params: dict):
+        flat = np.zeros(self.layout.total, np.float32)
+        self._pack(flat, params)
+        self.theta.set(flat)
+
+    def _pack(self, flat, arrays):
+        for name in PARAM_NAMES:
+            o = self.layout.offsets[name]
+            flat[o:o + self.layout.size(name)] = np.asarray(arrays[name], np.float32).ravel()
+
+    def _unpack(self, flat) -> dict:
+        return {name: flat[self.layout.offsets[name]:self.layout.offsets[name] + self.layout.size(name)]
+                .reshape(self.layout.shapes[name]).copy() for name in PARAM_NAMES}
+
+    def get_params(self) -> dict:
+        return self._unpack(self.theta.get())
+
+    def get_grads(self) -> dict:
+        return self._unpack(self.grad.get())
+
+    def state_arrays(self) -> dict:
+        """Everything a checkpoint needs from the device, as named host arrays."""
+        out = {f"param.{k}": v for k, v in self.get_params().items()}
+        out.update({f"adam_m.{k}": v for k, v in self._unpack(self.adam_m.get()).items()})
+        out.update({f"adam_v.{k}": v for k, v in self._unpack(self.adam_v.get()).items()})
+        out["state.W_hebb"] = self.W_hebb.get()
+        out["state.P"] = self.P.get()
+        out["state.usage"] = self.usage.get()
+        return out
+
+    def load_state_arrays(self, arrays: dict):
+        for prefix, flat_dev in (("param", self.theta), ("adam_m", self.adam_m), ("adam_v", self.adam_v)):
+            flat = np.zeros(self.layout.total, np.float32)
+            self._pack(flat, {k: arrays[f"{prefix}.{k}"] for k in PARAM_NAMES})
+            flat_dev.set(flat)
+        self.W_hebb.set(np.ascontiguousarray(arrays["state.W_hebb"], np.float32))
+        self.P.set(np.ascontiguousarray(arrays["state.P"], np.float32))
+        self.usage.set(np.ascontiguousarray(arrays["state.usage"], np.float32))
+        self.proto_ready = True
+
+    # -- forward -------------------------------------------------------------------------
+    def forward(self, ws: Workspace, fw_state=None):
+        """Enqueue the forward pass on ws.x / ws.y; loss summary lands in ws.loss_out.
+        fw_state: for generation (S = 1), the carried fast-weight matrix Aᵀ (H,H)."""
+        dev, cfg, p = self.dev, self.cfg, self.p
+        B, S, N, E, H, V, T = ws.B, ws.S, ws.N, self.E, self.H, self.V, self.T
+        ops.embedding_forward(dev, p["W_emb"], ws.x, ws.e, N, E)
+        ops.gemm(dev, ws.e, p["W1"], ws.a, N, H, E)
+        ops.bias_gelu_forward(dev, ws.a, p["b1"], ws.h, N, H)
+        ops.spikes_forward(dev, ws.h, cfg.model.spike_threshold, ws.s, N, H)
+        ws.post = ws.s if cfg.hebb.post == "spikes" else ws.h
+        mode = cfg.hebb.mode
+        if mode in ("off", "shadow"):
+            ws.ht = ws.h
+        elif mode == "modulate":
+            ws.ht = ws.ht_buf
+            dev.cl.enqueue_copy(dev.queue, ws.ht.data, ws.h.data)
+            ops.gemm(dev, ws.h, self.W_hebb, ws.ht, N, H, H, alpha=cfg.hebb.strength, beta=1.0)
+        else:  # fast_weights: causal linear attention (docs/model.md)
+            ws.ht = ws.ht_buf
+            ops.row_normalize_forward(dev, ws.h, ws.k, ws.inv, N, H)
+            dev.cl.enqueue_copy(dev.queue, ws.ht.data, ws.h.data)
+            if fw_state is not None:  # generation: m = A·k, i.e. k·Aᵀ with Aᵀ carried
+                ops.gemm(dev, ws.k, fw_state, ws.ht, N, H, H, beta=1.0)
+            else:
+                ops.gemm(dev, ws.k, ws.k, ws.G, S, S, H, trans_b=True, batch=B)
+                ops.causal_decay_mask(dev, ws.G, self.decay_table(S), ws.Gm, B, S)
+                ops.gemm(dev, ws.Gm, ws.post, ws.ht, S, H, S, beta=1.0, batch=B)
+        pm = cfg.proto.mode
+        ws.zz = ws.ht
+        if pm != "off":
+            self._assign(ws)
+            if pm == "feature":
+                ws.zz = ws.z_buf
+                ops.proto_feature_forward(dev, ws.ht, self.P, ws.assign, cfg.proto.strength, ws.zz, N, H)
+        ops.gemm(dev, ws.zz, p["W2"], ws.logits, N, V, H)
+        ops.add_bias(dev, ws.logits, p["b2"], N, V)
+        ops.count_valid(dev, ws.y, N, ws.nv)
+        ops.softmax_xent(dev, ws.logits, ws.y, ws.nv, ws.loss_rows, ws.hits, ws.dlogits, N, V)
+        ops.loss_reduce(dev, ws.loss_rows, ws.hits, ws.nv, ws.loss_out, N)
+
+    def _assign(self, ws):
+        dev, N, H, T = self.dev, ws.N, self.H, self.T
+        cosine = int(self.cfg.proto.similarity == "cosine")
+        ops.gemm(dev, ws.ht, self.P, ws.scores, N, T, H, trans_b=True)
+        if cosine:
+            ops.row_inv_norm(dev, ws.ht, ws.inv_v, N, H)
+            ops.row_inv_norm(dev, self.P, self.inv_p, T, H)
+        ops.proto_argmax(dev, ws.scores, ws.inv_v, self.inv_p, ws.assign, N, T, cosine)
+
+    def init_prototypes(self, ws: Workspace):
+        """P from the data: k-means++ (or random rows) on h̃ of the batch in ws,
+        after a forward pass with the current parameters. Once, on the host."""
+        from .reference import kmeanspp_init
+        self.forward(ws)
+        v = ws.ht.get().reshape(ws.N, self.H)
+        if self.cfg.proto.init == "kmeans++":
+            P = kmeanspp_init(v, self.T, self.cfg.seed)
+        else:
+            rng = np.random.default_rng([self.cfg.seed, 2])
+            P = v[rng.choice(ws.N, size=self.T, replace=ws.N < self.T)]
+        self.P.set(np.ascontiguousarray(P, np.float32))
+        self.proto_ready = True
+
+    # -- backward ---------------------------------------------------------------------------
+    def backward(self, ws: Workspace):
+        """Enqueue gradients of the mean loss into the flat gradient buffer."""
+        dev, cfg, p, g = self.dev, self.cfg, self.p, self.g
+        B, S, N, E, H, V = ws.B, ws.S, ws.N, self.E, self.H, self.V
+        ops.gemm(dev, ws.zz, ws.dlogits, g["W2"], H, V, N, trans_a=True)
+        ops.colsum(dev, ws.dlogits, g["b2"], N, V)
+        ops.gemm(dev, ws.dlogits, p["W2"], ws.dz, N, H, V, trans_b=True)
+        mode = cfg.hebb.mode
+        dh = ws.dz  # dh̃ = dz: the prototype term is constant
+        if mode == "modulate":
+            dh = ws.dh
+            dev.cl.enqueue_copy(dev.queue, dh.data, ws.dz.data)
+            ops.gemm(dev, ws.dz, self.W_hebb, dh, N, H, H, alpha=cfg.hebb.strength, beta=1.0, trans_b=True)
+        elif mode == "fast_weights":
+            dh = ws.dh
+            w = self.decay_table(S)
+            ops.gemm(dev, ws.dz, ws.post, ws.Q, S, S, H, trans_b=True, batch=B)   # dGm
+            ops.causal_decay_mask(dev, ws.Q, w, ws.Gm, B, S)                        # dG
+            ops.gemm(dev, ws.Gm, ws.k, ws.dK, S, H, S, batch=B)
+            ops.gemm(dev, ws.Gm, ws.k, ws.dK, S, H, S, beta=1.0, trans_a=True, batch=B)
+            dev.cl.enqueue_copy(dev.queue, dh.data, ws.dz.data)
+            ops.row_normalize_backward(dev, ws.dK, ws.k, ws.inv, dh, N, H)
+        ops.gelu_backward(dev, dh, ws.a, ws.da, N, H)
+        ops.colsum(dev, ws.da, g["b1"], N, H)
+        ops.gemm(dev, ws.e, ws.da, g["W1"], E, H, N, trans_a=True)
+        ops.gemm(dev, ws.da, p["W1"], ws.de, N, E, H, trans_b=True)
+        ops.bucket_sort(dev, ws.x, N, V, ws.starts, ws.perm)
+        ops.embedding_backward(dev, ws.de, ws.perm, ws.starts, g["W_emb"], V, E)
+
+    # -- updates ------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        o, total = self.cfg.optim, self.cfg.train.steps
+        lr = o.lr * (min(1.0, step / o.warmup_steps) if o.warmup_steps else 1.0)
+        if o.schedule == "cosine" and step > o.warmup_steps:
+            frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+            lr *= o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        return lr
+
+    def optimizer_step(self, lr: float):
+        """Global norm (before clipping), then one AdamW step over every parameter."""
+        dev, o = self.dev, self.cfg.optim
+        self.step += 1
+        t = self.step
+        ops.sumsq_chunks(dev, self.grad, self.partials, self.n_chunks, CHUNK)
+        ops.global_norm(dev, self.partials, self.n_chunks, self.gnorm)
+        bc1 = 1.0 - o.beta1 ** t
+        bc2 = 1.0 - o.beta2 ** t
+        ops.adamw(dev, self.theta, self.grad, self.adam_m, self.adam_v, self.wd_mask, self.gnorm,
+                  self.layout.total, lr, o.beta1, o.beta2, o.eps, o.weight_decay, bc1, bc2,
+                  o.clip_norm, o.clip_value, CHUNK)
+
+    def local_updates(self, ws: Workspace):
+        """Hebbian and prototype rules on this step's forward pass (after AdamW)."""
+        dev, cfg, N, H, T = self.dev, self.cfg, ws.N, self.H, self.T
+        if cfg.hebb.mode in ("shadow", "modulate"):
+            ops.gemm(dev, ws.h, ws.post, self.W_hebb, H, H, N, alpha=cfg.hebb.lr / N,
+                     beta=1.0 - cfg.hebb.decay, trans_a=True)
+        if cfg.proto.mode != "off":
+            pc = cfg.proto
+            ops.bucket_sort(dev, ws.assign, N, T, ws.starts, ws.perm)
+            ops.proto_sums(dev, ws.ht, ws.perm, ws.starts, self.psums, T, H)
+            ops.proto_update(dev, self.P, self.psums, ws.starts, self.usage, ws.ht, pc.lr, pc.usage_decay,
+                             pc.reseed_threshold, self.cfg.seed, self.step, N, T, H)
+            ops.proto_usage_update(dev, self.usage, ws.starts, pc.usage_decay, pc.reseed_threshold, N, T)
+
+    # -- telemetry (logging points only: these read the device) ------------------------------------
+    def telemetry(self, ws: Workspace) -> dict:
+        dev, cfg, N, H, T = self.dev, self.cfg, ws.N, self.H, self.T
+        out = {}
+        partials = self.partials.get().astype(np.float64)
+        owner = self.layout.chunk_owner()
+        for name in PARAM_NAMES:
+            out[f"grad_norm/{name}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o == name)))
+        out["grad_norm"] = float(self.gnorm.get()[0])
+        out["clipped"] = float(cfg.optim.clip_norm > 0 and out["grad_norm"] > cfg.optim.clip_norm)
+        ops.colsum(dev, ws.s, ws.spike_cols, N, H)
+        out["spike_rate"] = float(ws.spike_cols.get().astype(np.float64).sum() / (N * H))
+        if cfg.hebb.mode == "fast_weights":
+            S, B = ws.S, ws.B
+            ops.gemm(dev, ws.post, ws.post, ws.Q, S, S, H, trans_b=True, batch=B)
+            ops.fw_state_norm(dev, ws.G, ws.Q, self.decay_table(S), ws.fw_norm, B, S)
+            out["hebb_norm"] = float(ws.fw_norm.get().astype(np.float64).mean())
+        else:
+            out["hebb_norm"] = float(np.linalg.norm(self.W_hebb.get().astype(np.float64)))
+        if cfg.proto.mode != "off":
+            out.update(self.proto_telemetry(ws))
+        return out
+
+    def proto_telemetry(self, ws: Workspace) -> dict:
+        """Counts of this forward pass's assignments (before any update re-sorted them)."""
+        N, T = ws.N, self.T
+        ops.proto_qerr_rows(self.dev, ws.ht, self.P, ws.assign, ws.qerr, N, self.H)
+        counts = np.bincount(ws.assign.get(), minlength=T)
+        q = counts / max(1, counts.sum())
+        nz = q[q > 0]
+        return {"proto_counts": counts.tolist(),
+                "proto_perplexity": float(np.exp(-(nz * np.log(nz)).sum())),
+                "proto_used": int((counts > 0).sum()), "proto_dead": int((counts == 0).sum()),
+                "proto_qerr": float(ws.qerr.get().astype(np.float64).mean())}

@@ -1,0 +1,203 @@
+"""One Python wrapper per OpenCL kernel, same name and argument order.
+
+Letters: N positions, E embedding, H hidden, V vocab, T prototypes, S sequence.
+Arguments are pyopencl arrays on `dev` (an engine.device.Device); shapes are
+in each docstring. Wrappers only enqueue: nothing here reads device memory.
+The numpy reference of each is in engine/reference.py (same name).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+i32, f32, u32 = np.int32, np.float32, np.uint32
+
+
+def _buf(a):
+    """(buffer, element offset) of a pyopencl array or view."""
+    return a.base_data, a.offset // a.dtype.itemsize
+
+
+def _workspace(dev, name: str, size: int):
+    ws = dev.__dict__.setdefault("_workspace", {})
+    a = ws.get(name)
+    if a is None or a.size < size:
+        a = dev.empty((size,), np.float32)
+        ws[name] = a
+    return a
+
+
+# -- matrix products ------------------------------------------------------------
+TM = 8
+
+
+def _gemm_raw(dev, tn, M, N, K, alpha, A, offA, strideA, B, offB, strideB, beta, C, offC, strideC, batch):
+    vec = int(N % 8 == 0 and all(x % 8 == 0 for x in (offB, strideB, offC, strideC)))
+    kern = dev.kernel("gemm.cl", "gemm_tn" if tn else "gemm_nn", (("TM", TM), ("VEC", vec)))
+    gsize = ((N + 7) // 8, (M + TM - 1) // TM, batch)
+    dev.launch(kern, gsize, None, i32(M), i32(N), i32(K), f32(alpha), f32(beta),
+               A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
+
+
+def transpose(dev, x, out, R, C, batch=1):
+    """out[b] (C,R) = x[b] (R,C)ᵀ for b < batch."""
+    bx, ox = _buf(x)
+    bo, oo = _buf(out)
+    dev.launch(dev.kernel("gemm.cl", "transpose"), (C, R, batch), None,
+               i32(R), i32(C), bx, i32(ox), i32(R * C), bo, i32(oo), i32(R * C))
+
+
+def gemm(dev, a, b, c, M, N, K, alpha=1.0, beta=0.0, trans_a=False, trans_b=False, batch=1):
+    """c[b] (M,N) = alpha·op(a[b])·op(b[b]) + beta·c[b].
+    a: (M,K), or (K,M) if trans_a; b: (K,N), or (N,K) if trans_b (then it is
+    transposed into a workspace first). Batches are contiguous."""
+    bA, oA = _buf(a)
+    bB, oB = _buf(b)
+    bC, oC = _buf(c)
+    if trans_b:
+        ws = _workspace(dev, "gemm_bt", batch * K * N)
+        transpose(dev, b, ws, N, K, batch)
+        bB, oB = _buf(ws)
+    _gemm_raw(dev, trans_a, M, N, K, alpha, bA, oA, M * K, bB, oB, K * N, beta, bC, oC, M * N, batch)
+
+
+# -- data -----------------------------------------------------------------------
+def gather_windows(dev, ids, offsets, S, x, y):
+    """x, y (B,S) int32 = ids[o:o+S], ids[o+1:o+S+1] for each window start o in offsets (B,)."""
+    B = offsets.shape[0]
+    dev.launch(dev.kernel("layers.cl", "gather_windows"), (S, B), None, ids.data, offsets.data, i32(S), x.data, y.data)
+
+
+def bucket_sort(dev, keys, N, nb, starts, perm):
+    """starts (nb+1,), perm (N,): positions grouped by key in position order."""
+    dev.launch(dev.kernel("layers.cl", "bucket_sort"), (1,), None, keys.data, i32(N), i32(nb), starts.data, perm.data)
+
+
+# -- layers -----------------------------------------------------------------------
+def embedding_forward(dev, W_emb, x, e, N, E):
+    """e (N,E) = W_emb (V,E)[x (N,)]."""
+    dev.launch(dev.kernel("layers.cl", "embedding_forward"), (E, N), None, W_emb.data, x.data, i32(E), e.data)
+
+
+def embedding_backward(dev, de, perm, starts, dW, V, E):
+    """dW (V,E) = Σ_{x_n = v} de[n]; perm/starts from bucket_sort(x)."""
+    dev.launch(dev.kernel("layers.cl", "embedding_backward"), (E, V), None, de.data, perm.data, starts.data, i32(E), dW.data)
+
+
+def bias_gelu_forward(dev, a, bias, h, N, H):
+    """a (N,H) += bias (H,) in place; h = GELU(a)."""
+    dev.launch(dev.kernel("layers.cl", "bias_gelu_forward"), (H, N), None, a.data, bias.data, i32(H), h.data)
+
+
+def gelu_backward(dev, dh, a, da, N, H):
+    """da (N,H) = dh · GELU'(a)."""
+    dev.launch(dev.kernel("layers.cl", "gelu_backward"), (H, N), None, dh.data, a.data, i32(H), da.data)
+
+
+def add_bias(dev, X, bias, N, C):
+    """X (N,C) += bias (C,)."""
+    dev.launch(dev.kernel("layers.cl", "add_bias"), (C, N), None, X.data, bias.data, i32(C))
+
+
+def colsum(dev, X, out, N, C):
+    """out (C,) = Σ_n X (N,C)[n]."""
+    dev.launch(dev.kernel("layers.cl", "colsum"), (C,), None, X.data, i32(N), i32(C), out.data)
+
+
+def spikes_forward(dev, h, theta, s, N, H):
+    """s (N,H) = 1[h > theta]."""
+    dev.launch(dev.kernel("layers.cl", "spikes_forward"), (H, N), None, h.data, f32(theta), i32(H), s.data)
+
+
+def row_normalize_forward(dev, h, k, inv_norm, N, H):
+    """k (N,H) = h / sqrt(|h|² + 1e-6), inv_norm (N,)."""
+    dev.launch(dev.kernel("layers.cl", "row_normalize_forward"), (N,), None, h.data, i32(H), k.data, inv_norm.data)
+
+
+def row_normalize_backward(dev, dk, k, inv_norm, dh, N, H):
+    """dh (N,H) += (dk − k·(k·dk))·inv_norm."""
+    dev.launch(dev.kernel("layers.cl", "row_normalize_backward"), (N,), None,
+               dk.data, k.data, inv_norm.data, i32(H), dh.data)
+
+
+def causal_decay_mask(dev, G, w, Gm, B, S):
+    """Gm (B,S,S) = w[t−1−τ]·G for τ < t else 0; w (S,) = η·λ^d."""
+    dev.launch(dev.kernel("layers.cl", "causal_decay_mask"), (S, S, B), None, G.data, w.data, i32(S), Gm.data)
+
+
+def fw_state_norm(dev, G, Q, w, out, B, S):
+    """out (B,) = ‖A_{S−1}‖_F per sequence, from G = K·Kᵀ and Q = Post·Postᵀ (B,S,S)."""
+    dev.launch(dev.kernel("layers.cl", "fw_state_norm"), (B,), None, G.data, Q.data, w.data, i32(S), out.data)
+
+
+def add_inplace(dev, y, x, n):
+    """y (n,) += x (n,)."""
+    dev.launch(dev.kernel("layers.cl", "add_inplace"), (n,), None, y.data, x.data)
+
+
+# -- loss ---------------------------------------------------------------------------
+def count_valid(dev, y, N, nv):
+    dev.launch(dev.kernel("loss.cl", "count_valid"), (1,), None, y.data, i32(N), nv.data)
+
+
+def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V):
+    """loss_rows, hits (N,); dlogits (N,V) = (softmax − onehot)/Nv, 0 for PAD rows."""
+    dev.launch(dev.kernel("loss.cl", "softmax_xent"), (N,), None,
+               logits.data, y.data, nv.data, i32(V), loss_rows.data, hits.data, dlogits.data)
+
+
+def loss_reduce(dev, loss_rows, hits, nv, out, N):
+    """out (4,) = [mean loss over valid targets, correct predictions, valid targets, summed loss]."""
+    dev.launch(dev.kernel("loss.cl", "loss_reduce"), (1,), None, loss_rows.data, hits.data, nv.data, i32(N), out.data)
+
+
+# -- optimiser ------------------------------------------------------------------------
+def sumsq_chunks(dev, g, partial, n_chunks, chunk):
+    dev.launch(dev.kernel("optim.cl", "sumsq_chunks", (("CHUNK", chunk),)), (n_chunks,), None, g.data, partial.data)
+
+
+def global_norm(dev, partial, n_chunks, out):
+    dev.launch(dev.kernel("optim.cl", "global_norm"), (1,), None, partial.data, i32(n_chunks), out.data)
+
+
+def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
+          clip_norm, clip_value, chunk):
+    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,)."""
+    dev.launch(dev.kernel("optim.cl", "adamw", (("CHUNK", chunk),)), (n,), None,
+               theta.data, grad.data, m.data, v.data, wd_mask.data, gnorm.data,
+               f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1), f32(bc2),
+               f32(clip_norm), f32(clip_value))
+
+
+# -- prototypes ---------------------------------------------------------------------------
+def row_inv_norm(dev, X, inv, R, C):
+    dev.launch(dev.kernel("proto.cl", "row_inv_norm"), (R,), None, X.data, i32(C), inv.data)
+
+
+def proto_argmax(dev, scores, inv_v, inv_p, k, N, T, cosine):
+    dev.launch(dev.kernel("proto.cl", "proto_argmax"), (N,), None,
+               scores.data, inv_v.data, inv_p.data, i32(T), i32(cosine), k.data)
+
+
+def proto_feature_forward(dev, ht, P, k, beta, z, N, H):
+    """z (N,H) = ht + beta·P[k]."""
+    dev.launch(dev.kernel("proto.cl", "proto_feature_forward"), (H, N), None,
+               ht.data, P.data, k.data, f32(beta), i32(H), z.data)
+
+
+def proto_sums(dev, v, perm, starts, sums, T, H):
+    dev.launch(dev.kernel("proto.cl", "proto_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), sums.data)
+
+
+def proto_update(dev, P, sums, starts, usage, v, lr, rho, threshold, seed, step, N, T, H):
+    dev.launch(dev.kernel("proto.cl", "proto_update"), (H, T), None,
+               P.data, sums.data, starts.data, usage.data, v.data, f32(lr), f32(rho), f32(threshold),
+               u32(seed & 0xFFFFFFFF), u32(step & 0xFFFFFFFF), i32(N), i32(T), i32(H))
+
+
+def proto_usage_update(dev, usage, starts, rho, threshold, N, T):
+    dev.launch(dev.kernel("proto.cl", "proto_usage_update"), (T,), None,
+               usage.data, starts.data, f32(rho), f32(threshold), i32(N), i32(T))
+
+
+def proto_qerr_rows(dev, v, P, k, q, N, H):
+    dev.launch(dev.kernel("proto.cl", "proto_qerr_rows"), (N,), None, v.data, P.data, k.data, i32(H), q.data)

@@ -1,0 +1,420 @@
+"""Plain numpy reference of docs/model.md: the ground truth the OpenCL kernels are tested against.
+
+    python -m pytest tests/test_reference.py -q
+
+Written for clarity, not speed. Every function computes in the dtype of its
+float inputs (float32 or float64); the only exception is erf, which is
+evaluated in float64 (math.erf) and rounded once to the input dtype.
+No globals other than constants, no OpenCL.
+
+Key: B batch, S sequence, N = B*S positions (sequence b is rows b*S..b*S+S-1),
+     E embedding, H hidden, V vocabulary, T prototypes.
+"""
+import dataclasses
+import math
+
+import numpy as np
+
+PAD = -1                                # target id ignored by the loss
+NORM_EPS = 1e-6                         # the 1e-6 inside sqrt(|x|^2 + 1e-6) (keys, cosine)
+CLIP_EPS = 1e-6                         # the 1e-6 in clip_norm / (gnorm + 1e-6)
+DECAYED = ("W_emb", "W1", "W2")         # AdamW weight decay applies to these, not to biases
+
+HEBB_MODES = ("off", "shadow", "modulate", "fast_weights")
+HEBB_POSTS = ("spikes", "activity")
+PROTO_MODES = ("off", "shadow", "feature")
+SIMILARITIES = ("cosine", "dot")
+
+
+# ----------------------------------------------------------------------------- embedding
+
+def embedding_forward(W_emb, x):
+    """W_emb (V,E), x int32 (N,) -> e (N,E) = W_emb[x]."""
+    return W_emb[x].copy()
+
+
+def embedding_backward(de, x, V):
+    """de (N,E), x int32 (N,) -> dW_emb (V,E), dW_emb[v] = sum_{n: x_n = v} de[n].
+
+    Rows are accumulated in increasing n (np.add.at is unbuffered), so the
+    result is deterministic."""
+    dW_emb = np.zeros((V, de.shape[1]), dtype=de.dtype)
+    np.add.at(dW_emb, x, de)
+    return dW_emb
+
+
+# ----------------------------------------------------------------------------- GELU
+
+def _Phi(a):
+    """Standard normal CDF 0.5*(1 + erf(a/sqrt 2)), via math.erf in float64, rounded to a's dtype."""
+    a64 = np.asarray(a, dtype=np.float64)
+    erf = np.fromiter(map(math.erf, (a64 / math.sqrt(2.0)).ravel().tolist()),
+                      dtype=np.float64, count=a64.size).reshape(a64.shape)
+    return (0.5 * (1.0 + erf)).astype(a.dtype)
+
+
+def gelu_forward(a):
+    """a (N,H) -> h (N,H) = a*Phi(a), the exact GELU (Hendrycks & Gimpel 2016)."""
+    return a * _Phi(a)
+
+
+def gelu_backward(dh, a):
+    """dh, a (N,H) -> da = dh * GELU'(a), GELU'(a) = Phi(a) + a*phi(a)."""
+    phi = np.exp(-0.5 * a * a) * a.dtype.type(1.0 / math.sqrt(2.0 * math.pi))
+    return dh * (_Phi(a) + a * phi)
+
+
+# ----------------------------------------------------------------------------- spikes
+
+def spikes_forward(h, theta):
+    """h (N,H) -> s (N,H) = 1[h > theta] in h's dtype. No backward: s is a constant for backprop."""
+    return (h > theta).astype(h.dtype)
+
+
+# ----------------------------------------------------------------------------- row normalisation (fast-weight keys)
+
+def row_normalize_forward(h):
+    """h (N,H) -> k (N,H) = h / sqrt(|h|^2 + 1e-6), inv_norm (N,) = 1 / sqrt(|h|^2 + 1e-6)."""
+    inv_norm = 1.0 / np.sqrt(np.sum(h * h, axis=1) + h.dtype.type(NORM_EPS))
+    return h * inv_norm[:, None], inv_norm
+
+
+def row_normalize_backward(dk, k, inv_norm):
+    """dk, k (N,H), inv_norm (N,) -> dh (N,H) = (dk - k (k.dk)) * inv_norm.
+
+    With n = sqrt(|h|^2 + eps): dk/dh = (I - h h^T / n^2) / n = (I - k k^T) / n, symmetric."""
+    return (dk - k * np.sum(k * dk, axis=1, keepdims=True)) * inv_norm[:, None]
+
+
+# ----------------------------------------------------------------------------- fast weights (causal linear attention)
+
+def _fast_weight_decay(S, eta, lam, dtype):
+    """C (S,S): C[t,tau] = eta * lam^(t-1-tau) for tau < t, else 0 (strictly causal).
+
+    Computed in float64 and rounded once to dtype (a constant of the recurrence)."""
+    t = np.arange(S)[:, None]
+    tau = np.arange(S)[None, :]
+    C = np.where(tau < t, eta * np.power(float(lam), np.maximum(t - 1 - tau, 0)), 0.0)
+    return C.astype(dtype)
+
+
+def fast_weights_forward(k, post, B, S, eta, lam):
+    """k, post (N,H) -> m (N,H); per sequence m_t = A_{t-1} k_t with
+    A_t = lam A_{t-1} + eta post_t k_t^T, A_{-1} = 0 (memory reset for every sequence).
+
+    Unrolled (docs/model.md): G = K K^T, Gm = C * G, M = Gm Post."""
+    C = _fast_weight_decay(S, eta, lam, k.dtype)                     # (S,S)
+    m = np.zeros_like(k)
+    for b in range(B):
+        rows = slice(b * S, (b + 1) * S)
+        K, Post = k[rows], post[rows]                                 # (S,H) each
+        Gm = C * (K @ K.T)                                            # (S,S)
+        m[rows] = Gm @ Post                                           # (S,H)
+    return m
+
+
+def fast_weights_backward(dm, k, post, B, S, eta, lam):
+    """dm, k, post (N,H) -> dk (N,H); post is a constant for backprop.
+
+    dGm = dM Post^T, dG = C * dGm, and G = K K^T gives dK = dG K + dG^T K."""
+    C = _fast_weight_decay(S, eta, lam, k.dtype)
+    dk = np.zeros_like(k)
+    for b in range(B):
+        rows = slice(b * S, (b + 1) * S)
+        K, Post = k[rows], post[rows]
+        dG = C * (dm[rows] @ Post.T)                                  # (S,S)
+        dk[rows] = dG @ K + dG.T @ K
+    return dk
+
+
+def fast_weights_state_norm(k, post, B, S, eta, lam):
+    """Mean over sequences of |A_{S-1}|_F, A_{S-1} = eta sum_tau lam^(S-1-tau) post_tau k_tau^T (H,H).
+
+    Telemetry only (the Hebbian matrix norm of the fast_weights mode)."""
+    c = (eta * np.power(float(lam), np.arange(S - 1, -1, -1))).astype(k.dtype)   # (S,)
+    norms = []
+    for b in range(B):
+        rows = slice(b * S, (b + 1) * S)
+        A = (post[rows] * c[:, None]).T @ k[rows]                     # (H,H) = sum c post k^T
+        norms.append(np.sqrt(np.sum(A * A)))
+    return float(np.mean(norms))
+
+
+# ----------------------------------------------------------------------------- modulate (persistent W_hebb)
+
+def modulate_forward(h, W_hebb, alpha):
+    """h (N,H), W_hebb (H,H) -> ht (N,H) = h + alpha h W_hebb."""
+    return h + alpha * (h @ W_hebb)
+
+
+def modulate_backward(dht, W_hebb, alpha):
+    """dht (N,H) -> dh (N,H) = dht + alpha dht W_hebb^T; W_hebb is constant for backprop."""
+    return dht + alpha * (dht @ W_hebb.T)
+
+
+# ----------------------------------------------------------------------------- prototypes
+
+def proto_similarity(v, P, similarity):
+    """v (N,H), P (T,H) -> sim (N,T); 'cosine' with sqrt(|.|^2 + 1e-6) norms, or 'dot'."""
+    sim = v @ P.T
+    if similarity == "dot":
+        return sim
+    if similarity != "cosine":
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    eps = v.dtype.type(NORM_EPS)
+    nv = np.sqrt(np.sum(v * v, axis=1) + eps)                        # (N,)
+    nP = np.sqrt(np.sum(P * P, axis=1) + eps)                        # (T,)
+    return sim / (nv[:, None] * nP[None, :])
+
+
+def proto_assign(v, P, similarity):
+    """v (N,H), P (T,H) -> k int32 (N,) = argmax_t sim(v_n, P_t), lowest t on ties."""
+    return np.argmax(proto_similarity(v, P, similarity), axis=1).astype(np.int32)
+
+
+def proto_feature_forward(ht, P, k, beta):
+    """ht (N,H), P (T,H), k int32 (N,) -> z (N,H) = ht + beta P[k]; P, k constant for backprop."""
+    return ht + beta * P[k]
+
+
+# ----------------------------------------------------------------------------- loss
+
+def softmax_xent_forward(logits, y):
+    """logits (N,V), y int32 (N,) with PAD = -1 -> (loss_mean, loss_rows (N,), dlogits (N,V), n_valid).
+
+    loss_mean = (1/Nv) sum over valid rows of -log softmax(logits)[n, y_n] (0 if Nv = 0);
+    dlogits = (p - onehot(y)) / Nv on valid rows, 0 on PAD rows (the backward of loss_mean)."""
+    dtype = logits.dtype
+    valid = y != PAD                                                  # (N,)
+    n_valid = int(np.count_nonzero(valid))
+    z = logits - np.max(logits, axis=1, keepdims=True)                # max-subtracted
+    sumexp = np.sum(np.exp(z), axis=1, keepdims=True)
+    logp = z - np.log(sumexp)
+    rows = np.arange(logits.shape[0])
+    y_safe = np.where(valid, y, 0)
+    loss_rows = np.where(valid, -logp[rows, y_safe], 0).astype(dtype)
+    dlogits = np.zeros_like(logits)
+    if n_valid == 0:
+        return dtype.type(0), loss_rows, dlogits, 0
+    p = np.exp(z) / sumexp
+    p[rows, y_safe] -= 1
+    dlogits[valid] = p[valid] / dtype.type(n_valid)
+    loss_mean = np.sum(loss_rows) / dtype.type(n_valid)
+    return dtype.type(loss_mean), loss_rows, dlogits, n_valid
+
+
+# ----------------------------------------------------------------------------- optimiser
+
+def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, decay_mask,
+               clip_norm, clip_value):
+    """AdamW (Loshchilov & Hutter 2019) step t (1-based) on dicts of arrays; params, m, v in place.
+
+    Clipping as docs/model.md: the global norm is taken before any clipping, then
+    element-wise clamp (clip_value > 0), then scaling by min(1, clip_norm/(gnorm+1e-6))
+    (clip_norm > 0). Weight decay is decoupled and scaled by lr. Returns gnorm."""
+    gnorm = np.sqrt(sum(np.sum(grads[name] * grads[name]) for name in params))
+    for name, p in params.items():
+        f = p.dtype.type
+        g = grads[name]
+        if clip_value > 0:
+            g = np.clip(g, -f(clip_value), f(clip_value))
+        if clip_norm > 0:
+            g = g * min(f(1), f(clip_norm) / (f(gnorm) + f(CLIP_EPS)))
+        wd = f(weight_decay) if decay_mask[name] else f(0)
+        m[name][...] = f(beta1) * m[name] + f(1 - beta1) * g
+        v[name][...] = f(beta2) * v[name] + f(1 - beta2) * g * g
+        m_hat = m[name] / f(1 - beta1 ** t)
+        v_hat = v[name] / f(1 - beta2 ** t)
+        p[...] = p - f(lr) * (m_hat / (np.sqrt(v_hat) + f(eps)) + wd * p)
+    return float(gnorm)
+
+
+# ----------------------------------------------------------------------------- local rules
+
+def hebbian_update(W_hebb, h, post, lr, decay):
+    """W_hebb (H,H) in place: W <- (1 - decay) W + lr (1/N) h^T post (h, post (N,H)); Hebb's rule with decay."""
+    N = h.shape[0]
+    f = W_hebb.dtype.type
+    W_hebb[...] = f(1 - decay) * W_hebb + f(lr) * (h.T @ post) / f(N)
+
+
+def hash_u32(seed, step, t):
+    """Counter-based uint32 hash of docs/model.md (murmur3-style finaliser), same bits on every device."""
+    M = 0xFFFFFFFF
+    h = (seed * 0x9E3779B1 + step * 0x85EBCA77 + t * 0xC2B2AE3D + 0x27D4EB2F) & M
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & M
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & M
+    h ^= h >> 16
+    return h
+
+
+def proto_update(P, usage, v, k, lr, usage_decay, reseed_threshold, seed, step):
+    """Online k-means step on P (T,H) and usage EMA (T,), in place; v (N,H) are h~, k int32 (N,) assignments.
+
+    P_t moves towards the mean of its members (unchanged if it has none), usage_t is an
+    EMA of the assignment share; a prototype whose usage fell below reseed_threshold/T is
+    re-seeded to v[hash(seed, step, t) mod N] with usage 1/T (after the k-means step)."""
+    T, N = P.shape[0], v.shape[0]
+    f = P.dtype.type
+    counts = np.bincount(k, minlength=T)                              # (T,) c_t over all N positions
+    for t in range(T):
+        if counts[t] > 0:
+            mu = np.sum(v[k == t], axis=0) / f(counts[t])
+            P[t] = P[t] + f(lr) * (mu - P[t])
+        usage[t] = f(usage_decay) * usage[t] + f(1 - usage_decay) * f(counts[t]) / f(N)
+    if reseed_threshold > 0:
+        for t in range(T):
+            if usage[t] < f(reseed_threshold) / f(T):
+                P[t] = v[hash_u32(seed, step, t) % N]
+                usage[t] = f(1) / f(T)
+
+
+def kmeanspp_init(v, T, seed):
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) of T prototypes from v (N,H) -> P (T,H).
+
+    rng = default_rng([seed, 2]); first centre uniform; each next centre drawn with
+    probability D(x)^2 / sum D^2 (squared Euclidean to the nearest chosen centre), uniform
+    if all D are 0. Computed in float64, returned in v's dtype."""
+    rng = np.random.default_rng([seed, 2])
+    X = np.asarray(v, dtype=np.float64)
+    N = X.shape[0]
+    idx = [int(rng.integers(N))]
+    d2 = np.sum((X - X[idx[0]]) ** 2, axis=1)                         # (N,)
+    for _ in range(1, T):
+        total = d2.sum()
+        j = int(rng.integers(N)) if total == 0 else int(rng.choice(N, p=d2 / total))
+        idx.append(j)
+        d2 = np.minimum(d2, np.sum((X - X[j]) ** 2, axis=1))
+    return X[idx].astype(v.dtype)
+
+
+# ----------------------------------------------------------------------------- model
+
+@dataclasses.dataclass(frozen=True)
+class Wiring:
+    """Which Hebbian / prototype variant the model uses (docs/model.md, 'wiring')."""
+    hebb_mode: str = "off"              # off | shadow | modulate | fast_weights
+    hebb_lr: float = 0.01               # Hebbian rate; eta in fast_weights
+    hebb_decay: float = 0.01            # W_hebb decay; lambda = 1 - decay in fast_weights
+    hebb_strength: float = 0.1          # alpha in modulate
+    hebb_post: str = "spikes"           # spikes | activity: post-synaptic signal
+    proto_mode: str = "off"             # off | shadow | feature
+    proto_lr: float = 0.05              # k-means step size
+    proto_strength: float = 0.1         # beta in feature
+    proto_similarity: str = "cosine"    # cosine | dot
+    proto_usage_decay: float = 0.99     # rho of the usage EMA
+    proto_reseed_threshold: float = 0.0  # re-seed if usage < threshold/T; 0 disables
+    spike_threshold: float = 0.5        # theta of the spikes s = 1[h > theta]
+
+    def __post_init__(self):
+        for field, allowed in (("hebb_mode", HEBB_MODES), ("hebb_post", HEBB_POSTS),
+                               ("proto_mode", PROTO_MODES), ("proto_similarity", SIMILARITIES)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
+
+
+def init_params(V, E, H, seed, dtype=np.float32):
+    """Parameters as in docs/model.md: drawn in float64 in the order W_emb, W1, W2, then cast."""
+    rng = np.random.default_rng(seed)
+    W_emb = rng.standard_normal((V, E)) * 1.0
+    W1 = rng.standard_normal((E, H)) / math.sqrt(E)
+    W2 = rng.standard_normal((H, V)) / math.sqrt(H)
+    return {"W_emb": W_emb.astype(dtype), "W1": W1.astype(dtype), "b1": np.zeros(H, dtype),
+            "W2": W2.astype(dtype), "b2": np.zeros(V, dtype)}
+
+
+def init_state(H, T, dtype=np.float32):
+    """Local-rule state: W_hebb = 0 (H,H), P = None (set by k-means++ on the first batch), usage = 1/T (T,)."""
+    return {"W_hebb": np.zeros((H, H), dtype), "P": None, "usage": np.full(T, 1.0 / T, dtype)}
+
+
+def model_forward(params, state, x, y, wiring, frozen_post=None):
+    """x, y int32 (B,S) -> (loss, cache). frozen_post (N,H), if given, replaces post
+    (it is a constant for backprop; the finite-difference tests hold it fixed)."""
+    B, S = x.shape
+    x, y = x.reshape(-1), y.reshape(-1)                               # (N,)
+    e = embedding_forward(params["W_emb"], x)                         # (N,E)
+    a = e @ params["W1"] + params["b1"]                               # (N,H)
+    h = gelu_forward(a)                                               # (N,H)
+    s = spikes_forward(h, wiring.spike_threshold)                     # (N,H)
+    post = s if wiring.hebb_post == "spikes" else h.copy()
+    if frozen_post is not None:
+        post = frozen_post
+    k = inv_norm = m = None
+    if wiring.hebb_mode == "modulate":
+        ht = modulate_forward(h, state["W_hebb"], wiring.hebb_strength)
+    elif wiring.hebb_mode == "fast_weights":
+        k, inv_norm = row_normalize_forward(h)
+        m = fast_weights_forward(k, post, B, S, wiring.hebb_lr, 1 - wiring.hebb_decay)
+        ht = h + m
+    else:                                                             # off, shadow
+        ht = h
+    assign = None
+    if wiring.proto_mode != "off":
+        assign = proto_assign(ht, state["P"], wiring.proto_similarity)
+    z = proto_feature_forward(ht, state["P"], assign, wiring.proto_strength) \
+        if wiring.proto_mode == "feature" else ht
+    logits = z @ params["W2"] + params["b2"]                          # (N,V)
+    loss, loss_rows, dlogits, n_valid = softmax_xent_forward(logits, y)
+    cache = dict(B=B, S=S, x=x, y=y, e=e, a=a, h=h, s=s, post=post, k=k, inv_norm=inv_norm,
+                 m=m, ht=ht, assign=assign, z=z, logits=logits, loss_rows=loss_rows,
+                 dlogits=dlogits, n_valid=n_valid)
+    return loss, cache
+
+
+def model_backward(params, state, cache, wiring):
+    """-> grads of loss_mean, same keys as params (docs/model.md 'Backward')."""
+    dlogits = cache["dlogits"]                                        # (N,V), already / Nv
+    dW2 = cache["z"].T @ dlogits
+    db2 = np.sum(dlogits, axis=0)
+    dht = dlogits @ params["W2"].T                                    # (N,H); prototype term is constant
+    if wiring.hebb_mode == "modulate":
+        dh = modulate_backward(dht, state["W_hebb"], wiring.hebb_strength)
+    elif wiring.hebb_mode == "fast_weights":
+        dk = fast_weights_backward(dht, cache["k"], cache["post"], cache["B"], cache["S"],
+                                   wiring.hebb_lr, 1 - wiring.hebb_decay)
+        dh = dht + row_normalize_backward(dk, cache["k"], cache["inv_norm"])
+    else:
+        dh = dht
+    da = gelu_backward(dh, cache["a"])                                # (N,H)
+    db1 = np.sum(da, axis=0)
+    dW1 = cache["e"].T @ da
+    de = da @ params["W1"].T                                          # (N,E)
+    dW_emb = embedding_backward(de, cache["x"], params["W_emb"].shape[0])
+    return {"W_emb": dW_emb, "W1": dW1, "b1": db1, "W2": dW2, "b2": db2}
+
+
+def local_updates(state, cache, wiring, seed, step):
+    """Apply the Hebbian (shadow, modulate) and prototype (shadow, feature) rules in place, after the Adam step."""
+    if wiring.hebb_mode in ("shadow", "modulate"):
+        hebbian_update(state["W_hebb"], cache["h"], cache["post"], wiring.hebb_lr, wiring.hebb_decay)
+    if wiring.proto_mode != "off":
+        proto_update(state["P"], state["usage"], cache["ht"], cache["assign"], wiring.proto_lr,
+                     wiring.proto_usage_decay, wiring.proto_reseed_threshold, seed, step)
+
+
+def train_steps(params, state, batches, wiring, optim, seed, steps):
+    """Run steps 1..steps on batches (a sequence of (x, y), cycled); params and state in place.
+
+    optim: dict lr (float, or callable step -> lr), beta1, beta2, eps, weight_decay,
+    clip_norm, clip_value. Adam moments start at zero. Returns the per-step losses."""
+    if wiring.proto_mode != "off" and state["P"] is None:
+        x0, y0 = batches[0]
+        _, cache0 = model_forward(params, state, x0, y0, dataclasses.replace(wiring, proto_mode="off"))
+        state["P"] = kmeanspp_init(cache0["ht"], state["usage"].shape[0], seed)
+    m = {name: np.zeros_like(p) for name, p in params.items()}
+    v = {name: np.zeros_like(p) for name, p in params.items()}
+    decay_mask = {name: name in DECAYED for name in params}
+    losses = []
+    for step in range(1, steps + 1):
+        x, y = batches[(step - 1) % len(batches)]
+        loss, cache = model_forward(params, state, x, y, wiring)
+        grads = model_backward(params, state, cache, wiring)
+        lr = optim["lr"](step) if callable(optim["lr"]) else optim["lr"]
+        adamw_step(params, grads, m, v, step, lr, optim["beta1"], optim["beta2"], optim["eps"],
+                   optim["weight_decay"], decay_mask, optim["clip_norm"], optim["clip_value"])
+        local_updates(state, cache, wiring, seed, step)
+        losses.append(float(loss))
+    return losses

@@ -1,0 +1,161 @@
+/* layers.cl — element-wise and row-wise layers of the hybrid model.
+ *
+ * Shapes (row-major float32): N positions, E embedding, H hidden, V vocab,
+ * T prototypes, S sequence length. The maths is docs/model.md; each kernel
+ * has a numpy reference of the same name in engine/reference.py.
+ *
+ *   gather_windows      x,y (B,S) int from token ids and window offsets     global (S, B)
+ *   bucket_sort         stable counting sort of keys (N,) into nb buckets   global (1)
+ *   embedding_forward   e (N,E) = W_emb[x]                                  global (E, N)
+ *   embedding_backward  dW_emb (V,E) = Σ_{x_n = v} de[n] (sorted positions) global (E, V)
+ *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (H, N)
+ *   gelu_backward       da = dh · GELU'(a)                                  global (H, N)
+ *   add_bias            X (N,C) += b                                        global (C, N)
+ *   colsum              out (C,) = Σ_n X[n]                                 global (C)
+ *   spikes_forward      s = 1[h > θ]                                        global (H, N)
+ *   row_normalize_forward / _backward   k = h/sqrt(|h|²+1e-6) and dh += …   global (N)
+ *   causal_decay_mask   Gm[b,t,τ] = w[t−1−τ]·G[b,t,τ] for τ < t, else 0      global (S, S, B)
+ *   fw_state_norm       ‖A_{S−1}‖_F per sequence from the Gram matrices     global (B)
+ *   add_inplace         y += x                                              global (n)
+ *
+ * Reductions loop in a fixed order inside one work-item: no atomics, so a
+ * result never depends on scheduling (training is bit-reproducible).
+ * Exact GELU with erf(), as in the reference.
+ */
+
+__kernel void gather_windows(__global const int* ids, __global const int* offsets, const int S,
+                             __global int* x, __global int* y)
+{
+    const int s = get_global_id(0), b = get_global_id(1);
+    const int o = offsets[b];
+    x[b * S + s] = ids[o + s];
+    y[b * S + s] = ids[o + s + 1];
+}
+
+/* starts (nb+1): bucket boundaries; perm (N): positions grouped by key, in
+ * increasing position order inside each bucket. One work-item: N is small
+ * (a batch), and the order is then fixed by construction. */
+__kernel void bucket_sort(__global const int* keys, const int N, const int nb,
+                          __global int* starts, __global int* perm)
+{
+    for (int i = 0; i <= nb; i++) starts[i] = 0;
+    for (int n = 0; n < N; n++) starts[keys[n] + 1] += 1;
+    for (int i = 0; i < nb; i++) starts[i + 1] += starts[i];
+    /* perm used as a cursor pass: write positions, advancing a running start */
+    for (int n = 0; n < N; n++) {
+        const int key = keys[n];
+        perm[starts[key]] = n;
+        starts[key] += 1;
+    }
+    for (int i = nb; i > 0; i--) starts[i] = starts[i - 1];
+    starts[0] = 0;
+}
+
+__kernel void embedding_forward(__global const float* W_emb, __global const int* x, const int E,
+                                __global float* e)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    e[n * E + j] = W_emb[x[n] * E + j];
+}
+
+__kernel void embedding_backward(__global const float* de, __global const int* perm,
+                                 __global const int* starts, const int E, __global float* dW)
+{
+    const int j = get_global_id(0), v = get_global_id(1);
+    float acc = 0.0f;
+    for (int i = starts[v]; i < starts[v + 1]; i++) acc += de[perm[i] * E + j];
+    dW[v * E + j] = acc;
+}
+
+__kernel void bias_gelu_forward(__global float* a, __global const float* bias, const int H,
+                                __global float* h)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    const float x = a[n * H + j] + bias[j];
+    a[n * H + j] = x;
+    h[n * H + j] = 0.5f * x * (1.0f + erf(x * 0.70710678118654752f));
+}
+
+__kernel void gelu_backward(__global const float* dh, __global const float* a, const int H,
+                            __global float* da)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    const float x = a[n * H + j];
+    const float cdf = 0.5f * (1.0f + erf(x * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * exp(-0.5f * x * x);
+    da[n * H + j] = dh[n * H + j] * (cdf + x * pdf);
+}
+
+__kernel void add_bias(__global float* X, __global const float* bias, const int C)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    X[n * C + j] += bias[j];
+}
+
+__kernel void colsum(__global const float* X, const int N, const int C, __global float* out)
+{
+    const int j = get_global_id(0);
+    float acc = 0.0f;
+    for (int n = 0; n < N; n++) acc += X[n * C + j];
+    out[j] = acc;
+}
+
+__kernel void spikes_forward(__global const float* h, const float theta, const int H,
+                             __global float* s)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    s[n * H + j] = h[n * H + j] > theta ? 1.0f : 0.0f;
+}
+
+__kernel void row_normalize_forward(__global const float* h, const int H,
+                                    __global float* k, __global float* inv_norm)
+{
+    const int n = get_global_id(0);
+    float ss = 0.0f;
+    for (int j = 0; j < H; j++) ss += h[n * H + j] * h[n * H + j];
+    const float inv = 1.0f / sqrt(ss + 1e-6f);
+    inv_norm[n] = inv;
+    for (int j = 0; j < H; j++) k[n * H + j] = h[n * H + j] * inv;
+}
+
+/* dh += (dk − k·(k·dk)) · inv_norm : derivative of k = h / sqrt(|h|² + ε). */
+__kernel void row_normalize_backward(__global const float* dk, __global const float* k,
+                                     __global const float* inv_norm, const int H,
+                                     __global float* dh)
+{
+    const int n = get_global_id(0);
+    float kd = 0.0f;
+    for (int j = 0; j < H; j++) kd += k[n * H + j] * dk[n * H + j];
+    const float inv = inv_norm[n];
+    for (int j = 0; j < H; j++) dh[n * H + j] += (dk[n * H + j] - k[n * H + j] * kd) * inv;
+}
+
+/* w[d] = η·λ^d, precomputed on the host in float64 (same numbers as the reference). */
+__kernel void causal_decay_mask(__global const float* G, __global const float* w, const int S,
+                                __global float* Gm)
+{
+    const int tau = get_global_id(0), t = get_global_id(1), b = get_global_id(2);
+    const int i = (b * S + t) * S + tau;
+    Gm[i] = tau < t ? w[t - 1 - tau] * G[i] : 0.0f;
+}
+
+/* ‖A_{S−1}‖²_F = Σ_{τ,τ'} c_τ c_τ' (post_τ·post_τ')(k_τ·k_τ'), c_τ = w[S−1−τ]
+ * (w[d] = η·λ^d); G = K·Kᵀ and Q = Post·Postᵀ per sequence. */
+__kernel void fw_state_norm(__global const float* G, __global const float* Q,
+                            __global const float* w, const int S, __global float* out)
+{
+    const int b = get_global_id(0);
+    float acc = 0.0f;
+    for (int t = 0; t < S; t++)
+        for (int u = 0; u < S; u++) {
+            const int i = (b * S + t) * S + u;
+            acc += w[S - 1 - t] * w[S - 1 - u] * G[i] * Q[i];
+        }
+    out[b] = sqrt(max(acc, 0.0f));
+}
+
+__kernel void add_inplace(__global float* y, __global const float* x)
+{
+    const int i = get_global_id(0);
+    y[i] += x[i];
+}

@@ -1,0 +1,51 @@
+/* optim.cl — gradient norms, clipping and AdamW over the flat parameter buffer.
+ *
+ * Parameters, gradients and both moments live in flat buffers in which every
+ * tensor starts at a multiple of CHUNK elements (gaps are zero and stay zero),
+ * so each CHUNK-sized piece belongs to one tensor.
+ *
+ *   sumsq_chunks  partial[c] = Σ_{i in chunk c} g[i]²                       global (n_chunks)
+ *   global_norm   out[0] = sqrt(Σ_c partial[c])  (fixed order)              global (1)
+ *   adamw         one AdamW step (Loshchilov & Hutter 2019) with value and
+ *                 global-norm clipping; wd_mask[c] ∈ {0,1} per chunk         global (n)
+ * Reference: engine.reference.adamw_step.
+ */
+#ifndef CHUNK
+#define CHUNK 1024
+#endif
+
+__kernel void sumsq_chunks(__global const float* g, __global float* partial)
+{
+    const int c = get_global_id(0);
+    float acc = 0.0f;
+    for (int i = c * CHUNK; i < (c + 1) * CHUNK; i++) acc += g[i] * g[i];
+    partial[c] = acc;
+}
+
+__kernel void global_norm(__global const float* partial, const int n_chunks, __global float* out)
+{
+    float acc = 0.0f;
+    for (int c = 0; c < n_chunks; c++) acc += partial[c];
+    out[0] = sqrt(acc);
+}
+
+__kernel void adamw(__global float* theta, __global const float* grad,
+                    __global float* m, __global float* v,
+                    __global const float* wd_mask, __global const float* gnorm,
+                    const float lr, const float beta1, const float beta2, const float eps,
+                    const float weight_decay, const float bc1, const float bc2,
+                    const float clip_norm, const float clip_value)
+{
+    const int i = get_global_id(0);
+    float g = grad[i];
+    if (clip_value > 0.0f) g = clamp(g, -clip_value, clip_value);
+    if (clip_norm > 0.0f) g *= min(1.0f, clip_norm / (gnorm[0] + 1e-6f));
+    const float mi = beta1 * m[i] + (1.0f - beta1) * g;
+    const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    const float mhat = mi / bc1;
+    const float vhat = vi / bc2;
+    const float wd = weight_decay * wd_mask[i / CHUNK];
+    theta[i] -= lr * (mhat / (sqrt(vhat) + eps) + wd * theta[i]);
+}

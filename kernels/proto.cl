@@ -1,0 +1,103 @@
+/* proto.cl — prototype assignment, feature and the online k-means update.
+ *
+ *   row_inv_norm          inv[n] = 1/sqrt(|X_n|² + 1e-6)                          global (R)
+ *   proto_argmax          k[n] = argmax_t sim(v_n, P_t) from scores = v·Pᵀ (N,T),
+ *                         cosine: scores·inv_v·inv_p; lowest t on ties           global (N)
+ *   proto_feature_forward z = ht + β·P[k]                                         global (H, N)
+ *   proto_sums            sums[t] = Σ_{k_n = t} v_n  (positions bucket-sorted)    global (H, T)
+ *   proto_update          P_t ← P_t + lr·(sums_t/c_t − P_t) if c_t > 0, then the
+ *                         usage EMA and re-seeding of dead prototypes            global (H, T)
+ *   proto_usage_update    usage EMA (after proto_update read the old one)        global (T)
+ *   proto_qerr_rows       q[n] = |v_n − P_{k_n}|²                                 global (N)
+ * Reference: engine.reference.proto_assign / proto_feature_forward / proto_update.
+ */
+
+__kernel void row_inv_norm(__global const float* X, const int C, __global float* inv)
+{
+    const int r = get_global_id(0);
+    float ss = 0.0f;
+    for (int j = 0; j < C; j++) ss += X[r * C + j] * X[r * C + j];
+    inv[r] = 1.0f / sqrt(ss + 1e-6f);
+}
+
+__kernel void proto_argmax(__global const float* scores, __global const float* inv_v,
+                           __global const float* inv_p, const int T, const int cosine,
+                           __global int* k)
+{
+    const int n = get_global_id(0);
+    int best = 0;
+    float bv = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        float s = scores[n * T + t];
+        if (cosine) s = s * inv_v[n] * inv_p[t];
+        if (s > bv) { bv = s; best = t; }
+    }
+    k[n] = best;
+}
+
+__kernel void proto_feature_forward(__global const float* ht, __global const float* P,
+                                    __global const int* k, const float beta, const int H,
+                                    __global float* z)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    z[n * H + j] = ht[n * H + j] + beta * P[k[n] * H + j];
+}
+
+__kernel void proto_sums(__global const float* v, __global const int* perm,
+                         __global const int* starts, const int H, __global float* sums)
+{
+    const int j = get_global_id(0), t = get_global_id(1);
+    float acc = 0.0f;
+    for (int i = starts[t]; i < starts[t + 1]; i++) acc += v[perm[i] * H + j];
+    sums[t * H + j] = acc;
+}
+
+/* Counter-based hash (same bits on every device): docs/model.md. */
+uint hash_u32(uint seed, uint step, uint t)
+{
+    uint h = seed * 0x9E3779B1u + step * 0x85EBCA77u + t * 0xC2B2AE3Du + 0x27D4EB2Fu;
+    h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
+    return h;
+}
+
+float usage_next(float u, int c, int N, float rho)
+{
+    return rho * u + (1.0f - rho) * ((float)c / (float)N);
+}
+
+__kernel void proto_update(__global float* P, __global const float* sums,
+                           __global const int* starts, __global const float* usage,
+                           __global const float* v, const float lr, const float rho,
+                           const float threshold, const uint seed, const uint step,
+                           const int N, const int T, const int H)
+{
+    const int j = get_global_id(0), t = get_global_id(1);
+    const int c = starts[t + 1] - starts[t];
+    float p = P[t * H + j];
+    if (c > 0) p = p + lr * (sums[t * H + j] / (float)c - p);
+    if (usage_next(usage[t], c, N, rho) < threshold / (float)T) {
+        const uint row = hash_u32(seed, step, (uint)t) % (uint)N;
+        p = v[row * H + j];
+    }
+    P[t * H + j] = p;
+}
+
+__kernel void proto_usage_update(__global float* usage, __global const int* starts,
+                                 const float rho, const float threshold, const int N, const int T)
+{
+    const int t = get_global_id(0);
+    const float u = usage_next(usage[t], starts[t + 1] - starts[t], N, rho);
+    usage[t] = u < threshold / (float)T ? 1.0f / (float)T : u;
+}
+
+__kernel void proto_qerr_rows(__global const float* v, __global const float* P,
+                              __global const int* k, const int H, __global float* q)
+{
+    const int n = get_global_id(0);
+    float acc = 0.0f;
+    for (int j = 0; j < H; j++) {
+        const float d = v[n * H + j] - P[k[n] * H + j];
+        acc += d * d;
+    }
+    q[n] = acc;
+}
