@@ -143,7 +143,7 @@ class Device:
         prg = self._programs.get(key)
         if prg is None:
             src = (KERNEL_DIR / filename).read_text()
-            opts = ["-cl-std=CL1.2"] + [f"-D{k}={v}" for k, v in defines]
+            opts = ["-cl-std=CL1.2", f"-I{KERNEL_DIR}"] + [f"-D{k}={v}" for k, v in defines]
             opts.append(f"-DDEVICE_{'CPU' if self.is_cpu else 'GPU'}=1")
             try:
                 prg = self.cl.Program(self.ctx, src).build(options=opts)

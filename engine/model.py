@@ -166,9 +166,10 @@ class Model:
         self.proto_ready = True
 
     # -- forward -------------------------------------------------------------------------
-    def forward(self, ws: Workspace, fw_state=None):
+    def forward(self, ws: Workspace, fw_state=None, loss: bool = True):
         """Enqueue the forward pass on ws.x / ws.y; loss summary lands in ws.loss_out.
-        fw_state: for generation (S = 1), the carried fast-weight matrix Aᵀ (H,H)."""
+        fw_state: for generation (S = 1), the carried fast-weight matrix Aᵀ (H,H).
+        loss=False stops at the logits (generation)."""
         dev, cfg, p = self.dev, self.cfg, self.p
         B, S, N, E, H, V, T = ws.B, ws.S, ws.N, self.E, self.H, self.V, self.T
         ops.embedding_forward(dev, p["W_emb"], ws.x, ws.e, N, E)
@@ -202,6 +203,8 @@ class Model:
                 ops.proto_feature_forward(dev, ws.ht, self.P, ws.assign, cfg.proto.strength, ws.zz, N, H)
         ops.gemm(dev, ws.zz, p["W2"], ws.logits, N, V, H)
         ops.add_bias(dev, ws.logits, p["b2"], N, V)
+        if not loss:
+            return
         ops.count_valid(dev, ws.y, N, ws.nv)
         ops.softmax_xent(dev, ws.logits, ws.y, ws.nv, ws.loss_rows, ws.hits, ws.dlogits, N, V)
         ops.loss_reduce(dev, ws.loss_rows, ws.hits, ws.nv, ws.loss_out, N)

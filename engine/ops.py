@@ -85,12 +85,12 @@ def embedding_backward(dev, de, perm, starts, dW, V, E):
 
 def bias_gelu_forward(dev, a, bias, h, N, H):
     """a (N,H) += bias (H,) in place; h = GELU(a)."""
-    dev.launch(dev.kernel("layers.cl", "bias_gelu_forward"), (H, N), None, a.data, bias.data, i32(H), h.data)
+    dev.launch(dev.kernel("layers.cl", "bias_gelu_forward"), (N * H,), None, a.data, bias.data, i32(H), h.data)
 
 
 def gelu_backward(dev, dh, a, da, N, H):
     """da (N,H) = dh · GELU'(a)."""
-    dev.launch(dev.kernel("layers.cl", "gelu_backward"), (H, N), None, dh.data, a.data, i32(H), da.data)
+    dev.launch(dev.kernel("layers.cl", "gelu_backward"), (N * H,), None, dh.data, a.data, i32(H), da.data)
 
 
 def add_bias(dev, X, bias, N, C):

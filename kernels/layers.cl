@@ -8,8 +8,8 @@
  *   bucket_sort         stable counting sort of keys (N,) into nb buckets   global (1)
  *   embedding_forward   e (N,E) = W_emb[x]                                  global (E, N)
  *   embedding_backward  dW_emb (V,E) = Σ_{x_n = v} de[n] (sorted positions) global (E, V)
- *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (H, N)
- *   gelu_backward       da = dh · GELU'(a)                                  global (H, N)
+ *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (N·H)
+ *   gelu_backward       da = dh · GELU'(a)                                  global (N·H)
  *   add_bias            X (N,C) += b                                        global (C, N)
  *   colsum              out (C,) = Σ_n X[n]                                 global (C)
  *   spikes_forward      s = 1[h > θ]                                        global (H, N)
@@ -20,8 +20,9 @@
  *
  * Reductions loop in a fixed order inside one work-item: no atomics, so a
  * result never depends on scheduling (training is bit-reproducible).
- * Exact GELU with erf(), as in the reference.
+ * GELU uses erf_fast/exp_fast (fastmath.cl): the built-ins are calls in PoCL.
  */
+#include "fastmath.cl"
 
 __kernel void gather_windows(__global const int* ids, __global const int* offsets, const int S,
                              __global int* x, __global int* y)
@@ -70,20 +71,20 @@ __kernel void embedding_backward(__global const float* de, __global const int* p
 __kernel void bias_gelu_forward(__global float* a, __global const float* bias, const int H,
                                 __global float* h)
 {
-    const int j = get_global_id(0), n = get_global_id(1);
-    const float x = a[n * H + j] + bias[j];
-    a[n * H + j] = x;
-    h[n * H + j] = 0.5f * x * (1.0f + erf(x * 0.70710678118654752f));
+    const int i = get_global_id(0);
+    const float x = a[i] + bias[i % H];
+    a[i] = x;
+    h[i] = 0.5f * x * (1.0f + erf_fast(x * 0.70710678118654752f));
 }
 
 __kernel void gelu_backward(__global const float* dh, __global const float* a, const int H,
                             __global float* da)
 {
-    const int j = get_global_id(0), n = get_global_id(1);
-    const float x = a[n * H + j];
-    const float cdf = 0.5f * (1.0f + erf(x * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * exp(-0.5f * x * x);
-    da[n * H + j] = dh[n * H + j] * (cdf + x * pdf);
+    const int i = get_global_id(0);
+    const float x = a[i];
+    const float cdf = 0.5f * (1.0f + erf_fast(x * 0.70710678118654752f));
+    const float pdf = 0.39894228040143268f * exp_fast(-0.5f * x * x);
+    da[i] = dh[i] * (cdf + x * pdf);
 }
 
 __kernel void add_bias(__global float* X, __global const float* bias, const int C)

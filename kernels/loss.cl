@@ -4,8 +4,9 @@
  *   softmax_xent  loss_rows (N,), hits (N,), dlogits (N,V) = (p − onehot)/Nv
  *                 (0 rows for PAD targets; dlogits may alias nothing)        global (N)
  *   loss_reduce   out = [Σ loss_rows / Nv, Σ hits, Nv, Σ loss_rows]  (fixed order)        global (1)
- * Reference: engine.reference.softmax_xent_forward.
+ * Reference: engine.reference.softmax_xent_forward. exp_fast: see fastmath.cl.
  */
+#include "fastmath.cl"
 
 __kernel void count_valid(__global const int* y, const int N, __global int* nv)
 {
@@ -33,10 +34,10 @@ __kernel void softmax_xent(__global const float* logits, __global const int* y,
     int arg = 0;
     for (int j = 1; j < V; j++) if (z[j] > mx) { mx = z[j]; arg = j; }
     float sum = 0.0f;
-    for (int j = 0; j < V; j++) sum += exp(z[j] - mx);
+    for (int j = 0; j < V; j++) sum += exp_fast(z[j] - mx);
     const float inv_sum = 1.0f / sum;
     const float scale = 1.0f / (float)nv[0];
-    for (int j = 0; j < V; j++) d[j] = exp(z[j] - mx) * inv_sum * scale;
+    for (int j = 0; j < V; j++) d[j] = exp_fast(z[j] - mx) * inv_sum * scale;
     d[target] -= scale;
     loss_rows[n] = log(sum) + mx - z[target];
     hits[n] = arg == target ? 1.0f : 0.0f;

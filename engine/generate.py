@@ -1,0 +1,121 @@
+"""Generate text from a checkpoint, one character at a time on the device.
+
+    python -m engine.generate --checkpoint runs/demo/checkpoint.npz --prompt "The " --length 200 --temperature 0.8
+
+The fast-weight memory is carried from character to character as the matrix
+Aᵀ (H,H): m_t = A_{t−1}·k_t, then A_t = λ·A_{t−1} + η·post_t ⊗ k_t — the
+recurrent form of the causal sum the training pass computes for a whole
+sequence at once (docs/model.md), so the prompt's context reaches every
+generated character. Sampling (temperature, top-k) is on the host with a
+seeded numpy generator: the same seed gives the same text on one device.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from . import ops
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, ConfigError
+from .data import Vocab
+from .device import Device, DeviceError
+from .model import Model
+
+
+class Generator:
+    """Step-wise inference with carried state (B = S = 1)."""
+
+    def __init__(self, model: Model, vocab: Vocab):
+        self.model, self.vocab, self.dev = model, vocab, model.dev
+        self.ws = model.workspace(1, 1)
+        H = model.H
+        self.fast = model.cfg.hebb.mode == "fast_weights"
+        self.At = self.dev.zeros((H, H)) if self.fast else None
+        self.logits = np.zeros(model.V, np.float32)
+
+    def reset(self):
+        if self.fast:
+            self.dev.cl.enqueue_fill_buffer(self.dev.queue, self.At.data, np.zeros(1, np.float32), 0, self.At.nbytes)
+
+    def feed(self, token: int) -> np.ndarray:
+        """Run one character through the model, update the memory, return its logits (V,)."""
+        m, ws, dev = self.model, self.ws, self.dev
+        ws.x.set(np.array([token], np.int32))
+        m.forward(ws, fw_state=self.At, loss=False)
+        if self.fast:  # Aᵀ ← λ·Aᵀ + η·k ⊗ post  (outer product as a K = 1 product)
+            hc = m.cfg.hebb
+            ops.gemm(dev, ws.k, ws.post, self.At, m.H, m.H, 1, alpha=hc.lr, beta=1.0 - hc.decay, trans_a=True)
+        ws.logits.get(ary=self.logits.reshape(1, -1))
+        return self.logits
+
+    def sample(self, prompt: str, length: int, temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
+        rng = np.random.default_rng(seed)
+        self.reset()
+        ids = self.vocab.encode(prompt) if prompt else np.array([0], np.int32)
+        for t in ids:
+            logits = self.feed(int(t))
+        out = []
+        for _ in range(length):
+            nxt = pick(logits, temperature, top_k, rng)
+            out.append(nxt)
+            logits = self.feed(nxt)
+        return self.vocab.decode(np.array(out, np.int32))
+
+
+def pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
+    """Sample an id from logits (V,); temperature 0 = argmax; top_k 0 = all."""
+    z = logits.astype(np.float64)
+    if temperature <= 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    if 0 < top_k < z.size:
+        cut = np.partition(z, -top_k)[-top_k]
+        z = np.where(z >= cut, z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    return int(rng.choice(z.size, p=p))
+
+
+def load_generator(path: str, device: str | None = None) -> Generator:
+    arrays, meta = load_checkpoint(path)
+    try:
+        cfg = Config.from_dict(meta["config"])
+        vocab = Vocab.from_json(meta["vocab"])
+    except (KeyError, ConfigError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path!r}: no usable config/vocabulary ({exc})") from exc
+    dev = Device(cfg.device if device is None else device)
+    model = Model(dev, cfg, vocab.size)
+    try:
+        model.load_state_arrays(arrays)
+    except (KeyError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path!r}: arrays do not fit its config ({exc})") from exc
+    return Generator(model, vocab)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--prompt", default="The ")
+    ap.add_argument("--length", type=int, default=200)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="override the checkpoint's device choice")
+    args = ap.parse_args(argv)
+    if args.length < 0 or args.temperature < 0 or args.top_k < 0:
+        print("error: --length, --temperature and --top-k must be >= 0", file=sys.stderr)
+        return 2
+    try:
+        gen = load_generator(args.checkpoint, args.device)
+    except (CheckpointError, DeviceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    text = gen.sample(args.prompt, args.length, args.temperature, args.top_k, args.seed)
+    sys.stdout.write(args.prompt + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
