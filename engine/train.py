@@ -156,7 +156,7 @@ class Trainer:
                 t_log, steps_since_log = time.perf_counter(), 0
             if is_eval:
                 self.history.append(self.evaluate(step, rec))
-            if is_ckpt or self._stop:
+            if is_ckpt:
                 self.save()
         if status == "killed" and self.checkpoint_path():
             self.save()
