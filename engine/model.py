@@ -307,7 +307,6 @@ class Model:
         for name in PARAM_NAMES:
             out[f"grad_norm/{name}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o == name)))
         out["grad_norm"] = float(self.gnorm.get()[0])
-        out["clipped"] = float(cfg.optim.clip_norm > 0 and out["grad_norm"] > cfg.optim.clip_norm)
         ops.colsum(dev, ws.s, ws.spike_cols, N, H)
         out["spike_rate"] = float(ws.spike_cols.get().astype(np.float64).sum() / (N * H))
         if cfg.hebb.mode == "fast_weights":

@@ -168,6 +168,12 @@ def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weig
                f32(clip_norm), f32(clip_value))
 
 
+def accumulate_step_stats(dev, loss_out, gnorm, clip_norm, acc):
+    """acc (3,) += [mean loss of this step, 1 if norm clipping acted, 1]."""
+    dev.launch(dev.kernel("optim.cl", "accumulate_step_stats"), (1,), None,
+               loss_out.data, gnorm.data, f32(clip_norm), acc.data)
+
+
 # -- prototypes ---------------------------------------------------------------------------
 def row_inv_norm(dev, X, inv, R, C):
     dev.launch(dev.kernel("proto.cl", "row_inv_norm"), (R,), None, X.data, i32(C), inv.data)

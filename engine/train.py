@@ -66,7 +66,7 @@ class Trainer:
         self.model = Model(self.dev, cfg, self.vocab.size)
         self.ws = self.model.workspace(B, S)
         self.ids_dev = self.dev.to_device(self.train_ids)
-        self.loss_acc = self.dev.zeros((4,))
+        self.step_acc = self.dev.zeros((3,))  # loss sum, clipped steps, steps since the last log
         self.last_assign = None
         self.history: list[dict] = []
         self._stop = False
@@ -87,6 +87,7 @@ class Trainer:
         arrays = self.model.state_arrays()
         if self.last_assign is not None:
             arrays["state.last_assign"] = self.last_assign
+        arrays["state.step_acc"] = self.step_acc.get()
         meta = {"format": CHECKPOINT_FORMAT, "step": self.model.step, "config": self.cfg.to_dict(),
                 "vocab": self.vocab.to_json(), "batches": self.batches.state(),
                 "proto_ready": self.model.proto_ready, "kernel_hash": kernel_source_hash(),
@@ -111,6 +112,8 @@ class Trainer:
         self.model.proto_ready = bool(meta.get("proto_ready", True))
         self.batches.set_state(meta["batches"])
         self.last_assign = arrays.get("state.last_assign")
+        if "state.step_acc" in arrays:
+            self.step_acc.set(np.ascontiguousarray(arrays["state.step_acc"], np.float32))
         self.history = list(meta.get("history", []))
 
     # -- the loop -----------------------------------------------------------------------
@@ -124,7 +127,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_start(self)
         status = "finished"
-        t_log, steps_since_log = time.perf_counter(), 0
+        t_log, steps_timed = time.perf_counter(), 0
         dev.take_timings()
         while m.step < tc.steps:
             if self._stop:
@@ -139,23 +142,25 @@ class Trainer:
             m.forward(ws)
             m.backward(ws)
             m.optimizer_step(lr)
-            ops.add_inplace(dev, self.loss_acc, ws.loss_out, 4)
+            ops.accumulate_step_stats(dev, ws.loss_out, m.gnorm, cfg.optim.clip_norm, self.step_acc)
             step = m.step
-            steps_since_log += 1
+            steps_timed += 1
             is_eval = step % tc.eval_every == 0 or step == tc.steps
             is_ckpt = step == tc.steps or (tc.checkpoint_every and step % tc.checkpoint_every == 0)
             rec = None
-            if step % tc.log_every == 0 or is_eval or is_ckpt or self._stop:
-                rec = self._log_record(step, lr, steps_since_log, time.perf_counter() - t_log)
+            if step % tc.log_every == 0 or is_eval or is_ckpt:
+                rec = self._log_record(step, lr, steps_timed, time.perf_counter() - t_log)
             m.local_updates(ws)
             if rec is not None:
                 for cb in self.callbacks:
                     cb.on_log(rec)
                 if progress is not None:
                     progress(rec)
-                t_log, steps_since_log = time.perf_counter(), 0
+                t_log, steps_timed = time.perf_counter(), 0
             if is_eval:
                 self.history.append(self.evaluate(step, rec))
+                dev.take_timings()  # evaluation (and its callbacks) is not training-step time
+                t_log = time.perf_counter()
             if is_ckpt:
                 self.save()
         if status == "killed" and self.checkpoint_path():
@@ -167,17 +172,18 @@ class Trainer:
             cb.on_end(summary)
         return summary
 
-    def _log_record(self, step, lr, n_steps, seconds) -> dict:
+    def _log_record(self, step, lr, n_timed, seconds) -> dict:
+        """Telemetry at a logging point: averages over the steps since the last one."""
         m, ws = self.model, self.ws
-        acc = self.loss_acc.get().astype(np.float64)
-        self.dev.cl.enqueue_fill_buffer(self.dev.queue, self.loss_acc.data, np.zeros(1, np.float32), 0, 16)
-        rec = {"step": step, "train_loss": acc[0] / n_steps, "lr": lr}
+        acc = self.step_acc.get().astype(np.float64)
+        self.dev.cl.enqueue_fill_buffer(self.dev.queue, self.step_acc.data, np.zeros(1, np.float32), 0, 12)
+        n_steps = max(acc[2], 1.0)
+        rec = {"step": step, "train_loss": acc[0] / n_steps, "clipped_frac": acc[1] / n_steps, "lr": lr}
         rec.update(m.telemetry(ws))
         self._check_finite(step, rec)
-        tokens = n_steps * ws.N
-        rec["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        rec["tokens_per_s"] = n_timed * ws.N / seconds if seconds > 0 and n_timed else 0.0
         timings = self.dev.take_timings()
-        rec["kernel_ms_per_step"] = {k: ns / 1e6 / n_steps for k, (calls, ns) in timings.items()}
+        rec["kernel_ms_per_step"] = {k: ns / 1e6 / max(n_timed, 1) for k, (calls, ns) in timings.items()}
         rec["kernel_calls"] = {k: calls for k, (calls, ns) in timings.items()}
         return rec
 
@@ -215,7 +221,6 @@ class Trainer:
             self.last_assign = first_assign
             if log_rec and "proto_counts" in log_rec:
                 rec["proto_counts"] = log_rec["proto_counts"]
-        dev.take_timings()  # evaluation kernels are not training-step time
         for cb in self.callbacks:
             cb.on_eval(rec)
         return rec

@@ -8,6 +8,7 @@
  *   global_norm   out[0] = sqrt(Σ_c partial[c])  (fixed order)              global (1)
  *   adamw         one AdamW step (Loshchilov & Hutter 2019) with value and
  *                 global-norm clipping; wd_mask[c] ∈ {0,1} per chunk         global (n)
+ *   accumulate_step_stats  loss / clipping / step counters between logging points  global (1)
  * Reference: engine.reference.adamw_step.
  */
 #ifndef CHUNK
@@ -48,4 +49,15 @@ __kernel void adamw(__global float* theta, __global const float* grad,
     const float vhat = vi / bc2;
     const float wd = weight_decay * wd_mask[i / CHUNK];
     theta[i] -= lr * (mhat / (sqrt(vhat) + eps) + wd * theta[i]);
+}
+
+/* Running per-step statistics between logging points (so the host need not
+ * read every step): acc[0] += this step's mean loss, acc[1] += 1 if norm
+ * clipping acted (same test as adamw), acc[2] += 1 (steps).   global (1) */
+__kernel void accumulate_step_stats(__global const float* loss_out, __global const float* gnorm,
+                                    const float clip_norm, __global float* acc)
+{
+    acc[0] += loss_out[0];
+    acc[1] += (clip_norm > 0.0f && clip_norm / (gnorm[0] + 1e-6f) < 1.0f) ? 1.0f : 0.0f;
+    acc[2] += 1.0f;
 }

@@ -1,0 +1,59 @@
+"""Named experiments: each is the `hybrid` default plus the overrides its name says.
+
+    python -m experiments.run --list
+
+Adding one is a few lines: a name, a one-line description, the dotted
+overrides that differ from `hybrid` (engine/config.py holds every default).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from engine.config import Config, with_overrides
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    overrides: dict = field(default_factory=dict)
+
+    def config(self, extra: dict | None = None) -> Config:
+        """The resolved config: defaults, then this experiment, then `extra`."""
+        return with_overrides(with_overrides(Config(), self.overrides), extra or {})
+
+
+# The seed design: Hebbian matrix and prototypes learned but never read, raw
+# dot-product assignment, no Hebbian decay; the seed's sizes are the defaults.
+_SEED = {"hebb.mode": "shadow", "proto.mode": "shadow", "proto.similarity": "dot", "hebb.decay": 0.0}
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
+    Experiment("hybrid", "the default: fast-weight Hebbian memory + prototype features on its state"),
+    Experiment("seed", "the seed design: Hebbian and prototype rules in shadow (updated, never read)", _SEED),
+    Experiment("ablation_no_hebb", "hybrid without the Hebbian memory (prototypes on h)", {"hebb.mode": "off"}),
+    Experiment("ablation_no_proto", "hybrid without prototypes", {"proto.mode": "off"}),
+    Experiment("ablation_no_spikes", "hybrid with the hidden activity h as post-synaptic signal instead of spikes",
+               {"hebb.post": "activity"}),
+    Experiment("gradient_only", "no local rules at all: embedding, GELU layer and output trained by Adam",
+               {"hebb.mode": "off", "proto.mode": "off"}),
+    Experiment("control_modulate", "negative control: persistent Hebbian modulation h + a·h·W_hebb (no context)",
+               {"hebb.mode": "modulate", "hebb.lr": 0.1, "hebb.decay": 0.01}),
+    Experiment("smoke", "hybrid at tiny sizes for tests: finishes in seconds",
+               {"model.embedding_dim": 16, "model.hidden_dim": 32, "model.num_prototypes": 8,
+                "train.batch_size": 8, "train.seq_len": 16, "train.steps": 30, "train.eval_every": 10,
+                "train.log_every": 5, "train.checkpoint_every": 10, "train.eval_batches": 2,
+                "optim.warmup_steps": 5}),
+]}
+
+
+class UnknownExperiment(ValueError):
+    pass
+
+
+def get(name: str) -> Experiment:
+    if name in EXPERIMENTS:
+        return EXPERIMENTS[name]
+    close = difflib.get_close_matches(name, EXPERIMENTS, n=3, cutoff=0.4)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise UnknownExperiment(f"unknown experiment {name!r}{hint}; see --list")
