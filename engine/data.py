@@ -62,6 +62,19 @@ def load_text(path: str) -> str:
     return text
 
 
+def text_digest(path: str, text: str) -> str:
+    """sha256 of the corpus: the file's bytes, or the embedded text as UTF-8."""
+    import hashlib
+    h = hashlib.sha256()
+    if path:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:
+        h.update(text.encode("utf-8"))
+    return h.hexdigest()
+
+
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """(train, val): val is the last `val_fraction` of the characters."""
     if not 0 < val_fraction < 1:

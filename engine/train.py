@@ -23,7 +23,7 @@ import numpy as np
 from . import ops
 from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, apply_overrides
-from .data import Batches, DataError, Vocab, load_text, split_text, val_batches
+from .data import Batches, DataError, Vocab, load_text, split_text, text_digest, val_batches
 from .device import Device, DeviceError, kernel_source_hash
 from .model import PARAM_NAMES, Model
 from .reference import init_params
@@ -59,6 +59,7 @@ class Trainer:
         self.train_ids = self.vocab.encode(train_text)
         self.val_ids = self.vocab.encode(val_text)
         self.n_chars = len(text)
+        self.data_sha256 = text_digest(cfg.data.path, text)
         B, S = cfg.train.batch_size, cfg.train.seq_len
         self.batches = Batches(self.train_ids, B, S, cfg.seed)
         self.val = val_batches(self.val_ids, B, S, cfg.train.eval_batches)
@@ -183,6 +184,7 @@ class Trainer:
         self._check_finite(step, rec)
         rec["tokens_per_s"] = n_timed * ws.N / seconds if seconds > 0 and n_timed else 0.0
         timings = self.dev.take_timings()
+        rec["kernel_ms"] = {k: ns / 1e6 for k, (calls, ns) in timings.items()}
         rec["kernel_ms_per_step"] = {k: ns / 1e6 / max(n_timed, 1) for k, (calls, ns) in timings.items()}
         rec["kernel_calls"] = {k: calls for k, (calls, ns) in timings.items()}
         return rec

@@ -1,0 +1,237 @@
+"""MLflow plumbing for the runner: where runs go, what each run is tagged
+with, and the engine callback that logs telemetry in batches.
+
+The only package that talks to MLflow is `experiments` (engine/ reports
+through `engine.train.Callback`). Metrics are sent with `log_batch` at
+logging points only; histograms, samples and figures are artifacts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+from engine.train import Callback
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+REPO = Path(__file__).resolve().parent.parent
+# Metrics whose values depend on the machine's load, not on the maths:
+# reproduce and resume comparisons leave them out.
+TIMING_PREFIXES = ("tokens_per_s", "kernel_ms/", "step_ms")
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message is one line."""
+
+
+def resolve_tracking_uri(flag: str | None) -> str:
+    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Fail fast, before any training, if the store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                if r.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered /health with HTTP {r.status}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingError(f"tracking server {uri} is unreachable ({reason})") from None
+        return
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        parent = path.parent if str(path.parent) else Path(".")
+        if not parent.exists():
+            raise TrackingError(f"tracking store {uri}: directory {parent} does not exist")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise TrackingError(f"tracking store {uri}: {path} is not writable")
+    try:
+        client(uri).search_experiments(max_results=1)
+    except Exception as exc:  # MLflow raises many types; the user needs one line
+        raise TrackingError(f"tracking store {uri} cannot be used ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def client(uri: str):
+    from mlflow import MlflowClient
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(cl, name: str) -> str:
+    exp = cl.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it or pick another name")
+        return exp.experiment_id
+    try:
+        return cl.create_experiment(name)
+    except Exception:  # created meanwhile by another process
+        exp = cl.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+# -- what a run is tagged with -----------------------------------------------------------------
+def git_state() -> tuple[str, bool]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", False
+    return commit or "unknown", dirty
+
+
+def run_tags(trainer, experiment: str) -> dict:
+    import mlflow
+    import pyopencl
+
+    from engine.device import kernel_source_hash
+    cfg, dev = trainer.cfg, trainer.dev
+    commit, dirty = git_state()
+    return {"experiment": experiment, "git_commit": commit, "git_dirty": str(dirty).lower(),
+            "mlflow.source.git.commit": commit,
+            "version.pyopencl": pyopencl.VERSION_TEXT, "version.numpy": np.__version__,
+            "version.mlflow": mlflow.__version__, "version.python": sys.version.split()[0],
+            "opencl.platform": dev.platform_name, "opencl.driver": dev.driver_version,
+            "opencl.device": dev.name, "opencl.device_type": dev.kind,
+            "kernel_hash": kernel_source_hash(), "data_sha256": trainer.data_sha256,
+            "data_source": cfg.data.path or "embedded:pydoc_data.topics", "seed": str(cfg.seed)}
+
+
+def log_dataset(cl, run_id: str, trainer) -> None:
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    cfg = trainer.cfg
+    source = os.path.abspath(cfg.data.path) if cfg.data.path else "python:pydoc_data.topics.topics"
+    profile = json.dumps({"characters": trainer.n_chars, "vocab_size": trainer.vocab.size,
+                          "train_chars": int(trainer.train_ids.size), "val_chars": int(trainer.val_ids.size)})
+    ds = Dataset(name=os.path.basename(cfg.data.path) if cfg.data.path else "pydoc_topics",
+                 digest=trainer.data_sha256[:20], source_type="local" if cfg.data.path else "code",
+                 source=source, profile=profile)
+    cl.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+
+
+# -- the callback -------------------------------------------------------------------------------
+class MlflowLogger(Callback):
+    """Logs engine telemetry to one MLflow run: metrics in one batch per
+    logging point, histograms, samples and figures as artifacts."""
+
+    def __init__(self, cl, run_id: str, sample_chars: int = 200):
+        self.cl, self.run_id, self.sample_chars = cl, run_id, sample_chars
+        self.kernel_totals: dict[str, list] = {}
+        self.curves: dict[str, list] = {"train": [], "val": []}
+        self.trainer = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
+        self._generator = None
+
+    def on_start(self, trainer):
+        self.trainer = trainer
+
+    def _send(self, step: int, values: dict):
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()
+                   if v is not None and np.isfinite(v)]
+        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
+            self.cl.log_batch(self.run_id, metrics=metrics[i:i + 900], synchronous=True)
+
+    def on_log(self, rec):
+        step = rec["step"]
+        vals = {k: rec[k] for k in ("train_loss", "lr", "grad_norm", "clipped_frac", "spike_rate", "hebb_norm",
+                                    "proto_perplexity", "proto_dead", "proto_used", "proto_qerr", "tokens_per_s")
+                if k in rec}
+        vals.update({k.replace("grad_norm/", "grad_norm.", 1): v for k, v in rec.items() if k.startswith("grad_norm/")})
+        for name, ms in rec.get("kernel_ms_per_step", {}).items():
+            vals[f"kernel_ms/{name}"] = ms
+            tot = self.kernel_totals.setdefault(name, [0, 0.0])
+            tot[0] += rec["kernel_calls"][name]
+            tot[1] += rec["kernel_ms"][name]
+        vals["step_ms"] = sum(rec.get("kernel_ms_per_step", {}).values())
+        self._send(step, vals)
+        self.curves["train"].append((step, rec["train_loss"]))
+
+    def on_eval(self, rec):
+        step = rec["step"]
+        self._send(step, {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec})
+        self.curves["val"].append((step, rec["val_loss"]))
+        if "proto_counts" in rec:
+            self._histogram(step, rec["proto_counts"])
+        if self.sample_chars and self.trainer is not None:
+            self._sample(step)
+
+    def _artifact(self, rel: str, data: bytes | str, artifact_path: str):
+        path = Path(self._tmp.name) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        self.cl.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _histogram(self, step: int, counts: list):
+        rel = f"step_{step:07d}"
+        self._artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
+                                                        "assigned": int(sum(counts))}), "proto_hist")
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(7, 2.6))
+        ax.bar(range(len(counts)), counts, color="#4a7ab5")
+        ax.set_xlabel("prototype")
+        ax.set_ylabel("assigned positions")
+        ax.set_title(f"prototype usage, step {step}")
+        fig.tight_layout()
+        png = Path(self._tmp.name) / "proto" / f"{rel}.png"
+        fig.savefig(png, dpi=80)
+        plt.close(fig)
+        self.cl.log_artifact(self.run_id, str(png), "proto_hist")
+
+    def _sample(self, step: int):
+        from engine.generate import Generator
+        if self._generator is None:
+            self._generator = Generator(self.trainer.model, self.trainer.vocab)
+        text = self._generator.sample("The ", self.sample_chars, temperature=0.8, top_k=0,
+                                      seed=self.trainer.cfg.seed)
+        self._artifact(f"samples/step_{step:07d}.txt", "The " + text + "\n", "samples")
+
+    def finish(self, checkpoint: str | None = None):
+        """Kernel timing table, loss curves and (if given) the checkpoint."""
+        if self.kernel_totals:
+            self._artifact("kernel_timings.csv", self.timing_table(), "")
+        if self.curves["train"]:
+            self._loss_figure()
+        if checkpoint and os.path.exists(checkpoint):
+            self.cl.log_artifact(self.run_id, checkpoint, "checkpoint")
+
+    def timing_table(self) -> str:
+        total = sum(t[1] for t in self.kernel_totals.values()) or 1.0
+        lines = ["kernel,calls,total_ms,mean_us,share_of_step_time"]
+        for name, (calls, ms) in sorted(self.kernel_totals.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"{name},{calls},{ms:.3f},{1000 * ms / max(calls, 1):.2f},{ms / total:.4f}")
+        return "\n".join(lines) + "\n"
+
+    def _loss_figure(self):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, style in (("train", "-"), ("val", "o-")):
+            if self.curves[key]:
+                s, v = zip(*self.curves[key])
+                ax.plot(s, v, style, label=f"{key} loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / character")
+        ax.legend()
+        fig.tight_layout()
+        png = Path(self._tmp.name) / "loss_curves.png"
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        self.cl.log_artifact(self.run_id, str(png), "")
