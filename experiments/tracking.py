@@ -134,6 +134,7 @@ class MlflowLogger(Callback):
         self.trainer = None
         self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
         self._generator = None
+        self._pending: list = []
 
     def on_start(self, trainer):
         self.trainer = trainer
@@ -144,7 +145,10 @@ class MlflowLogger(Callback):
         metrics = [Metric(k, float(v), now, step) for k, v in values.items()
                    if v is not None and np.isfinite(v)]
         for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
-            self.cl.log_batch(self.run_id, metrics=metrics[i:i + 900], synchronous=True)
+            # asynchronous: the store's latency stays off the training loop (flushed in finish)
+            op = self.cl.log_batch(self.run_id, metrics=metrics[i:i + 900], synchronous=False)
+            if op is not None:
+                self._pending.append(op)
 
     def on_log(self, rec):
         step = rec["step"]
@@ -203,7 +207,10 @@ class MlflowLogger(Callback):
         self._artifact(f"samples/step_{step:07d}.txt", "The " + text + "\n", "samples")
 
     def finish(self, checkpoint: str | None = None):
-        """Kernel timing table, loss curves and (if given) the checkpoint."""
+        """Wait for queued metrics; then the kernel timing table, loss curves and checkpoint."""
+        for op in self._pending:
+            op.wait()
+        self._pending.clear()
         if self.kernel_totals:
             self._artifact("kernel_timings.csv", self.timing_table(), "")
         if self.curves["train"]:
