@@ -118,9 +118,10 @@ class Trainer:
         self.history = list(meta.get("history", []))
 
     # -- the loop -----------------------------------------------------------------------
-    def request_stop(self):
-        """Ask the loop to stop after the current step (signal handlers call this)."""
-        self._stop = True
+    def request_stop(self, reason: str = "killed"):
+        """Ask the loop to stop after the current step (signal handlers call this;
+        a sweep's pruner passes reason="pruned"). The summary's status is the reason."""
+        self._stop = reason
 
     def train(self, progress=None) -> dict:
         cfg, m, ws, dev = self.cfg, self.model, self.ws, self.dev
@@ -132,7 +133,7 @@ class Trainer:
         dev.take_timings()
         while m.step < tc.steps:
             if self._stop:
-                status = "killed"
+                status = self._stop
                 break
             offsets = self.batches.next_offsets()
             ws.offsets.set(offsets)
@@ -164,7 +165,7 @@ class Trainer:
                 t_log = time.perf_counter()
             if is_ckpt:
                 self.save()
-        if status == "killed" and self.checkpoint_path():
+        if status != "finished" and self.checkpoint_path():
             self.save()
         summary = {"status": status, "step": m.step, "history": self.history,
                    "final": self.history[-1] if self.history else None,

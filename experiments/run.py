@@ -126,7 +126,9 @@ def _train_tracked(cl, run_id, trainer, progress) -> dict:
     try:
         summary = trainer.train(update)
         summary["run_id"] = run_id
-        status = "KILLED" if summary["status"] == "killed" else "FINISHED"
+        status = "FINISHED" if summary["status"] == "finished" else "KILLED"  # killed or pruned
+        if summary["status"] == "pruned":
+            cl.set_tag(run_id, "pruned", "true")
     except BaseException as exc:
         msg = f"{type(exc).__name__}: {exc}".splitlines()[0]
         summary = {"status": "failed", "run_id": run_id, "error": msg}
