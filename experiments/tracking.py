@@ -62,8 +62,32 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
 
 
 def client(uri: str):
+    """An MlflowClient whose calls retry briefly when SQLite reports a lock
+    (several sweep workers may share one local store)."""
     from mlflow import MlflowClient
-    return MlflowClient(tracking_uri=uri)
+    return _RetryOnLock(MlflowClient(tracking_uri=uri))
+
+
+class _RetryOnLock:
+    TRIES = 6
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            for i in range(self.TRIES):
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as exc:
+                    if "locked" not in str(exc).lower() or i == self.TRIES - 1:
+                        raise
+                    time.sleep(0.1 * 2 ** i)
+        return call
 
 
 def experiment_id(cl, name: str) -> str:
