@@ -1,0 +1,67 @@
+"""Search spaces: which config keys a sweep varies, over which ranges.
+
+    python -m sweeps.run --list
+
+A space names its base experiment (whose defaults are enqueued as the first
+trial, so every study is compared against them) and a list of parameters.
+Adding a space is a few lines.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from experiments import presets
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    key: str          # dotted config key
+    low: float
+    high: float
+    why: str          # what the ends of the range mean
+
+    def suggest(self, trial):
+        return trial.suggest_float(self.key, self.low, self.high, log=True)
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    description: str
+    base: str                     # named experiment the trials start from
+    params: tuple
+
+    def suggest(self, trial) -> dict:
+        return {p.key: p.suggest(trial) for p in self.params}
+
+    def defaults(self) -> dict:
+        """The base experiment's values of the searched keys (the first trial)."""
+        flat = presets.get(self.base).config().flat()
+        return {p.key: flat[p.key] for p in self.params}
+
+
+SPACES = {s.name: s for s in [
+    Space("lr_balance", "balance of the Adam, Hebbian and prototype learning rates on `hybrid`", "hybrid", (
+        LogUniform("optim.lr", 1e-4, 3e-2,
+                   "1e-4: Adam barely moves in a short run; 3e-2: at the edge of divergence for this model"),
+        LogUniform("hebb.lr", 1e-3, 10.0,
+                   "η = 1e-3: the fast-weight term is ~1e-3 of h (the memory barely acts); "
+                   "η = 10: it is several times larger than h (the memory dominates the state)"),
+        LogUniform("proto.lr", 1e-3, 1.0,
+                   "1e-3: prototypes stay near their k-means++ start; 1: each step moves a prototype "
+                   "all the way to its members' mean (the largest step the rule allows)"),
+    )),
+]}
+
+
+class UnknownSpace(ValueError):
+    pass
+
+
+def get(name: str) -> Space:
+    if name in SPACES:
+        return SPACES[name]
+    close = difflib.get_close_matches(name, SPACES, n=3, cutoff=0.4)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    raise UnknownSpace(f"unknown search space {name!r}{hint}; see --list")

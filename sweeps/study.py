@@ -1,0 +1,225 @@
+"""Optuna pieces of a sweep: storage, sampler, pruner, the MLflow parent run,
+and the objective that trains one trial (R seeds) through the runner.
+
+MLflow layout: one parent run per study; under it one child run per trial
+(tags trial_number, trial_state; metric `objective`); under each trial one
+grandchild run per repeat (a complete tracked training run, tag `repeat`).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+
+import optuna
+from optuna.trial import TrialState
+
+from engine.config import ConfigError, apply_overrides, with_overrides
+from experiments import presets
+from experiments import run as runner
+from experiments.tracking import TrackingError, client, experiment_id
+from engine.train import Callback
+
+HEARTBEAT_S = 10      # PostgreSQL/MySQL: a live worker's trial heartbeat
+GRACE_S = 30          # ... a trial without a heartbeat for this long belongs to a dead worker
+MAX_RETRY = 2         # times a dead worker's trial is retried
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start or go on; the message is one line."""
+
+
+# -- storage, sampler, pruner ------------------------------------------------------------------
+def default_storage(workers: int) -> str:
+    return "sqlite:///optuna.db" if workers <= 1 else "journal:optuna-journal.log"
+
+
+def make_storage(url: str, tracking_uri: str):
+    """An Optuna storage for `url`: sqlite:/// (one worker), journal:PATH (several
+    workers on one machine), postgresql:// or mysql:// (several machines; heartbeats)."""
+    if url.startswith("journal:") or url.endswith(".log"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+        path = url[len("journal:"):] if url.startswith("journal:") else url
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            raise SweepError(f"journal storage {url}: directory {parent} does not exist")
+        return JournalStorage(JournalFileBackend(path))
+    from optuna.storages import RDBStorage
+    kwargs = {}
+    if not url.startswith("sqlite"):
+        kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                      failed_trial_callback=StaleTrialHandler(tracking_uri))
+    try:
+        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SweepError(f"storage {redact(url)} cannot be used ({first[:300]})") from None
+
+
+def redact(url: str) -> str:
+    """The URL without its password (it goes into tags and messages)."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+def make_sampler(seed: int | None):
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(name: str, steps: int, eval_every: int, repeats: int):
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=eval_every)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=eval_every, max_resource=steps * repeats)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise SweepError(f"unknown pruner {name!r}: median, hyperband or none")
+
+
+def describe(obj) -> str:
+    keys = ("_seed", "_n_startup_trials", "_n_warmup_steps", "_min_resource", "_max_resource",
+            "_reduction_factor", "_multivariate", "_constant_liar")
+    attrs = {k.strip("_"): getattr(obj, k) for k in keys if hasattr(obj, k)}
+    return f"{type(obj).__name__}({', '.join(f'{k}={v}' for k, v in attrs.items())})"
+
+
+def finished_count(study) -> int:
+    return len(study.get_trials(deepcopy=False, states=COUNTED))
+
+
+# -- MLflow runs of a study ----------------------------------------------------------------------
+def parent_run(cl, exp_name: str, study, tags: dict) -> str:
+    """The study's parent MLflow run: reused when the study comes back, else created."""
+    rid = study.user_attrs.get("mlflow_parent_run_id")
+    if rid:
+        try:
+            cl.get_run(rid)
+            cl.update_run(rid, status="RUNNING")
+            return rid
+        except Exception:
+            pass  # another tracking store: make a new parent there
+    run = cl.create_run(experiment_id(cl, exp_name), tags={"mlflow.runName": f"study-{study.study_name}", **tags})
+    study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
+    return run.info.run_id
+
+
+def fail_orphans(cl, run_id: str, reason: str):
+    """Mark a trial's run and any of its repeat runs still RUNNING as FAILED."""
+    try:
+        run = cl.get_run(run_id)
+    except Exception:
+        return
+    kids = cl.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run_id}'")
+    for r in [run, *kids]:
+        if r.info.status == "RUNNING":
+            cl.set_tag(r.info.run_id, "error", reason)
+            cl.set_tag(r.info.run_id, "trial_state", "FAIL") if r is run else None
+            cl.set_terminated(r.info.run_id, "FAILED")
+
+
+class StaleTrialHandler:
+    """Heartbeat callback: a trial whose worker died is retried (Optuna's
+    RetryFailedTrialCallback) and its orphaned MLflow runs are marked FAILED."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
+
+    def __call__(self, study, trial):
+        self.retry(study, trial)
+        rid = trial.user_attrs.get("mlflow_run_id")
+        if rid:
+            fail_orphans(client(self.tracking_uri), rid, f"worker died: no heartbeat for {GRACE_S} s")
+
+
+# -- the objective -------------------------------------------------------------------------------------
+class _Report(Callback):
+    """Hands every evaluation's validation loss to the trial; asks the trainer
+    to stop when the pruner says so."""
+
+    def __init__(self, trial, offset: int):
+        self.trial, self.offset, self.trainer = trial, offset, None
+
+    def on_start(self, trainer):
+        self.trainer = trainer
+
+    def on_eval(self, rec):
+        self.trial.report(rec["val_loss"], step=self.offset + rec["step"])
+        if self.trial.should_prune():
+            self.trainer.request_stop("pruned")
+
+
+def base_config(space, fixed: list[str]):
+    """The base experiment's config with the sweep's fixed --set overrides."""
+    return apply_overrides(presets.get(space.base).config(), fixed)
+
+
+class Objective:
+    """Trains one trial: `repeats` seeds of the base experiment with the
+    suggested values; the value is the mean of their best validation losses."""
+
+    def __init__(self, space, fixed: list[str], repeats: int, tracking_uri: str, exp_name: str,
+                 parent_id: str, out_root: str = "runs"):
+        self.space, self.fixed, self.repeats = space, list(fixed), repeats
+        self.uri, self.exp_name, self.parent_id, self.out_root = tracking_uri, exp_name, parent_id, out_root
+        searched = {p.key for p in space.params}
+        clash = [o.split("=", 1)[0].strip() for o in self.fixed if o.split("=", 1)[0].strip() in searched]
+        if clash:
+            raise SweepError(f"--set {clash[0]} fixes a key the space '{space.name}' searches")
+        self.base_cfg = base_config(space, self.fixed)  # validates --set now
+
+    def config(self, params: dict, repeat: int):
+        cfg = with_overrides(self.base_cfg, params)
+        return with_overrides(cfg, {"seed": self.base_cfg.seed + repeat})
+
+    def __call__(self, trial) -> float:
+        params = self.space.suggest(trial)
+        cl = client(self.uri)
+        child = cl.create_run(experiment_id(cl, self.exp_name), tags={
+            "mlflow.parentRunId": self.parent_id, "mlflow.runName": f"trial-{trial.number}",
+            "trial_number": str(trial.number), "optuna_study": trial.study.study_name,
+            "trial_state": "RUNNING"}).info.run_id
+        trial.set_user_attr("mlflow_run_id", child)
+        from mlflow.entities import Param
+        cl.log_batch(child, params=[Param(k, repr(v)) for k, v in params.items()] +
+                     [Param("repeats", str(self.repeats)), Param("fixed", " ".join(self.fixed))])
+        try:
+            value = self._train(trial, params, cl, child)
+        except optuna.TrialPruned:
+            cl.set_tag(child, "trial_state", "PRUNED")
+            cl.set_terminated(child, "KILLED")
+            raise
+        except BaseException as exc:
+            cl.set_tag(child, "trial_state", "FAIL")
+            cl.set_tag(child, "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:5000])
+            cl.set_terminated(child, "FAILED")
+            raise
+        cl.log_metric(child, "objective", value)
+        cl.set_tag(child, "trial_state", "COMPLETE")
+        cl.set_terminated(child, "FINISHED")
+        return value
+
+    def _train(self, trial, params, cl, child) -> float:
+        bests = []
+        for r in range(self.repeats):
+            cfg = self.config(params, r)
+            report = _Report(trial, offset=r * cfg.train.steps)
+            overrides = [f"{k}={v}" for k, v in params.items()] + self.fixed + [f"seed={cfg.seed}"]
+            _, summary = runner.launch(cfg, self.space.base, overrides, self.uri, self.exp_name, self.out_root,
+                                       tags={"trial_number": str(trial.number), "repeat": str(r)},
+                                       parent_run_id=child, callbacks=[report], progress=False)
+            if summary["status"] == "pruned":
+                raise optuna.TrialPruned(f"pruned in repeat {r}")
+            if summary["status"] != "finished":
+                raise RuntimeError(summary.get("error") or f"repeat {r} ended {summary['status']}")
+            best = min(h["val_loss"] for h in summary["history"])
+            bests.append(best)
+            cl.log_metric(child, "best_val_loss", best, step=r)
+        return statistics.fmean(bests)
+
+
+USER_ERRORS = (SweepError, ConfigError, TrackingError, presets.UnknownExperiment)
