@@ -1,0 +1,38 @@
+"""Shared test fixtures: the OpenCL device and the reference wiring of a Config.
+
+    python -m pytest tests -q            # CI=1 turns a missing OpenCL device into a failure
+
+Tests that need a device take the `dev` fixture and carry `pytest.mark.opencl`.
+"""
+import os
+
+import pytest
+
+from engine.reference import Wiring
+
+
+@pytest.fixture(scope="session")
+def dev():
+    """One profiled engine.device.Device for the whole session.
+
+    No device: a skip on a workstation, a failure in CI (the OpenCL tests are the
+    point of CI and must never silently disappear there)."""
+    from engine.device import Device
+
+    try:
+        return Device(profile=True)
+    except Exception as exc:  # DeviceError, or a pyopencl error while creating the context
+        reason = f"no OpenCL device could be created: {type(exc).__name__}: {exc}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (OpenCL tests must never be skipped in CI)", pytrace=False)
+        pytest.skip(reason)
+
+
+def wiring_of(cfg) -> Wiring:
+    """The engine.reference.Wiring that reproduces the model part of an engine Config."""
+    h, p = cfg.hebb, cfg.proto
+    return Wiring(hebb_mode=h.mode, hebb_lr=h.lr, hebb_decay=h.decay, hebb_strength=h.strength,
+                  hebb_post=h.post, proto_mode=p.mode, proto_lr=p.lr, proto_strength=p.strength,
+                  proto_similarity=p.similarity, proto_usage_decay=p.usage_decay,
+                  proto_reseed_threshold=p.reseed_threshold,
+                  spike_threshold=cfg.model.spike_threshold)
