@@ -199,8 +199,9 @@ class Trainer:
             if not np.isfinite(arr).all():
                 bad = bad or name
                 break
-        raise TrainingError(f"non-finite value at step {step} in {bad or 'gradient norm'}; "
-                            f"last good checkpoint kept at {self.checkpoint_path()}")
+        path = self.checkpoint_path()
+        kept = f"; last good checkpoint kept at {path}" if path and os.path.exists(path) else "; no checkpoint yet"
+        raise TrainingError(f"non-finite value at step {step} in {bad or 'gradient norm'}{kept}")
 
     def evaluate(self, step: int, log_rec: dict | None = None) -> dict:
         """Validation loss (nats), accuracy and bits per character over the split."""

@@ -48,7 +48,8 @@ def runs_frame(cl, experiment_name: str | None, run_ids: list[str] | None):
     varying = [c for c in pcols if df[c].astype(str).nunique() > 1 and c not in ("param:experiment", "param:seed")]
     df = df[["run_id", "experiment", "seed", "status", "reproduces", *varying, *FINAL_METRICS]]
     df = df.rename(columns={c: c[len("param:"):] for c in varying})
-    return df.sort_values(["experiment", "seed"]).reset_index(drop=True)
+    order = pd.to_numeric(df["seed"], errors="coerce")
+    return df.assign(_o=order).sort_values(["experiment", "_o"]).drop(columns="_o").reset_index(drop=True)
 
 
 def ablation_table(df):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep stderr to one line
 import signal
 import sys
 import tempfile
@@ -119,6 +121,8 @@ def _log_run_inputs(cl, run_id, trainer, name, overrides):
 
 def _train_tracked(cl, run_id, trainer, progress) -> dict:
     logger = MlflowLogger(cl, run_id)
+    if trainer.model.step > 0:  # resumed: the tables and curves cover the whole run
+        logger.restore(trainer.model.step)
     trainer.callbacks.append(logger)
     update, bar = make_progress(trainer.cfg.train.steps, trainer.model.step) if progress else (None, None)
     handlers = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -171,12 +175,13 @@ def main(argv=None) -> int:
         ap.error("give an experiment NAME, --list or --resume RUN_ID")
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
+        # the cheap checks first: a typo must not create or migrate a store
+        cfg = None if args.resume else apply_overrides(presets.get(args.name).config(), args.set)
         check_store(uri)
         if args.resume:
             summary = resume(args.resume, uri, args.out)
             run_id = args.resume
         else:
-            cfg = apply_overrides(presets.get(args.name).config(), args.set)
             run_id, summary = launch(cfg, args.name, args.set, uri, args.experiment_name, args.out)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)

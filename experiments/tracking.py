@@ -163,6 +163,20 @@ class MlflowLogger(Callback):
     def on_start(self, trainer):
         self.trainer = trainer
 
+    def restore(self, step: int):
+        """A resumed run: curves and kernel totals from what the run logged up to `step`."""
+        for key, curve in (("train_loss", "train"), ("val_loss", "val")):
+            hist = sorted(self.cl.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
+            self.curves[curve] = [(m.step, m.value) for m in hist if m.step <= step]
+        try:
+            path = self.cl.download_artifacts(self.run_id, "kernel_timings.csv", self._tmp.name)
+        except Exception:
+            return  # killed before any table was written
+        with open(path) as f:
+            for line in f.read().splitlines()[1:]:
+                name, calls, total_ms = line.split(",")[:3]
+                self.kernel_totals[name] = [int(calls), float(total_ms)]
+
     def _send(self, step: int, values: dict):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
