@@ -1,0 +1,611 @@
+"""Benchmark the engine against the numpy reference and PyTorch (CPU), side by side.
+
+    python -m engine.bench                                # reference size, seed and hybrid (~3-4 min)
+    python -m engine.bench --wirings all --json           # every preset but smoke, one JSON object
+    python -m engine.bench --quick --steps 2 --repeats 1 --set model.hidden_dim=32
+
+One run measures, at the size of the config (defaults: E=128, H=384, T=72, B=64,
+S=64, V from the corpus):
+
+- training throughput of each wiring (experiments/presets.py) on the engine and,
+  when torch imports, on engine/torch_model.py's TorchHybrid: fixed pre-drawn
+  batches, 3 warm-up steps, then `--repeats` timings of `--steps` steps each; the
+  engine's clock stops after `dev.finish()`. Repeats are interleaved across
+  wirings and implementations so that the machine's drift hits them alike;
+- per-kernel device time of one step (a separate profiled pass, seed and hybrid);
+- the numpy reference (engine/reference.py) on the same batches, a few steps;
+- each matrix product shape of the model: engine `ops.gemm` (with the transpose
+  it does for trans_b) against `np.matmul` on the same float32 layout, GFLOP/s;
+- generation latency of 200 characters (engine/generate.py);
+- warm start: a fresh `python -c` that imports the engine, builds a Trainer at
+  this size with the program cache warm and runs the first step (--quick skips it,
+  and the numpy reference).
+
+The machine may be shared and noisy: every number is the median of the repeats,
+with min and max beside it. Progress goes to standard error; the report (or,
+with --json, one JSON object) to standard output. torch is optional.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import ops
+from . import reference as ref
+from .config import ConfigError, apply_overrides
+from .data import Batches, DataError, Vocab, load_text, split_text
+from .device import Device, DeviceError
+from .model import Model
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_WIRINGS = ("seed", "hybrid")
+PROFILED = ("seed", "hybrid")
+WARMUP_STEPS = 3
+N_BATCHES = 8             # distinct pre-drawn batches, cycled
+GEN_LENGTH, GEN_PROMPT = 200, "The "
+GEMM_MIN_S = 0.05         # each gemm timing covers at least this much wall time
+
+
+def log(msg: str):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def summary(values) -> dict:
+    """Median, min, max (and the relative spread (max − min)/median) of a list of numbers."""
+    v = [float(x) for x in values]
+    med = statistics.median(v)
+    return {"median": med, "min": min(v), "max": max(v), "n": len(v),
+            "spread": (max(v) - min(v)) / med if med else 0.0}
+
+
+def wiring_of(cfg) -> ref.Wiring:
+    h, p = cfg.hebb, cfg.proto
+    return ref.Wiring(hebb_mode=h.mode, hebb_lr=h.lr, hebb_decay=h.decay, hebb_strength=h.strength,
+                      hebb_post=h.post, proto_mode=p.mode, proto_lr=p.lr, proto_strength=p.strength,
+                      proto_similarity=p.similarity, proto_usage_decay=p.usage_decay,
+                      proto_reseed_threshold=p.reseed_threshold, spike_threshold=cfg.model.spike_threshold)
+
+
+def try_torch():
+    """(engine.torch_model module, None) or (None, why torch is unusable)."""
+    try:
+        from . import torch_model
+    except Exception as exc:  # ImportError, or a broken install (OSError from a missing .so)
+        return None, f"torch not installed ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})"
+    return torch_model, None
+
+
+# -- training-step runners ------------------------------------------------------------------------------
+class EngineRunner:
+    """The Trainer's step (forward, backward, AdamW, local rules) on fixed host batches."""
+
+    def __init__(self, dev, cfg, V, batches):
+        self.dev, self.cfg = dev, cfg
+        self.model = Model(dev, cfg, V)
+        self.model.set_params(ref.init_params(V, cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.seed))
+        self.ws = self.model.workspace(cfg.train.batch_size, cfg.train.seq_len)
+        self.batches = [(np.ascontiguousarray(x.ravel(), np.int32), np.ascontiguousarray(y.ravel(), np.int32))
+                        for x, y in batches]
+        self.i = 0
+
+    def step(self):
+        m, ws = self.model, self.ws
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        ws.x.set(x)
+        ws.y.set(y)
+        if not m.proto_ready:
+            m.init_prototypes(ws)
+        lr = m.lr_at(m.step + 1)
+        m.forward(ws)
+        m.backward(ws)
+        m.optimizer_step(lr)
+        m.local_updates(ws)
+
+    def run(self, n: int) -> float:
+        """Seconds for n steps, the device drained before the clock stops."""
+        self.dev.finish()
+        t = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        self.dev.finish()
+        return time.perf_counter() - t
+
+    def loss(self) -> float:
+        return float(self.ws.loss_out.get()[0])
+
+
+class TorchRunner:
+    def __init__(self, tm, cfg, V, batches):
+        import torch
+        self.model = tm.TorchHybrid(cfg, V)
+        self.batches = [(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)))
+                        for x, y in batches]
+        self.i = 0
+        self.last = None
+
+    def step(self):
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        self.last = self.model.train_step(x, y, self.model.lr_at(self.model.step + 1))
+
+    def run(self, n: int) -> float:
+        t = time.perf_counter()
+        for _ in range(n):
+            self.step()
+        return time.perf_counter() - t   # CPU tensors: every op has finished when it returns
+
+    def loss(self) -> float:
+        return float(self.last)
+
+
+def rate(times, steps, N) -> dict:
+    return {"steps_per_s": summary([steps / t for t in times]),
+            "tokens_per_s": summary([steps * N / t for t in times]),
+            "step_ms": summary([1e3 * t / steps for t in times])}
+
+
+def bench_training(dev, tm, cfgs, V, batches, steps, repeats):
+    """{wiring: {"engine": rate, "torch": rate | None}} and the engine runners (for generation)."""
+    eng, tor = {}, {}
+    for name, cfg in cfgs.items():
+        log(f"warm-up {name}: engine" + (", torch" if tm else ""))
+        eng[name] = EngineRunner(dev, cfg, V, batches)
+        eng[name].run(WARMUP_STEPS)
+        if tm:
+            tor[name] = TorchRunner(tm, cfg, V, batches)
+            tor[name].run(WARMUP_STEPS)
+    times = {name: {"engine": [], "torch": []} for name in cfgs}
+    for r in range(repeats):
+        for name in cfgs:
+            times[name]["engine"].append(eng[name].run(steps))
+            if tm:
+                times[name]["torch"].append(tor[name].run(steps))
+            log(f"repeat {r + 1}/{repeats} {name}: engine {steps / times[name]['engine'][-1]:.2f} steps/s"
+                + (f", torch {steps / times[name]['torch'][-1]:.2f} steps/s" if tm else ""))
+    out = {}
+    for name, cfg in cfgs.items():
+        N = cfg.train.batch_size * cfg.train.seq_len
+        e = rate(times[name]["engine"], steps, N)
+        e["final_loss"] = eng[name].loss()
+        row = {"engine": e, "torch": None, "ratio": None}
+        if tm:
+            t = rate(times[name]["torch"], steps, N)
+            t["final_loss"] = tor[name].loss()
+            row["torch"] = t
+            row["ratio"] = e["tokens_per_s"]["median"] / t["tokens_per_s"]["median"]
+        out[name] = row
+    return out, eng
+
+
+def bench_kernels(spec, cfgs, V, batches, steps=3) -> dict:
+    """Per-kernel device time of one step (mean over `steps`), on a profiling queue."""
+    names = [n for n in PROFILED if n in cfgs] or list(cfgs)[:1]
+    dev = Device(spec, profile=True)
+    out = {}
+    for name in names:
+        log(f"profiled pass {name}")
+        runner = EngineRunner(dev, cfgs[name], V, batches)
+        runner.run(WARMUP_STEPS)
+        dev.take_timings()
+        wall = runner.run(steps)
+        timings = dev.take_timings()
+        total = sum(ns for _, ns in timings.values())
+        rows = sorted(({"kernel": k, "calls_per_step": calls / steps, "ms": ns / 1e6 / steps,
+                        "share": ns / total if total else 0.0} for k, (calls, ns) in timings.items()),
+                      key=lambda r: -r["ms"])
+        out[name] = {"kernels": rows, "device_ms_per_step": total / 1e6 / steps,
+                     "wall_ms_per_step": 1e3 * wall / steps, "launches_per_step": sum(r["calls_per_step"] for r in rows)}
+    return out
+
+
+def bench_numpy(cfgs, V, batches, steps) -> dict:
+    """The numpy reference step (forward, backward, AdamW, local rules), float32, one warm-up step."""
+    out = {}
+    for name in [n for n in PROFILED if n in cfgs]:
+        cfg = cfgs[name]
+        log(f"numpy reference {name}: {steps} steps")
+        E, H, T = cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.model.num_prototypes
+        o, w = cfg.optim, wiring_of(cfg)
+        params, state = ref.init_params(V, E, H, cfg.seed), ref.init_state(H, T)
+        m = {k: np.zeros_like(p) for k, p in params.items()}
+        v = {k: np.zeros_like(p) for k, p in params.items()}
+        mask = {k: k in ref.DECAYED for k in params}
+        if w.proto_mode != "off":
+            x0, y0 = batches[0]
+            _, c0 = ref.model_forward(params, state, x0, y0, dataclasses.replace(w, proto_mode="off"))
+            state["P"] = ref.kmeanspp_init(c0["ht"], T, cfg.seed)
+        times = []
+        for step in range(1, steps + 2):
+            x, y = batches[(step - 1) % len(batches)]
+            t = time.perf_counter()
+            _, cache = ref.model_forward(params, state, x, y, w)
+            grads = ref.model_backward(params, state, cache, w)
+            ref.adamw_step(params, grads, m, v, step, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, mask,
+                           o.clip_norm, o.clip_value)
+            ref.local_updates(state, cache, w, cfg.seed, step)
+            if step > 1:                       # step 1 is the warm-up
+                times.append(time.perf_counter() - t)
+        out[name] = rate(times, 1, cfg.train.batch_size * cfg.train.seq_len)
+    return out
+
+
+# -- matrix products --------------------------------------------------------------------------------------
+def gemm_shapes(cfg, V):
+    """(label, M, N, K, batch, trans_a, trans_b) of every product the model's step does."""
+    m, t = cfg.model, cfg.train
+    E, H, T, B, S = m.embedding_dim, m.hidden_dim, m.num_prototypes, t.batch_size, t.seq_len
+    N = B * S
+    return [
+        ("fwd a = e·W1", N, H, E, 1, False, False),
+        ("fwd logits = z·W2", N, V, H, 1, False, False),
+        ("bwd dW2 = zᵀ·dlogits", H, V, N, 1, True, False),
+        ("bwd dz = dlogits·W2ᵀ", N, H, V, 1, False, True),
+        ("bwd dW1 = eᵀ·da", E, H, N, 1, True, False),
+        ("bwd de = da·W1ᵀ", N, E, H, 1, False, True),
+        ("fw G = K·Kᵀ (per seq)", S, S, H, B, False, True),
+        ("fw M = Gm·post (per seq)", S, H, S, B, False, False),
+        ("fw bwd dGm = dM·postᵀ", S, S, H, B, False, True),
+        ("fw bwd dK = dGᵀ·K", S, H, S, B, True, False),
+        ("proto scores = h̃·Pᵀ", N, T, H, 1, False, True),
+        ("hebb W += hᵀ·post", H, H, N, 1, True, False),
+        ("modulate h·W_hebb", N, H, H, 1, False, False),
+    ]
+
+
+def _calibrate(fn, finish) -> int:
+    """Calls per timing so that one timing covers at least GEMM_MIN_S."""
+    fn()
+    finish()
+    t = time.perf_counter()
+    fn()
+    finish()
+    one = max(time.perf_counter() - t, 1e-6)
+    return max(1, min(2000, math.ceil(GEMM_MIN_S / one)))
+
+
+def _time_calls(fn, finish, reps) -> float:
+    """Seconds per call over `reps` calls, cut short after 4·GEMM_MIN_S (a load burst elsewhere
+    on the machine must not stretch the whole benchmark)."""
+    t = time.perf_counter()
+    for i in range(reps):
+        fn()
+        if i + 1 < reps and (i & 63) == 63:
+            finish()
+            if time.perf_counter() - t > 4 * GEMM_MIN_S:
+                return (time.perf_counter() - t) / (i + 1)
+    finish()
+    return (time.perf_counter() - t) / reps
+
+
+def bench_gemm(dev, cfg, V, repeats) -> list:
+    """Engine vs numpy per product shape; the repeats sweep over all shapes in turn, so a burst
+    of load from elsewhere on the machine lands on one repeat of several shapes, not on every
+    repeat of one."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for label, M, N, K, batch, ta, tb in gemm_shapes(cfg, V):
+        a = rng.standard_normal((batch, K, M) if ta else (batch, M, K)).astype(np.float32)
+        b = rng.standard_normal((batch, N, K) if tb else (batch, K, N)).astype(np.float32)
+        c = np.zeros((batch, M, N), np.float32)
+        da, db, dc = dev.to_device(a), dev.to_device(b), dev.to_device(c)
+        opa = np.swapaxes(a, 1, 2) if ta else a
+        opb = np.swapaxes(b, 1, 2) if tb else b
+        if batch == 1:                         # a plain 2-D product, as the model would write it
+            opa, opb, c = opa[0], opb[0], c[0]
+
+        def eng(da=da, db=db, dc=dc, M=M, N=N, K=K, ta=ta, tb=tb, batch=batch):
+            ops.gemm(dev, da, db, dc, M, N, K, trans_a=ta, trans_b=tb, batch=batch)
+
+        def npy(opa=opa, opb=opb, c=c):
+            np.matmul(opa, opb, out=c)
+
+        eng()
+        np.testing.assert_allclose(dc.get().reshape(c.shape), np.matmul(opa, opb), rtol=1e-3,
+                                   atol=1e-3 * math.sqrt(K), err_msg=label)
+        cases.append({"label": label, "shape": (M, N, K, batch, ta, tb), "eng": eng, "npy": npy,
+                      "reps": (_calibrate(eng, dev.finish), _calibrate(npy, lambda: None)), "te": [], "tn": []})
+    for _ in range(repeats):
+        for cs in cases:
+            cs["te"].append(_time_calls(cs["eng"], dev.finish, cs["reps"][0]))
+            cs["tn"].append(_time_calls(cs["npy"], lambda: None, cs["reps"][1]))
+    rows = []
+    for cs in cases:
+        M, N, K, batch, ta, tb = cs["shape"]
+        flop = 2.0 * M * N * K * batch
+        ge, gn = [flop / t / 1e9 for t in cs["te"]], [flop / t / 1e9 for t in cs["tn"]]
+        rows.append({"product": cs["label"], "M": M, "N": N, "K": K, "batch": batch, "trans_a": ta, "trans_b": tb,
+                     "mflop": flop / 1e6, "engine_gflops": summary(ge), "numpy_gflops": summary(gn),
+                     "engine_us": 1e6 * statistics.median(cs["te"]), "numpy_us": 1e6 * statistics.median(cs["tn"]),
+                     "ratio": statistics.median(ge) / statistics.median(gn)})
+    return rows
+
+
+# -- generation and warm start ------------------------------------------------------------------------------
+def bench_generation(model, vocab, repeats) -> dict:
+    from .generate import Generator
+    gen = Generator(model, vocab)
+    gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, 0)          # warm-up: builds the B = S = 1 kernels
+    times = []
+    for r in range(repeats):
+        t = time.perf_counter()
+        gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, r)
+        times.append(time.perf_counter() - t)
+    return {"seconds": summary(times), "ms_per_char": 1e3 * statistics.median(times) / GEN_LENGTH,
+            "length": GEN_LENGTH, "wiring": model.cfg.hebb.mode + "/" + model.cfg.proto.mode}
+
+
+WARM_START_CODE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from engine import ops
+from engine.config import Config, apply_overrides
+from engine.train import Trainer
+t1 = time.perf_counter()
+tr = Trainer(apply_overrides(Config(), sys.argv[1:]))
+t2 = time.perf_counter()
+m, ws, dev = tr.model, tr.ws, tr.dev
+ws.offsets.set(tr.batches.next_offsets())
+ops.gather_windows(dev, tr.ids_dev, ws.offsets, ws.S, ws.x, ws.y)
+if not m.proto_ready:
+    m.init_prototypes(ws)
+lr = m.lr_at(m.step + 1)
+m.forward(ws); m.backward(ws); m.optimizer_step(lr); m.local_updates(ws)
+loss = float(ws.loss_out.get()[0])
+dev.finish()
+t3 = time.perf_counter()
+print(json.dumps({"import_s": t1 - t0, "trainer_s": t2 - t1, "first_step_s": t3 - t2, "loss": loss}))
+"""
+
+
+def bench_warm_start(overrides, runs=3) -> dict:
+    """Wall time of a fresh process: imports, Trainer(cfg) at this size, first training step."""
+    cmd = [sys.executable, "-c", WARM_START_CODE, *overrides]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    walls, parts = [], []
+    for i in range(runs + 1):                 # run 0 warms the program caches; not timed
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            raise RuntimeError(f"warm-start process failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        log(f"warm start run {i}{' (warm-up)' if i == 0 else ''}: {wall:.2f} s")
+        if i:
+            walls.append(wall)
+            parts.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return {"seconds": summary(walls),
+            "breakdown_median_s": {k: statistics.median(p[k] for p in parts)
+                                   for k in ("import_s", "trainer_s", "first_step_s")}}
+
+
+# -- machine --------------------------------------------------------------------------------------------------
+def machine_info(dev, torch_why) -> dict:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu_model = names[0] if names else ""
+    except OSError:
+        cpu_model = ""
+    info = {"processor": cpu, "cpu_model": cpu_model, "machine": platform.machine(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+            "opencl_device": dev.name, "opencl_platform": dev.platform_name, "opencl_driver": dev.driver_version,
+            "opencl_compute_units": int(dev.device.max_compute_units), "numpy": np.__version__}
+    try:
+        from threadpoolctl import threadpool_info
+        info["blas"] = [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture",
+                                               "threading_layer", "filepath")} for p in threadpool_info()]
+    except Exception:  # threadpoolctl is optional
+        info["blas"] = None
+    if torch_why is None:
+        import torch
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+    else:
+        info["torch"] = torch_why
+    return info
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def _mm(s: dict, fmt="{:.0f}") -> str:
+    return f"{fmt.format(s['median'])} [{fmt.format(s['min'])}-{fmt.format(s['max'])}]"
+
+
+def _load(avg) -> str:
+    return "/".join(f"{x:.1f}" for x in avg) if avg else "?"
+
+
+def _ms(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
+def _table(header, rows) -> str:
+    cols = [header] + rows
+    widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
+
+
+def report(res: dict) -> str:
+    c, mi = res["config"], res["machine"]
+    out = [f"engine benchmark  ({c['steps']} steps x {c['repeats']} repeats after {WARMUP_STEPS} warm-up; "
+           f"median [min-max])",
+           f"size: E={c['E']} H={c['H']} T={c['T']} B={c['B']} S={c['S']} V={c['V']}  (N={c['N']} tokens/step)",
+           f"machine: {mi['cpu_model'] or mi['processor']} ({mi['cpus_usable']} CPUs, load average "
+           f"{_load(mi['loadavg'])} at start, {_load(mi['loadavg_end'])} at end), "
+           f"\n         "
+           f"OpenCL: {mi['opencl_device']} [{mi['opencl_platform']}], numpy {mi['numpy']}, torch: {mi['torch']}",
+           ""]
+    rows = []
+    for name, r in res["wirings"].items():
+        e, t = r["engine"], r["torch"]
+        rows.append([name, _mm(e["tokens_per_s"]), _ms(e['step_ms']['median']),
+                     _mm(t["tokens_per_s"]) if t else res["torch"], _ms(t['step_ms']['median']) if t else "-",
+                     f"{r['ratio']:.2f}" if r["ratio"] else "-"])
+    out += ["training throughput (tokens/s)",
+            _table(["wiring", "engine tok/s", "ms/step", "torch tok/s", "ms/step", "engine/torch"], rows), ""]
+    if isinstance(res["numpy_reference"], dict):
+        rows = []
+        for name, r in res["numpy_reference"].items():
+            eng = res["wirings"][name]["engine"]["tokens_per_s"]["median"]
+            rows.append([name, _mm(r["tokens_per_s"]), _ms(r['step_ms']['median']),
+                         f"{eng / r['tokens_per_s']['median']:.1f}"])
+        out += ["numpy reference (float32)", _table(["wiring", "tok/s", "ms/step", "engine/numpy"], rows), ""]
+    else:
+        out += [f"numpy reference: {res['numpy_reference']}", ""]
+    rows = [[g["product"], f"({g['M']},{g['K']})x({g['K']},{g['N']})" + (f" x{g['batch']}" if g["batch"] > 1 else ""),
+             f"{g['mflop']:.1f}", _mm(g["engine_gflops"], "{:.1f}"), _mm(g["numpy_gflops"], "{:.1f}"),
+             f"{g['ratio']:.2f}"] for g in res["gemm"]]
+    out += ["matrix products (GFLOP/s; engine = ops.gemm incl. its transpose, numpy = np.matmul)",
+            _table(["product", "shape", "MFLOP", "engine", "numpy", "engine/numpy"], rows), ""]
+    for name, k in res["kernels"].items():
+        rows = [[r["kernel"], f"{r['calls_per_step']:.0f}", f"{r['ms']:.2f}", f"{100 * r['share']:.1f}%"]
+                for r in k["kernels"]]
+        out += [f"kernel time per step, {name}: device {k['device_ms_per_step']:.1f} ms, wall (profiled) "
+                f"{k['wall_ms_per_step']:.1f} ms, {k['launches_per_step']:.0f} launches",
+                _table(["kernel", "calls", "ms", "share"], rows), ""]
+    g = res["generation"]
+    out.append(f"generation ({g['wiring']}): {g['length']} characters in {_mm(g['seconds'], '{:.3f}')} s "
+               f"({g['ms_per_char']:.2f} ms/char)")
+    w = res["warm_start"]
+    if isinstance(w, dict):
+        b = w["breakdown_median_s"]
+        out.append(f"warm start (new process, program cache warm, first step done): {_mm(w['seconds'], '{:.2f}')} s "
+                   f"(imports {b['import_s']:.2f}, Trainer {b['trainer_s']:.2f}, first step {b['first_step_s']:.2f})")
+    else:
+        out.append(f"warm start: {w}")
+    out.append(f"headline ({res['headline_wiring']}): engine {res['tokens_per_s']:.0f} tok/s"
+               + (f", torch {res['torch_tokens_per_s']:.0f} tok/s, engine/torch {res['ratio']:.2f}"
+                  if res["torch_tokens_per_s"] else f", {res['torch']}")
+               + f"   (bench took {res['elapsed_s']:.0f} s: "
+               + ", ".join(f"{k} {v:.0f}" for k, v in res["section_s"].items()) + ")")
+    return "\n".join(out)
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+def parse_wirings(text: str) -> list[str]:
+    from experiments import presets
+    if text == "all":
+        return [n for n in presets.EXPERIMENTS if n != "smoke"]
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        presets.get(n)                 # raises UnknownExperiment with a suggestion
+    return names
+
+
+def run(args) -> dict:
+    from experiments import presets
+    t_start = time.perf_counter()
+    names = parse_wirings(args.wirings)
+    cfgs = {n: apply_overrides(presets.get(n).config(), args.set) for n in names}
+    base = next(iter(cfgs.values()))
+    sizes = {(c.model.embedding_dim, c.model.hidden_dim, c.model.num_prototypes, c.train.batch_size,
+              c.train.seq_len, c.data.path, c.seed) for c in cfgs.values()}
+    if len(sizes) != 1:
+        raise ConfigError("the wirings must share sizes, data and seed (same --set for all)")
+    text = load_text(base.data.path)
+    train_text, _ = split_text(text, base.data.val_fraction)
+    vocab = Vocab.from_text(train_text)
+    V = vocab.size
+    B, S = base.train.batch_size, base.train.seq_len
+    draw = Batches(vocab.encode(train_text), B, S, base.seed)
+    batches = [draw.next_batch() for _ in range(N_BATCHES)]
+    tm, torch_why = try_torch()
+    if tm is None:
+        log(torch_why)
+    dev = Device(base.device, profile=False)
+    log(f"device {dev.name}; wirings {', '.join(names)}; E={base.model.embedding_dim} H={base.model.hidden_dim} "
+        f"T={base.model.num_prototypes} B={B} S={S} V={V}")
+    machine = machine_info(dev, torch_why)
+
+    sections = {}
+
+    def timed(label, fn, *a):
+        t = time.perf_counter()
+        out = fn(*a)
+        sections[label] = time.perf_counter() - t
+        return out
+
+    training, runners = timed("training", bench_training, dev, tm, cfgs, V, batches, args.steps, args.repeats)
+    kernels = timed("kernels", bench_kernels, base.device, cfgs, V, batches)
+    log("matrix products")
+    gemm = timed("gemm", bench_gemm, dev, base, V, args.repeats)
+    gen_name = "hybrid" if "hybrid" in runners else names[0]
+    log(f"generation ({gen_name})")
+    generation = timed("generation", bench_generation, runners[gen_name].model, vocab, args.repeats)
+    numpy_ref = "skipped (--quick)" if args.quick else timed(
+        "numpy_reference", bench_numpy, cfgs, V, batches, args.numpy_steps)
+    warm = "skipped (--quick)"
+    if not args.quick:
+        log("warm start")
+        warm = timed("warm_start", bench_warm_start, args.set)
+
+    head = "hybrid" if "hybrid" in training else names[0]
+    hr = training[head]
+    res = {
+        "headline_wiring": head,
+        "tokens_per_s": hr["engine"]["tokens_per_s"]["median"],
+        "torch_tokens_per_s": hr["torch"]["tokens_per_s"]["median"] if hr["torch"] else None,
+        "ratio": hr["ratio"],
+        "torch": "ok" if tm else torch_why,
+        "wirings": training,
+        "numpy_reference": numpy_ref,
+        "gemm": gemm,
+        "kernels": kernels,
+        "generation": generation,
+        "generation_s": generation["seconds"]["median"],
+        "warm_start": warm,
+        "warm_start_s": warm["seconds"]["median"] if isinstance(warm, dict) else None,
+        "config": {"E": base.model.embedding_dim, "H": base.model.hidden_dim, "T": base.model.num_prototypes,
+                   "B": B, "S": S, "V": V, "N": B * S, "steps": args.steps, "repeats": args.repeats,
+                   "warmup_steps": WARMUP_STEPS, "wirings": names, "overrides": list(args.set),
+                   "numpy_steps": None if args.quick else args.numpy_steps},
+        "machine": machine,
+    }
+    res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    res["elapsed_s"] = time.perf_counter() - t_start
+    res["section_s"] = sections
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied to every wiring (repeatable)")
+    ap.add_argument("--repeats", type=int, default=5, help="timings per measurement (median, min, max)")
+    ap.add_argument("--steps", type=int, default=20, help="training steps per timing")
+    ap.add_argument("--wirings", default=",".join(DEFAULT_WIRINGS),
+                    help="comma-separated presets (experiments/presets.py), or 'all' (every one but smoke)")
+    ap.add_argument("--numpy-steps", type=int, default=2, help="timed numpy-reference steps per wiring")
+    ap.add_argument("--quick", action="store_true", help="skip the numpy reference and the warm start")
+    args = ap.parse_args(argv)
+    if args.repeats < 1 or args.steps < 1 or args.numpy_steps < 1:
+        print("error: --repeats, --steps and --numpy-steps must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        res = run(args)
+    except (ConfigError, DataError, DeviceError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(res, indent=1) if args.json else report(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
