@@ -9,14 +9,15 @@
  *                about |x|·6e-8 relative (1e-6 at x = -20).
  *   erf_fast(x): Numerical Recipes' erfc rational approximation (erfcc),
  *                absolute error about 3e-7 here, built on exp_fast.
+ *   gelu_parts(x): Φ(x) and φ(x) sharing one exp (A&S 7.1.26), for GELU and GELU'.
  * Reference: math.erf / numpy.exp (tests/test_kernels.py gives the tolerances).
  */
 #ifndef FASTMATH_CL
 #define FASTMATH_CL
 
-inline float abs_f(float x) { return x < 0.0f ? -x : x; }
+static inline __attribute__((always_inline)) float abs_f(float x) { return x < 0.0f ? -x : x; }
 
-inline float exp2_fast(float x)
+static inline __attribute__((always_inline)) float exp2_fast(float x)
 {
     x = x < -126.0f ? -126.0f : (x > 126.0f ? 126.0f : x);
     const float fl = (float)(int)(x + (x < 0.0f ? -0.5f : 0.5f));  /* nearest: f in [-0.5, 0.5] */
@@ -26,9 +27,9 @@ inline float exp2_fast(float x)
     return p * as_float(((int)fl + 127) << 23);
 }
 
-inline float exp_fast(float x) { return exp2_fast(x * 1.4426950408889634f); }
+static inline __attribute__((always_inline)) float exp_fast(float x) { return exp2_fast(x * 1.4426950408889634f); }
 
-inline float erf_fast(float x)
+static inline __attribute__((always_inline)) float erf_fast(float x)
 {
     const float z = abs_f(x);
     const float t = 1.0f / (1.0f + 0.5f * z);
@@ -36,5 +37,20 @@ inline float erf_fast(float x)
                   + t * (0.09678418f + t * (-0.18628806f + t * (0.27886807f + t * (-1.13520398f
                   + t * (1.48851587f + t * (-0.82215223f + t * 0.17087277f)))))))));
     return x >= 0.0f ? 1.0f - r : r - 1.0f;
+}
+
+/* Φ(x) and φ(x) from ONE exp: Abramowitz & Stegun 7.1.26,
+ * erfc(z) = (a1 t + … + a5 t⁵)·exp(−z²), t = 1/(1 + p z), |error| ≤ 1.5e-7, with
+ * z = |x|/√2 so exp(−z²) = exp(−x²/2) also gives φ. (Two exps in one kernel made
+ * PoCL's vectoriser give up: GELU' took 37 ms instead of 3 for 4096×384.) */
+static inline __attribute__((always_inline)) void gelu_parts(float x, float* cdf, float* pdf)
+{
+    const float z = abs_f(x) * 0.70710678118654752f;
+    const float t = 1.0f / (1.0f + 0.3275911f * z);
+    const float e = exp_fast(-0.5f * x * x);
+    const float erfc = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f
+                     + t * (-1.453152027f + t * 1.061405429f)))) * e;
+    *cdf = x >= 0.0f ? 1.0f - 0.5f * erfc : 0.5f * erfc;
+    *pdf = 0.39894228040143268f * e;
 }
 #endif

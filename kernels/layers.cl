@@ -20,7 +20,7 @@
  *
  * Reductions loop in a fixed order inside one work-item: no atomics, so a
  * result never depends on scheduling (training is bit-reproducible).
- * GELU uses erf_fast/exp_fast (fastmath.cl): the built-ins are calls in PoCL.
+ * GELU uses gelu_parts (fastmath.cl): the built-in erf/exp are calls in PoCL.
  */
 #include "fastmath.cl"
 
@@ -74,7 +74,9 @@ __kernel void bias_gelu_forward(__global float* a, __global const float* bias, c
     const int i = get_global_id(0);
     const float x = a[i] + bias[i % H];
     a[i] = x;
-    h[i] = 0.5f * x * (1.0f + erf_fast(x * 0.70710678118654752f));
+    float cdf, pdf;
+    gelu_parts(x, &cdf, &pdf);
+    h[i] = x * cdf;
 }
 
 __kernel void gelu_backward(__global const float* dh, __global const float* a, const int H,
@@ -82,8 +84,8 @@ __kernel void gelu_backward(__global const float* dh, __global const float* a, c
 {
     const int i = get_global_id(0);
     const float x = a[i];
-    const float cdf = 0.5f * (1.0f + erf_fast(x * 0.70710678118654752f));
-    const float pdf = 0.39894228040143268f * exp_fast(-0.5f * x * x);
+    float cdf, pdf;
+    gelu_parts(x, &cdf, &pdf);
     da[i] = dh[i] * (cdf + x * pdf);
 }
 
