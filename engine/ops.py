@@ -57,7 +57,26 @@ def gemm(dev, a, b, c, M, N, K, alpha=1.0, beta=0.0, trans_a=False, trans_b=Fals
         ws = _workspace(dev, "gemm_bt", batch * K * N)
         transpose(dev, b, ws, N, K, batch)
         bB, oB = _buf(ws)
+    kc = _k_chunk(K) if trans_a and batch == 1 else 0
+    if kc:  # long K (weight gradients): per-chunk partial products, then an ordered sum
+        chunks = K // kc
+        part = _workspace(dev, "gemm_partial", chunks * M * N)
+        bP, oP = _buf(part)
+        _gemm_raw(dev, True, M, N, kc, 1.0, bA, oA, kc * M, bB, oB, kc * N, 0.0, bP, oP, M * N, chunks)
+        dev.launch(dev.kernel("gemm.cl", "gemm_reduce"), (M * N,), None, i32(M * N), i32(chunks),
+                   f32(alpha), f32(beta), bP, bC, i32(oC))
+        return
     _gemm_raw(dev, trans_a, M, N, K, alpha, bA, oA, M * K, bB, oB, K * N, beta, bC, oC, M * N, batch)
+
+
+K_SPLIT_MIN = 2048  # below this K the whole product stays in cache anyway
+
+
+def _k_chunk(K: int) -> int:
+    """Chunk length for K-split products (0 = no split): a divisor of K."""
+    if K < K_SPLIT_MIN:
+        return 0
+    return next((kc for kc in (512, 256, 128) if K % kc == 0), 0)
 
 
 # -- data -----------------------------------------------------------------------

@@ -14,6 +14,12 @@
  * use float8 loads by pointer cast (vload8 compiles to a call in PoCL 3,
  * which blocks vectorisation); plain a*b+c rather than fma()/mad() for the
  * same reason. Edge tiles clamp their reads and mask their stores.
+ * K-split (long K, e.g. weight gradients with K = B·S): the batch index b of a
+ * gemm_* launch walks K chunks instead of matrices (strideA/strideB = the chunk's
+ * element step, C = a partial buffer, alpha = 1, beta = 0), then gemm_reduce
+ * sums the partials in chunk order: deterministic, and each chunk's A and B
+ * stay in cache while every tile of C reads them.
+ * Launch (gemm_reduce): global = (M·N), partials (chunks, M, N).
  * Launch (transpose): global = (C, R, batch).
  * Reference: numpy  alpha * (A.T if tn else A) @ B + beta * C  (engine.ops.gemm_reference).
  */
@@ -82,6 +88,16 @@ __kernel void NAME(const int M, const int N, const int K,                       
 #define A_TN(i, k) A[(k) * M + (i)]
 GEMM_KERNEL(gemm_nn, A_NN)
 GEMM_KERNEL(gemm_tn, A_TN)
+
+__kernel void gemm_reduce(const int MN, const int chunks, const float alpha, const float beta,
+                          __global const float* partial, __global float* C, const int offC)
+{
+    const int i = get_global_id(0);
+    float acc = 0.0f;
+    for (int c = 0; c < chunks; c++) acc += partial[c * MN + i];
+    if (beta == 0.0f) C[offC + i] = alpha * acc;
+    else C[offC + i] = alpha * acc + beta * C[offC + i];
+}
 
 __kernel void transpose(const int R, const int Cn,
                         __global const float* in, const int offIn, const int strideIn,

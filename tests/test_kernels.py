@@ -84,6 +84,27 @@ def test_gemm_beta_zero_never_reads_c(dev, M, N, K, batch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)   # as above
 
 
+@pytest.mark.parametrize("M,N,K", [(24, 16, 4096), (13, 10, 2048 + 256)])
+def test_gemm_long_k_split_matches_numpy_and_is_deterministic(dev, M, N, K):
+    """Aᵀ·B with a long K goes through per-chunk partials and gemm_reduce."""
+    assert ops._k_chunk(K) > 0   # this shape takes the split path
+    rng = np.random.default_rng([K, M])
+    for alpha, beta in [(1.0, 0.0), (0.5, 2.0)]:
+        c0 = rand(rng, 1, M, N)
+        got, guard, want = _gemm_case(dev, rng, M, N, K, 1, True, False, alpha, beta, c0, 8)
+        # K = 4096 float32 products of N(0,1): sums of size ~64, float32 error ≲ K·2⁻²⁴·64 ≈ 2e-2 worst,
+        # ~1e-4 typical; a missing or doubled chunk is O(10)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-3)
+        np.testing.assert_array_equal(guard, 12345.0)
+    a, b = dev.to_device(rand(rng, K, M)), dev.to_device(rand(rng, K, N))
+    outs = []
+    for _ in range(2):
+        c = dev.zeros((M, N))
+        ops.gemm(dev, a, b, c, M, N, K, trans_a=True)
+        outs.append(c.get())
+    np.testing.assert_array_equal(outs[0], outs[1])   # chunk partials summed in a fixed order
+
+
 def test_transpose_exact(dev):
     rng = np.random.default_rng(1)
     R, C, batch = 13, 7, 3
