@@ -52,9 +52,9 @@ def build_parser():
 
 
 def open_study(args, uri):
+    space = spaces.get(args.space)  # before any storage file is created
     storage_url = args.storage or default_storage(args.workers)
     storage = make_storage(storage_url, uri)
-    space = spaces.get(args.space)
     name = args.study_name or space.name
     seed = args.sampler_seed
     if seed is not None and args.worker:  # workers must not all suggest the same values
@@ -67,8 +67,11 @@ def open_study(args, uri):
                                     direction="minimize", load_if_exists=True)
     except Exception as exc:
         raise SweepError(f"cannot open study {name!r} in {redact(storage_url)} ({exc})") from None
-    if not study.get_trials(deepcopy=False):
+    existing = len(study.get_trials(deepcopy=False))
+    if not existing:
         study.enqueue_trial(space.defaults(), user_attrs={"defaults": True})
+    elif seed is not None:  # a resumed seeded study: a fresh TPE would replay its start-up points
+        sampler = study.sampler = make_sampler(seed + existing)
     return space, study, storage_url, sampler, pruner
 
 
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
         check_store(uri)
         space, study, storage_url, sampler, pruner = open_study(args, uri)
         exp_name = args.experiment_name or f"sweep-{study.study_name}"
+        objective = Objective(space, args.set, args.repeats, uri, exp_name, None, args.out)  # validates --set
         cl = client(uri)
         experiment_id(cl, exp_name)  # created once, before any worker starts
         if args.worker:
@@ -114,7 +118,7 @@ def main(argv=None) -> int:
                 "optuna_pruner": describe(pruner), "optuna_version": optuna.__version__,
                 "optuna_sampler_seed": str(args.sampler_seed), "workers": str(args.workers),
                 "repeats": str(args.repeats), "fixed": " ".join(args.set)})
-        objective = Objective(space, args.set, args.repeats, uri, exp_name, parent, args.out)
+        objective.parent_id = parent
     except (*USER_ERRORS, spaces.UnknownSpace) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,13 +45,16 @@ def make_storage(url: str, tracking_uri: str):
         if not os.path.isdir(parent):
             raise SweepError(f"journal storage {url}: directory {parent} does not exist")
         return JournalStorage(JournalFileBackend(path))
+    import warnings
     from optuna.storages import RDBStorage
     kwargs = {}
     if not url.startswith("sqlite"):
         kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-                      failed_trial_callback=StaleTrialHandler(tracking_uri))
+                      heartbeat_stale_trial_callback=StaleTrialHandler(tracking_uri))
     try:
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
+        with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: say it once, in the README
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SweepError(f"storage {redact(url)} cannot be used ({first[:300]})") from None
@@ -127,7 +130,10 @@ class StaleTrialHandler:
 
     def __init__(self, tracking_uri: str):
         self.tracking_uri = tracking_uri
-        self.retry = optuna.storages.RetryFailedTrialCallback(max_retry=MAX_RETRY)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)
 
     def __call__(self, study, trial):
         self.retry(study, trial)
@@ -193,6 +199,10 @@ class Objective:
             cl.set_tag(child, "trial_state", "PRUNED")
             cl.set_terminated(child, "KILLED")
             raise
+        except KeyboardInterrupt:  # Ctrl+C / SIGTERM: the sweep stops (Optuna records the trial FAIL)
+            cl.set_tag(child, "trial_state", "KILLED")
+            cl.set_terminated(child, "KILLED")
+            raise
         except BaseException as exc:
             cl.set_tag(child, "trial_state", "FAIL")
             cl.set_tag(child, "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:5000])
@@ -214,6 +224,8 @@ class Objective:
                                        parent_run_id=child, callbacks=[report], progress=False)
             if summary["status"] == "pruned":
                 raise optuna.TrialPruned(f"pruned in repeat {r}")
+            if summary["status"] == "killed":  # a signal stopped the repeat: stop the sweep, not just the trial
+                raise KeyboardInterrupt
             if summary["status"] != "finished":
                 raise RuntimeError(summary.get("error") or f"repeat {r} ended {summary['status']}")
             best = min(h["val_loss"] for h in summary["history"])
