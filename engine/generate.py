@@ -33,7 +33,7 @@ class Generator:
         H = model.H
         self.fast = model.cfg.hebb.mode == "fast_weights"
         self.At = self.dev.zeros((H, H)) if self.fast else None
-        self.logits = np.zeros(model.V, np.float32)
+        self._row = np.zeros((1, model.Vp), np.float32)  # W2 is stored with V padded to 8
 
     def reset(self):
         if self.fast:
@@ -47,8 +47,8 @@ class Generator:
         if self.fast:  # Aᵀ ← λ·Aᵀ + η·k ⊗ post  (outer product as a K = 1 product)
             hc = m.cfg.hebb
             ops.gemm(dev, ws.k, ws.post, self.At, m.H, m.H, 1, alpha=hc.lr, beta=1.0 - hc.decay, trans_a=True)
-        ws.logits.get(ary=self.logits.reshape(1, -1))
-        return self.logits
+        ws.logits.get(ary=self._row)
+        return self._row[0, :m.V]
 
     def sample(self, prompt: str, length: int, temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
         rng = np.random.default_rng(seed)

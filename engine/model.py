@@ -24,6 +24,10 @@ PARAM_NAMES = ("W_emb", "W1", "b1", "W2", "b2")
 DECAYED = {"W_emb", "W1", "W2"}  # AdamW weight decay: weights only, not biases
 
 
+def padded(V: int) -> int:
+    return -(-V // 8) * 8
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where each parameter sits in the flat buffers (element offsets)."""
@@ -33,7 +37,11 @@ class Layout:
 
     @classmethod
     def build(cls, V: int, E: int, H: int) -> Layout:
-        shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, V), "b2": (V,)}
+        """W2 and b2 are stored with Vp = V rounded up to 8 columns (zero padding,
+        which stays zero: its gradient is zero), so every product takes the
+        vector GEMM path; get_params() and checkpoints show the (H,V), (V,) views."""
+        Vp = padded(V)
+        shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, Vp), "b2": (Vp,)}
         offsets, pos = {}, 0
         for name in PARAM_NAMES:
             offsets[name] = pos
@@ -65,7 +73,9 @@ class Workspace:
         self.G, self.Gm, self.Q = z((B, S, S)), z((B, S, S)), z((B, S, S))
         self.ht_buf, self.z_buf = z((N, H)), z((N, H))
         self.scores, self.inv_v, self.assign = z((N, T)), z((N,)), z((N,), i)
-        self.logits, self.dlogits = z((N, V)), z((N, V))
+        Vp = padded(V)
+        self.logits = z((N, Vp))
+        self.dlogits = dev.zeros((N, Vp))  # padding columns are never written: keep them 0
         self.loss_rows, self.hits, self.nv, self.loss_out = z((N,)), z((N,)), z((1,), i), z((4,))
         self.dz, self.dh, self.da, self.de, self.dK = z((N, H)), z((N, H)), z((N, H)), z((N, E)), z((N, H))
         self.perm, self.starts = z((N,), i), z((max(V, T) + 1,), i)
@@ -82,6 +92,7 @@ class Model:
         self.dev, self.cfg = dev, cfg
         m = cfg.model
         self.V, self.E, self.H, self.T = vocab_size, m.embedding_dim, m.hidden_dim, m.num_prototypes
+        self.Vp = padded(self.V)
         self.layout = Layout.build(self.V, self.E, self.H)
         n = self.layout.total
         self.n_chunks = n // CHUNK
@@ -133,11 +144,18 @@ class Model:
     def _pack(self, flat, arrays):
         for name in PARAM_NAMES:
             o = self.layout.offsets[name]
-            flat[o:o + self.layout.size(name)] = np.asarray(arrays[name], np.float32).ravel()
+            stored = np.zeros(self.layout.shapes[name], np.float32)
+            a = np.asarray(arrays[name], np.float32)
+            stored[tuple(slice(0, n) for n in a.shape)] = a  # W2, b2: zero padding columns
+            flat[o:o + self.layout.size(name)] = stored.ravel()
 
     def _unpack(self, flat) -> dict:
-        return {name: flat[self.layout.offsets[name]:self.layout.offsets[name] + self.layout.size(name)]
-                .reshape(self.layout.shapes[name]).copy() for name in PARAM_NAMES}
+        out = {}
+        for name in PARAM_NAMES:
+            o = self.layout.offsets[name]
+            a = flat[o:o + self.layout.size(name)].reshape(self.layout.shapes[name])
+            out[name] = (a[..., :self.V] if name in ("W2", "b2") else a).copy()
+        return out
 
     def get_params(self) -> dict:
         return self._unpack(self.theta.get())
@@ -201,12 +219,13 @@ class Model:
             if pm == "feature":
                 ws.zz = ws.z_buf
                 ops.proto_feature_forward(dev, ws.ht, self.P, ws.assign, cfg.proto.strength, ws.zz, N, H)
-        ops.gemm(dev, ws.zz, p["W2"], ws.logits, N, V, H)
-        ops.add_bias(dev, ws.logits, p["b2"], N, V)
+        Vp = self.Vp
+        ops.gemm(dev, ws.zz, p["W2"], ws.logits, N, Vp, H)
+        ops.add_bias(dev, ws.logits, p["b2"], N, Vp)
         if not loss:
             return
         ops.count_valid(dev, ws.y, N, ws.nv)
-        ops.softmax_xent(dev, ws.logits, ws.y, ws.nv, ws.loss_rows, ws.hits, ws.dlogits, N, V)
+        ops.softmax_xent(dev, ws.logits, ws.y, ws.nv, ws.loss_rows, ws.hits, ws.dlogits, N, V, Vp)
         ops.loss_reduce(dev, ws.loss_rows, ws.hits, ws.nv, ws.loss_out, N)
 
     def _assign(self, ws):
@@ -237,9 +256,10 @@ class Model:
         """Enqueue gradients of the mean loss into the flat gradient buffer."""
         dev, cfg, p, g = self.dev, self.cfg, self.p, self.g
         B, S, N, E, H, V = ws.B, ws.S, ws.N, self.E, self.H, self.V
-        ops.gemm(dev, ws.zz, ws.dlogits, g["W2"], H, V, N, trans_a=True)
-        ops.colsum(dev, ws.dlogits, g["b2"], N, V)
-        ops.gemm(dev, ws.dlogits, p["W2"], ws.dz, N, H, V, trans_b=True)
+        Vp = self.Vp
+        ops.gemm(dev, ws.zz, ws.dlogits, g["W2"], H, Vp, N, trans_a=True)
+        ops.colsum(dev, ws.dlogits, g["b2"], N, Vp)
+        ops.gemm(dev, ws.dlogits, p["W2"], ws.dz, N, H, Vp, trans_b=True)
         mode = cfg.hebb.mode
         dh = ws.dz  # dh̃ = dz: the prototype term is constant
         if mode == "modulate":

@@ -27,13 +27,13 @@ def _workspace(dev, name: str, size: int):
 
 
 # -- matrix products ------------------------------------------------------------
-TM = 8
+TM, TN = 4, 16  # the tile one work-item computes (kernels/gemm.cl)
 
 
 def _gemm_raw(dev, tn, M, N, K, alpha, A, offA, strideA, B, offB, strideB, beta, C, offC, strideC, batch):
     vec = int(N % 8 == 0 and all(x % 8 == 0 for x in (offB, strideB, offC, strideC)))
-    kern = dev.kernel("gemm.cl", "gemm_tn" if tn else "gemm_nn", (("TM", TM), ("VEC", vec)))
-    gsize = ((N + 7) // 8, (M + TM - 1) // TM, batch)
+    kern = dev.kernel("gemm.cl", "gemm_tn" if tn else "gemm_nn", (("VEC", vec),))
+    gsize = ((N + TN - 1) // TN, (M + TM - 1) // TM, batch)
     dev.launch(kern, gsize, None, i32(M), i32(N), i32(K), f32(alpha), f32(beta),
                A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
 
@@ -158,10 +158,11 @@ def count_valid(dev, y, N, nv):
     dev.launch(dev.kernel("loss.cl", "count_valid"), (1,), None, y.data, i32(N), nv.data)
 
 
-def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V):
-    """loss_rows, hits (N,); dlogits (N,V) = (softmax − onehot)/Nv, 0 for PAD rows."""
+def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
+    """loss_rows, hits (N,); dlogits (N,V) = (softmax − onehot)/Nv, 0 for PAD rows.
+    Rows of logits/dlogits are ld (default V) apart; columns V..ld-1 untouched."""
     dev.launch(dev.kernel("loss.cl", "softmax_xent"), (N,), None,
-               logits.data, y.data, nv.data, i32(V), loss_rows.data, hits.data, dlogits.data)
+               logits.data, y.data, nv.data, i32(V), i32(ld or V), loss_rows.data, hits.data, dlogits.data)
 
 
 def loss_reduce(dev, loss_rows, hits, nv, out, N):

@@ -7,13 +7,15 @@
  * reads B row-contiguously. beta == 0 never reads C (C may hold garbage).
  * All matrices row-major float32; offsets and batch strides in elements.
  *
- * Launch (gemm_*): global = (ceil(N/TN), ceil(M/TM), batch), local = NULL.
- * Each work-item owns a TM×TN tile of C and accumulates over the whole K in
+ * Launch (gemm_*): global = (ceil(N/16), ceil(M/4), batch), local = NULL.
+ * Each work-item owns a 4×16 tile of C and accumulates over the whole K in
  * registers, in k order, so results do not depend on the launch.
- * VEC=1 (host checks N % 8 == 0 and every offset/stride % 8 == 0): full tiles
- * use float8 loads by pointer cast (vload8 compiles to a call in PoCL 3,
+ * VEC=1 (host checks N % 8 == 0 and every offset/stride % 8 == 0): tiles use
+ * float8 loads of B by pointer cast (vload8 compiles to a call in PoCL 3,
  * which blocks vectorisation); plain a*b+c rather than fma()/mad() for the
- * same reason. Edge tiles clamp their reads and mask their stores.
+ * same reason. Edge tiles (and VEC=0) clamp their reads and mask their stores.
+ * This is the CPU variant (register tiles); a GPU would want local-memory
+ * tiles, chosen by the DEVICE_GPU define (not written yet).
  * K-split (long K, e.g. weight gradients with K = B·S): the batch index b of a
  * gemm_* launch walks K chunks instead of matrices (strideA/strideB = the chunk's
  * element step, C = a partial buffer, alpha = 1, beta = 0), then gemm_reduce
@@ -23,71 +25,96 @@
  * Launch (transpose): global = (C, R, batch).
  * Reference: numpy  alpha * (A.T if tn else A) @ B + beta * C  (engine.ops.gemm_reference).
  */
-#ifndef TM
-#define TM 8
-#endif
-#define TN 8
+#define TM 4
+#define TN 16
 #ifndef VEC
 #define VEC 0
 #endif
 
-#define GEMM_KERNEL(NAME, A_AT)                                                        \
-__kernel void NAME(const int M, const int N, const int K,                             \
-                   const float alpha, const float beta,                               \
-                   __global const float* A, const int offA, const int strideA,        \
-                   __global const float* B, const int offB, const int strideB,        \
-                   __global float* C, const int offC, const int strideC)              \
-{                                                                                     \
-    const int n0 = get_global_id(0) * TN;                                             \
-    const int m0 = get_global_id(1) * TM;                                             \
-    const int b = get_global_id(2);                                                   \
-    if (n0 >= N || m0 >= M) return;                                                   \
-    A += offA + b * strideA;                                                          \
-    B += offB + b * strideB;                                                          \
-    C += offC + b * strideC;                                                          \
-    if (VEC && n0 + TN <= N && m0 + TM <= M) {                                        \
-        float8 acc[TM];                                                               \
-        for (int i = 0; i < TM; i++) acc[i] = (float8)(0.0f);                         \
-        for (int k = 0; k < K; k++) {                                                 \
-            const float8 bv = *(__global const float8*)(B + k * N + n0);              \
-            for (int i = 0; i < TM; i++) acc[i] += A_AT(m0 + i, k) * bv;              \
-        }                                                                             \
-        for (int i = 0; i < TM; i++) {                                                \
-            __global float8* c = (__global float8*)(C + (m0 + i) * N + n0);           \
-            if (beta == 0.0f) *c = alpha * acc[i];                                    \
-            else *c = alpha * acc[i] + beta * *c;                                     \
-        }                                                                             \
-        return;                                                                       \
-    }                                                                                 \
-    float acc[TM][TN];                                                                \
-    int mi[TM], nj[TN];                                                               \
-    for (int i = 0; i < TM; i++) mi[i] = min(m0 + i, M - 1);                          \
-    for (int j = 0; j < TN; j++) nj[j] = min(n0 + j, N - 1);                          \
-    for (int i = 0; i < TM; i++)                                                      \
-        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;                                \
-    for (int k = 0; k < K; k++) {                                                     \
-        float bv[TN];                                                                 \
-        for (int j = 0; j < TN; j++) bv[j] = B[k * N + nj[j]];                        \
-        for (int i = 0; i < TM; i++) {                                                \
-            const float av = A_AT(mi[i], k);                                          \
-            for (int j = 0; j < TN; j++) acc[i][j] += av * bv[j];                     \
-        }                                                                             \
-    }                                                                                 \
-    for (int i = 0; i < TM; i++) {                                                    \
-        if (m0 + i >= M) break;                                                       \
-        for (int j = 0; j < TN; j++) {                                                \
-            if (n0 + j >= N) break;                                                   \
-            __global float* c = C + (m0 + i) * N + n0 + j;                            \
-            if (beta == 0.0f) *c = alpha * acc[i][j];                                 \
-            else *c = alpha * acc[i][j] + beta * *c;                                  \
-        }                                                                             \
-    }                                                                                 \
+/* One TM×TN tile: the 8 float8 accumulators are named variables, not an
+ * array: with arrays PoCL kept them in memory (55 GFLOP/s); named, the loop
+ * reaches 130-160 GFLOP/s on 4096×384×128, like OpenBLAS on these 2 cores. */
+#define FMA_ROW(c0, c1, a) c0 += (a) * b0; c1 += (a) * b1;
+#define STORE8(ptr, acc) { __global float8* q_ = (__global float8*)(ptr); \
+    *q_ = beta == 0.0f ? alpha * (acc) : alpha * (acc) + beta * *q_; }
+#define STORE1(ptr, acc) { __global float* q_ = (ptr); \
+    *q_ = beta == 0.0f ? alpha * (acc) : alpha * (acc) + beta * *q_; }
+
+#define GEMM_KERNEL(NAME, A_AT, A_ROWS)                                                  \
+__kernel void NAME(const int M, const int N, const int K,                               \
+                   const float alpha, const float beta,                                 \
+                   __global const float* A, const int offA, const int strideA,          \
+                   __global const float* B, const int offB, const int strideB,          \
+                   __global float* C, const int offC, const int strideC)                \
+{                                                                                       \
+    const int n0 = get_global_id(0) * TN;                                               \
+    const int m0 = get_global_id(1) * TM;                                               \
+    const int b = get_global_id(2);                                                     \
+    if (n0 >= N || m0 >= M) return;                                                     \
+    A += offA + b * strideA;                                                            \
+    B += offB + b * strideB;                                                            \
+    C += offC + b * strideC;                                                            \
+    if (VEC && m0 + TM <= M && n0 + 8 <= N) {                                           \
+        float8 c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;  \
+        __global const float* bp = B + n0;                                              \
+        A_ROWS                                                                          \
+        if (n0 + TN <= N) {                                                             \
+            for (int k = 0; k < K; k++, bp += N) {                                      \
+                const float8 b0 = *(__global const float8*)bp;                          \
+                const float8 b1 = *(__global const float8*)(bp + 8);                    \
+                FMA_ROW(c00, c01, A_AT(0, k)) FMA_ROW(c10, c11, A_AT(1, k))             \
+                FMA_ROW(c20, c21, A_AT(2, k)) FMA_ROW(c30, c31, A_AT(3, k))             \
+            }                                                                           \
+        } else { /* 8 columns left */                                                   \
+            const float8 b1 = 0;                                                        \
+            for (int k = 0; k < K; k++, bp += N) {                                      \
+                const float8 b0 = *(__global const float8*)bp;                          \
+                FMA_ROW(c00, c01, A_AT(0, k)) FMA_ROW(c10, c11, A_AT(1, k))             \
+                FMA_ROW(c20, c21, A_AT(2, k)) FMA_ROW(c30, c31, A_AT(3, k))             \
+            }                                                                           \
+        }                                                                               \
+        __global float* cp = C + m0 * N + n0;                                           \
+        const int two = n0 + TN <= N;                                                   \
+        STORE8(cp, c00) if (two) STORE8(cp + 8, c01) cp += N;                           \
+        STORE8(cp, c10) if (two) STORE8(cp + 8, c11) cp += N;                           \
+        STORE8(cp, c20) if (two) STORE8(cp + 8, c21) cp += N;                           \
+        STORE8(cp, c30) if (two) STORE8(cp + 8, c31)                                    \
+        return;                                                                         \
+    }                                                                                   \
+    /* edge tile (or unaligned N): clamp the reads, mask the stores */                  \
+    float acc[TM][TN];                                                                  \
+    int nj[TN];                                                                         \
+    for (int j = 0; j < TN; j++) nj[j] = min(n0 + j, N - 1);                            \
+    for (int i = 0; i < TM; i++)                                                        \
+        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;                                  \
+    for (int k = 0; k < K; k++) {                                                       \
+        float av[TM];                                                                   \
+        for (int i = 0; i < TM; i++) av[i] = A_ATC(min(m0 + i, M - 1), k);              \
+        for (int j = 0; j < TN; j++) {                                                  \
+            const float bv = B[k * N + nj[j]];                                          \
+            for (int i = 0; i < TM; i++) acc[i][j] += av[i] * bv;                       \
+        }                                                                               \
+    }                                                                                   \
+    for (int i = 0; i < TM && m0 + i < M; i++)                                          \
+        for (int j = 0; j < TN && n0 + j < N; j++)                                      \
+            STORE1(C + (m0 + i) * N + n0 + j, acc[i][j])                                \
 }
 
-#define A_NN(i, k) A[(i) * K + (k)]
-#define A_TN(i, k) A[(k) * M + (i)]
-GEMM_KERNEL(gemm_nn, A_NN)
-GEMM_KERNEL(gemm_tn, A_TN)
+/* gemm_nn: four rows of A walked in k order */
+#define NN_ROWS __global const float* a0p = A + m0 * K; __global const float* a1p = a0p + K; \
+                __global const float* a2p = a1p + K;   __global const float* a3p = a2p + K;
+#define NN_AT(i, k) a##i##p[k]
+/* gemm_tn: A stored (K,M): the tile's four values of row k are contiguous */
+#define TN_ROWS __global const float* ap = A + m0;
+#define TN_AT(i, k) ap[(k) * M + (i)]
+#define A_ATC(i, k) A_ATC_IMPL(i, k)
+
+#define A_ATC_IMPL(i, k) A[(i) * K + (k)]
+GEMM_KERNEL(gemm_nn, NN_AT, NN_ROWS)
+#undef A_ATC_IMPL
+#define A_ATC_IMPL(i, k) A[(k) * M + (i)]
+GEMM_KERNEL(gemm_tn, TN_AT, TN_ROWS)
+#undef A_ATC_IMPL
 
 __kernel void gemm_reduce(const int MN, const int chunks, const float alpha, const float beta,
                           __global const float* partial, __global float* C, const int offC)

@@ -2,7 +2,9 @@
  *
  *   count_valid   nv[0] = #{n : y_n ≠ PAD}                                   global (1)
  *   softmax_xent  loss_rows (N,), hits (N,), dlogits (N,V) = (p − onehot)/Nv
- *                 (0 rows for PAD targets; dlogits may alias nothing)        global (N)
+ *                 (0 rows for PAD targets); logits and dlogits rows are ld >= V
+ *                 apart (the model pads V to a multiple of 8 for the vector
+ *                 GEMM path); columns V..ld-1 are neither read nor written  global (N)
  *   loss_reduce   out = [Σ loss_rows / Nv, Σ hits, Nv, Σ loss_rows]  (fixed order)        global (1)
  * Reference: engine.reference.softmax_xent_forward. exp_fast: see fastmath.cl.
  */
@@ -16,13 +18,13 @@ __kernel void count_valid(__global const int* y, const int N, __global int* nv)
 }
 
 __kernel void softmax_xent(__global const float* logits, __global const int* y,
-                           __global const int* nv, const int V,
+                           __global const int* nv, const int V, const int ld,
                            __global float* loss_rows, __global float* hits,
                            __global float* dlogits)
 {
     const int n = get_global_id(0);
-    __global const float* z = logits + n * V;
-    __global float* d = dlogits + n * V;
+    __global const float* z = logits + n * ld;
+    __global float* d = dlogits + n * ld;
     const int target = y[n];
     if (target < 0) {
         loss_rows[n] = 0.0f;

@@ -209,6 +209,24 @@ def test_ten_steps_match_reference_train_steps(dev, name, monkeypatch):
         assert np.abs(state["W_hebb"]).max() > 0.1                 # the Hebbian rule ran
 
 
+def test_vocabulary_padding_stays_zero_and_is_hidden(dev):
+    """W2/b2 are stored with V rounded up to 8 columns; the padding must stay
+    exactly zero through training (its gradient is zero) and never show."""
+    cfg = train_config("hybrid")
+    V, batches = fixed_batches(cfg)
+    assert V % 8 != 0, "pick a text whose vocabulary is not a multiple of 8"
+    model, *_ = run_engine(dev, cfg, V, batches)
+    flat = model.theta.get()
+    o = model.layout.offsets
+    W2 = flat[o["W2"]:o["W2"] + model.layout.size("W2")].reshape(H, model.Vp)
+    b2 = flat[o["b2"]:o["b2"] + model.Vp]
+    assert model.Vp % 8 == 0 and model.Vp > V
+    assert not W2[:, V:].any() and not b2[V:].any()          # exactly zero after STEPS AdamW steps
+    assert np.abs(W2[:, :V]).max() > 0                       # while the real columns trained
+    p = model.get_params()
+    assert p["W2"].shape == (H, V) and p["b2"].shape == (V,)
+
+
 def test_ten_steps_are_bit_reproducible(dev):
     cfg = train_config("hybrid")
     V, batches = fixed_batches(cfg)
