@@ -105,12 +105,7 @@ class EngineRunner:
         self.i += 1
         ws.x.set(x)
         ws.y.set(y)
-        if not m.proto_ready:
-            m.init_prototypes(ws)
-        lr = m.lr_at(m.step + 1)
-        m.forward(ws)
-        m.backward(ws)
-        m.optimizer_step(lr)
+        m.gradient_step(ws)
         m.local_updates(ws)
 
     def run(self, n: int) -> float:

@@ -291,6 +291,18 @@ class Model:
             lr *= o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
         return lr
 
+    def gradient_step(self, ws: Workspace) -> float:
+        """Forward, backward and AdamW on the batch in ws (prototypes initialised
+        from it first if needed); returns the learning rate used. The local
+        rules follow with local_updates(ws), after any telemetry read."""
+        if not self.proto_ready:
+            self.init_prototypes(ws)
+        lr = self.lr_at(self.step + 1)
+        self.forward(ws)
+        self.backward(ws)
+        self.optimizer_step(lr)
+        return lr
+
     def optimizer_step(self, lr: float):
         """Global norm (before clipping), then one AdamW step over every parameter."""
         dev, o = self.dev, self.cfg.optim

@@ -138,12 +138,7 @@ class Trainer:
             offsets = self.batches.next_offsets()
             ws.offsets.set(offsets)
             ops.gather_windows(dev, self.ids_dev, ws.offsets, ws.S, ws.x, ws.y)
-            if not m.proto_ready:
-                m.init_prototypes(ws)
-            lr = m.lr_at(m.step + 1)
-            m.forward(ws)
-            m.backward(ws)
-            m.optimizer_step(lr)
+            lr = m.gradient_step(ws)
             ops.accumulate_step_stats(dev, ws.loss_out, m.gnorm, cfg.optim.clip_norm, self.step_acc)
             step = m.step
             steps_timed += 1

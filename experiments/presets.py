@@ -51,9 +51,13 @@ class UnknownExperiment(ValueError):
     pass
 
 
+def did_you_mean(name: str, choices) -> str:
+    """' (did you mean 'a' or 'b'?)' for the closest choices, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.4)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
 def get(name: str) -> Experiment:
     if name in EXPERIMENTS:
         return EXPERIMENTS[name]
-    close = difflib.get_close_matches(name, EXPERIMENTS, n=3, cutoff=0.4)
-    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    raise UnknownExperiment(f"unknown experiment {name!r}{hint}; see --list")
+    raise UnknownExperiment(f"unknown experiment {name!r}{did_you_mean(name, EXPERIMENTS)}; see --list")

@@ -8,7 +8,6 @@ Adding a space is a few lines.
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 
 from experiments import presets
@@ -62,6 +61,4 @@ class UnknownSpace(ValueError):
 def get(name: str) -> Space:
     if name in SPACES:
         return SPACES[name]
-    close = difflib.get_close_matches(name, SPACES, n=3, cutoff=0.4)
-    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-    raise UnknownSpace(f"unknown search space {name!r}{hint}; see --list")
+    raise UnknownSpace(f"unknown search space {name!r}{presets.did_you_mean(name, SPACES)}; see --list")
