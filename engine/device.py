@@ -111,12 +111,20 @@ class Device:
     `profile=True` records an event per launch; `take_timings()` returns
     {kernel name: (calls, total device ns)} and clears the record."""
 
-    def __init__(self, spec: str = "", profile: bool = False):
+    VARIANTS = ("cpu", "gpu")
+
+    def __init__(self, spec: str = "", profile: bool = False, variant: str | None = None):
+        """variant: which kernel family to build ("cpu": register tiles, "gpu":
+        local-memory tiles); default by device type. Forcing "gpu" on a CPU is
+        how the tests check the GPU kernels on PoCL."""
         cl = _cl()
         self.cl = cl
         self.device = select_device(spec)
         self.kind = device_type_name(self.device)
         self.is_cpu = self.kind == "CPU"
+        if variant not in (None, *self.VARIANTS):
+            raise DeviceError(f"unknown kernel variant {variant!r}: cpu or gpu")
+        self.variant = variant or ("cpu" if self.is_cpu else "gpu")
         self.ctx = cl.Context([self.device])
         props = cl.command_queue_properties.PROFILING_ENABLE if profile else 0
         self.queue = cl.CommandQueue(self.ctx, properties=props)
@@ -144,7 +152,7 @@ class Device:
         if prg is None:
             src = (KERNEL_DIR / filename).read_text()
             opts = ["-cl-std=CL1.2", f"-I{KERNEL_DIR}"] + [f"-D{k}={v}" for k, v in defines]
-            opts.append(f"-DDEVICE_{'CPU' if self.is_cpu else 'GPU'}=1")
+            opts.append(f"-DDEVICE_{self.variant.upper()}=1")
             try:
                 prg = self.cl.Program(self.ctx, src).build(options=opts)
             except self.cl.Error as exc:

@@ -30,7 +30,17 @@ def _workspace(dev, name: str, size: int):
 TM, TN = 4, 16  # the tile one work-item computes (kernels/gemm.cl)
 
 
+GPU_TS = 16  # local-memory tile side of the GPU variant (kernels/gemm_gpu.cl)
+
+
 def _gemm_raw(dev, tn, M, N, K, alpha, A, offA, strideA, B, offB, strideB, beta, C, offC, strideC, batch):
+    if dev.variant == "gpu":
+        ts = dev.__dict__.get("gemm_tile", GPU_TS)
+        kern = dev.kernel("gemm_gpu.cl", "gemm_tn_local" if tn else "gemm_nn_local", (("TS", ts),))
+        gsize = (-(-N // ts) * ts, -(-M // ts) * ts, batch)
+        dev.launch(kern, gsize, (ts, ts, 1), i32(M), i32(N), i32(K), f32(alpha), f32(beta),
+                   A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
+        return
     vec = int(N % 8 == 0 and all(x % 8 == 0 for x in (offB, strideB, offC, strideC)))
     kern = dev.kernel("gemm.cl", "gemm_tn" if tn else "gemm_nn", (("VEC", vec),))
     gsize = ((N + TN - 1) // TN, (M + TM - 1) // TM, batch)

@@ -11,21 +11,33 @@ import pytest
 from engine.reference import Wiring
 
 
-@pytest.fixture(scope="session")
-def dev():
-    """One profiled engine.device.Device for the whole session.
-
-    No device: a skip on a workstation, a failure in CI (the OpenCL tests are the
-    point of CI and must never silently disappear there)."""
+def _device(**kwargs):
     from engine.device import Device
 
     try:
-        return Device(profile=True)
+        return Device(profile=True, **kwargs)
     except Exception as exc:  # DeviceError, or a pyopencl error while creating the context
         reason = f"no OpenCL device could be created: {type(exc).__name__}: {exc}"
         if os.environ.get("CI"):
             pytest.fail(f"{reason} (OpenCL tests must never be skipped in CI)", pytrace=False)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def dev():
+    """One profiled engine.device.Device for the whole session, with the kernel
+    variant of its type. No device: a skip on a workstation, a failure in CI
+    (the OpenCL tests are the point of CI and must never silently disappear there)."""
+    return _device()
+
+
+@pytest.fixture(scope="session")
+def gpu_dev():
+    """The same device building the GPU kernel variant (local-memory tiles), small
+    tiles so that the edge cases appear at test sizes."""
+    d = _device(variant="gpu")
+    d.gemm_tile = 8
+    return d
 
 
 def wiring_of(cfg) -> Wiring:

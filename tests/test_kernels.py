@@ -74,6 +74,19 @@ def test_gemm_matches_numpy(dev, M, N, K, batch, ta, tb):
         np.testing.assert_array_equal(guard, 12345.0)        # no store outside C (edge tiles masked)
 
 
+@pytest.mark.parametrize("M,N,K,batch", GEMM_SHAPES + [(5, 3, 100, 1)])
+def test_gemm_gpu_variant_matches_numpy(gpu_dev, M, N, K, batch):
+    """kernels/gemm_gpu.cl (local-memory tiles, chosen on GPUs) on this device."""
+    rng = np.random.default_rng([M, N, K, 99])
+    for ta, tb in itertools.product([False, True], repeat=2):
+        for alpha, beta in [(1.0, 0.0), (0.7, -1.3)]:
+            c0 = rand(rng, batch, M, N) if beta else np.full((batch, M, N), np.nan, f32)
+            got, guard, want = _gemm_case(gpu_dev, rng, M, N, K, batch, ta, tb, alpha, beta, c0, 8)
+            # same k-ascending float32 sums as the CPU kernels; K <= 100 terms: as above
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=f"ta={ta} tb={tb}")
+            np.testing.assert_array_equal(guard, 12345.0)
+
+
 @pytest.mark.parametrize("M,N,K,batch", GEMM_SHAPES)
 def test_gemm_beta_zero_never_reads_c(dev, M, N, K, batch):
     rng = np.random.default_rng([7, M, N])

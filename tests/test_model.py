@@ -58,6 +58,17 @@ WIRINGS.append(("fast_weights", "feature", "activity"))
 
 @pytest.mark.parametrize("hebb_mode,proto_mode,post", WIRINGS)
 def test_loss_and_gradients_match_reference(dev, hebb_mode, proto_mode, post):
+    check_loss_and_gradients(dev, hebb_mode, proto_mode, post)
+
+
+@pytest.mark.parametrize("hebb_mode,proto_mode,post", [("fast_weights", "feature", "spikes"),
+                                                       ("modulate", "shadow", "spikes")])
+def test_gpu_kernel_variant_matches_reference(gpu_dev, hebb_mode, proto_mode, post):
+    """The whole model built with the GPU kernel variant, checked here on PoCL."""
+    check_loss_and_gradients(gpu_dev, hebb_mode, proto_mode, post)
+
+
+def check_loss_and_gradients(dev, hebb_mode, proto_mode, post):
     cfg = small_config(f"hebb.mode={hebb_mode}", f"proto.mode={proto_mode}", f"hebb.post={post}")
     vocab = Vocab.from_text(TEXT)
     V = vocab.size
