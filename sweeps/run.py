@@ -80,7 +80,10 @@ def optimize(study, objective, n_trials: int):
     if finished_count(study) >= n_trials:
         return
 
-    def stop_when_done(st, _trial):
+    def stop_when_done(st, trial):
+        value = f" value {trial.value:.4f}" if trial.value is not None else ""
+        print(f"trial {trial.number} {trial.state.name}{value} ({finished_count(st)}/{n_trials} finished)",
+              file=sys.stderr, flush=True)
         failed = len(st.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)))
         if finished_count(st) >= n_trials or failed >= MAX_FAILED_FACTOR * n_trials:
             st.stop()
