@@ -396,6 +396,54 @@ def test_unreachable_tracking_server_fails_fast(tmp_path):
     assert sorted(os.listdir(tmp_path)) == []  # no run directory, no local store
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_smoke_run_against_an_http_tracking_server(tmp_path, dev):
+    """An http:// MLflow server (started here, on loopback) works like the local store:
+    the run, its metrics and its artifacts (uploaded through the server) read back."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path}/srv.db",
+         "--artifacts-destination", str(tmp_path / "srv-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        work = tmp_path / "work"
+        work.mkdir()
+        r = cli("experiments.run", "smoke", "--tracking-uri", uri, cwd=work)
+        assert r.returncode == 0, r.stderr
+        run_id = last_line(r.stdout)
+        cl = mlflow_client(uri)
+        run = cl.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert [s for s, _ in series(cl, run_id, "val_loss")] == [10, 20, 30]
+        names = {a.path for a in cl.list_artifacts(run_id)}
+        assert {"config.json", "kernel_timings.csv", "loss_curves.png", "checkpoint"} <= names
+        # the artifacts went through the server into its destination, not into ./mlruns
+        assert any((tmp_path / "srv-artifacts").rglob("config.json"))
+        assert not (work / "mlruns").exists()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def test_sqlite_store_in_a_missing_directory_is_a_user_error(tmp_path):
     missing = tmp_path / "nope" / "deeper"
     r = cli("experiments.run", "smoke", "--tracking-uri", f"sqlite:///{missing}/mlflow.db", cwd=tmp_path)
