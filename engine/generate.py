@@ -6,8 +6,10 @@ The fast-weight memory is carried from character to character as the matrix
 Aᵀ (H,H): m_t = A_{t−1}·k_t, then A_t = λ·A_{t−1} + η·post_t ⊗ k_t — the
 recurrent form of the causal sum the training pass computes for a whole
 sequence at once (docs/model.md), so the prompt's context reaches every
-generated character. Sampling (temperature, top-k) is on the host with a
-seeded numpy generator: the same seed gives the same text on one device.
+generated character. Each character is one launch of the fused kernel
+`generate_step` (kernels/generate.cl) and one read of its logits. Sampling
+(temperature, top-k) is on the host with a seeded numpy generator: the same
+seed gives the same text on one device.
 """
 from __future__ import annotations
 
@@ -24,16 +26,34 @@ from .device import Device, DeviceError
 from .model import Model
 
 
-class Generator:
-    """Step-wise inference with carried state (B = S = 1)."""
+GEN_WG = 64  # work-group of the fused generation kernel
 
-    def __init__(self, model: Model, vocab: Vocab):
+
+class Generator:
+    """Step-wise inference with carried state (B = S = 1).
+
+    fused=True (default) runs each character as one `generate_step` launch
+    (kernels/generate.cl); fused=False chains the training kernels, which is
+    the reference the fused kernel is tested against."""
+
+    def __init__(self, model: Model, vocab: Vocab, fused: bool = True):
         self.model, self.vocab, self.dev = model, vocab, model.dev
         self.ws = model.workspace(1, 1)
         H = model.H
         self.fast = model.cfg.hebb.mode == "fast_weights"
         self.At = self.dev.zeros((H, H)) if self.fast else None
         self._row = np.zeros((1, model.Vp), np.float32)  # W2 is stored with V padded to 8
+        self.fused = fused
+        if fused:
+            cfg = model.cfg
+            defines = (("WG", GEN_WG),
+                       ("HEBB", {"modulate": 1, "fast_weights": 2}.get(cfg.hebb.mode, 0)),
+                       ("PROTO", int(cfg.proto.mode == "feature")),
+                       ("COSINE", int(cfg.proto.similarity == "cosine")))
+            self._kernel = self.dev.kernel("generate.cl", "generate_step", defines)
+            self._scratch = self.dev.zeros((5 * H + model.E + GEN_WG + model.T,))
+            self._logits = self.dev.zeros((model.Vp,))
+            self._At = self.At if self.fast else self.dev.zeros((1,))
 
     def reset(self):
         if self.fast:
@@ -41,6 +61,8 @@ class Generator:
 
     def feed(self, token: int) -> np.ndarray:
         """Run one character through the model, update the memory, return its logits (V,)."""
+        if self.fused:
+            return self._feed_fused(token)
         m, ws, dev = self.model, self.ws, self.dev
         ws.x.set(np.array([token], np.int32))
         m.forward(ws, fw_state=self.At, loss=False)
@@ -48,6 +70,19 @@ class Generator:
             hc = m.cfg.hebb
             ops.gemm(dev, ws.k, ws.post, self.At, m.H, m.H, 1, alpha=hc.lr, beta=1.0 - hc.decay, trans_a=True)
         ws.logits.get(ary=self._row)
+        return self._row[0, :m.V]
+
+    def _feed_fused(self, token: int) -> np.ndarray:
+        m, cfg, p = self.model, self.model.cfg, self.model.p
+        i32, f32 = np.int32, np.float32
+        self.dev.launch(self._kernel, (GEN_WG,), (GEN_WG,),
+                        i32(token), i32(m.E), i32(m.H), i32(m.T), i32(m.Vp),
+                        p["W_emb"].data, p["W1"].data, p["b1"].data, p["W2"].data, p["b2"].data,
+                        m.W_hebb.data, self._At.data, m.P.data,
+                        f32(cfg.model.spike_threshold), i32(cfg.hebb.post == "activity"),
+                        f32(cfg.hebb.strength), f32(cfg.hebb.lr), f32(1.0 - cfg.hebb.decay),
+                        f32(cfg.proto.strength), self._scratch.data, self._logits.data)
+        self._logits.get(ary=self._row.reshape(-1))
         return self._row[0, :m.V]
 
     def sample(self, prompt: str, length: int, temperature: float = 1.0, top_k: int = 0, seed: int = 0) -> str:
