@@ -52,7 +52,11 @@ def transpose(dev, x, out, R, C, batch=1):
     """out[b] (C,R) = x[b] (R,C)ᵀ for b < batch."""
     bx, ox = _buf(x)
     bo, oo = _buf(out)
-    dev.launch(dev.kernel("gemm.cl", "transpose"), (C, R, batch), None,
+    if R % 8 == 0 and C % 8 == 0 and ox % 8 == 0 and oo % 8 == 0:  # 8×8 register blocks
+        name, gsize = "transpose8", (C // 8, R // 8, batch)
+    else:
+        name, gsize = "transpose", (C, R, batch)
+    dev.launch(dev.kernel("gemm.cl", name), gsize, None,
                i32(R), i32(C), bx, i32(ox), i32(R * C), bo, i32(oo), i32(R * C))
 
 

@@ -118,9 +118,9 @@ def test_gemm_long_k_split_matches_numpy_and_is_deterministic(dev, M, N, K):
     np.testing.assert_array_equal(outs[0], outs[1])   # chunk partials summed in a fixed order
 
 
-def test_transpose_exact(dev):
+@pytest.mark.parametrize("R,C,batch", [(13, 7, 3), (16, 24, 2)])   # element-wise / 8×8 blocks
+def test_transpose_exact(dev, R, C, batch):
     rng = np.random.default_rng(1)
-    R, C, batch = 13, 7, 3
     x = rand(rng, batch, R, C)
     out = dev.empty((batch, C, R))
     ops.transpose(dev, dev.to_device(x), out, R, C, batch)
