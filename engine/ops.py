@@ -41,11 +41,16 @@ def _gemm_raw(dev, tn, M, N, K, alpha, A, offA, strideA, B, offB, strideB, beta,
         dev.launch(kern, gsize, (ts, ts, 1), i32(M), i32(N), i32(K), f32(alpha), f32(beta),
                    A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
         return
-    vec = int(N % 8 == 0 and all(x % 8 == 0 for x in (offB, strideB, offC, strideC)))
-    kern = dev.kernel("gemm.cl", "gemm_tn" if tn else "gemm_nn", (("VEC", vec),))
-    gsize = ((N + TN - 1) // TN, (M + TM - 1) // TM, batch)
-    dev.launch(kern, gsize, None, i32(M), i32(N), i32(K), f32(alpha), f32(beta),
-               A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
+    vec = N % 8 == 0 and all(x % 8 == 0 for x in (offB, strideB, offC, strideC))
+    name = "gemm_tn" if tn else "gemm_nn"
+    args = (i32(M), i32(N), i32(K), f32(alpha), f32(beta),
+            A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
+    m_full = M - M % TM if vec else 0   # rows the vector kernel covers
+    if m_full:
+        dev.launch(dev.kernel("gemm.cl", name), ((N + TN - 1) // TN, m_full // TM, batch), None, *args)
+    if m_full < M:
+        dev.launch(dev.kernel("gemm.cl", name + "_edge"), ((N + TN - 1) // TN, -(-(M - m_full) // TM), batch),
+                   None, *args, i32(m_full))
 
 
 def transpose(dev, x, out, R, C, batch=1):

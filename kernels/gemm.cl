@@ -10,10 +10,12 @@
  * Launch (gemm_*): global = (ceil(N/16), ceil(M/4), batch), local = NULL.
  * Each work-item owns a 4×16 tile of C and accumulates over the whole K in
  * registers, in k order, so results do not depend on the launch.
- * VEC=1 (host checks N % 8 == 0 and every offset/stride % 8 == 0): tiles use
- * float8 loads of B by pointer cast (vload8 compiles to a call in PoCL 3,
- * which blocks vectorisation); plain a*b+c rather than fma()/mad() for the
- * same reason. Edge tiles (and VEC=0) clamp their reads and mask their stores.
+ * gemm_nn/gemm_tn (host checks N % 8 == 0 and every offset/stride % 8 == 0)
+ * load B as float8 by pointer cast (vload8 compiles to a call in PoCL 3, which
+ * blocks vectorisation), plain a*b+c rather than fma()/mad() for the same
+ * reason, and cover the rows of full 4-row tiles; gemm_*_edge (scalar, clamped
+ * reads, masked stores) covers the last M % 4 rows, or everything when the
+ * alignment does not hold. Launch (edge): global = (ceil(N/16), ceil((M−m_begin)/4), batch).
  * This is the CPU variant (register tiles); a GPU would want local-memory
  * tiles, chosen by the DEVICE_GPU define (not written yet).
  * K-split (long K, e.g. weight gradients with K = B·S): the batch index b of a
@@ -27,9 +29,6 @@
  */
 #define TM 4
 #define TN 16
-#ifndef VEC
-#define VEC 0
-#endif
 
 /* One TM×TN tile: the 8 float8 accumulators are named variables, not an
  * array: with arrays PoCL kept them in memory (55 GFLOP/s); named, the loop
@@ -50,38 +49,54 @@ __kernel void NAME(const int M, const int N, const int K,                       
     const int n0 = get_global_id(0) * TN;                                               \
     const int m0 = get_global_id(1) * TM;                                               \
     const int b = get_global_id(2);                                                     \
+    if (n0 >= N || m0 + TM > M) return;   /* rows past the last full tile: NAME##_edge */ \
+    A += offA + b * strideA;                                                            \
+    B += offB + b * strideB;                                                            \
+    C += offC + b * strideC;                                                            \
+    float8 c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;      \
+    __global const float* bp = B + n0;                                                  \
+    A_ROWS                                                                              \
+    if (n0 + TN <= N) {                                                                 \
+        for (int k = 0; k < K; k++, bp += N) {                                          \
+            const float8 b0 = *(__global const float8*)bp;                              \
+            const float8 b1 = *(__global const float8*)(bp + 8);                        \
+            FMA_ROW(c00, c01, A_AT(0, k)) FMA_ROW(c10, c11, A_AT(1, k))                 \
+            FMA_ROW(c20, c21, A_AT(2, k)) FMA_ROW(c30, c31, A_AT(3, k))                 \
+        }                                                                               \
+    } else { /* 8 columns left (N % 8 == 0 on this path) */                             \
+        const float8 b1 = 0;                                                            \
+        for (int k = 0; k < K; k++, bp += N) {                                          \
+            const float8 b0 = *(__global const float8*)bp;                              \
+            FMA_ROW(c00, c01, A_AT(0, k)) FMA_ROW(c10, c11, A_AT(1, k))                 \
+            FMA_ROW(c20, c21, A_AT(2, k)) FMA_ROW(c30, c31, A_AT(3, k))                 \
+        }                                                                               \
+    }                                                                                   \
+    __global float* cp = C + m0 * N + n0;                                               \
+    const int two = n0 + TN <= N;                                                       \
+    STORE8(cp, c00) if (two) STORE8(cp + 8, c01) cp += N;                               \
+    STORE8(cp, c10) if (two) STORE8(cp + 8, c11) cp += N;                               \
+    STORE8(cp, c20) if (two) STORE8(cp + 8, c21) cp += N;                               \
+    STORE8(cp, c30) if (two) STORE8(cp + 8, c31)                                        \
+}
+
+/* Edge tiles (rows from m_begin on, or any N when VEC=0): clamped reads, masked
+ * stores, in a kernel of their own: the scalar code inside the vector kernel
+ * cost that kernel ~25 % (register allocation), even when never taken. */
+#define GEMM_EDGE(NAME, A_ATC)                                                           \
+__kernel void NAME(const int M, const int N, const int K,                               \
+                   const float alpha, const float beta,                                 \
+                   __global const float* A, const int offA, const int strideA,          \
+                   __global const float* B, const int offB, const int strideB,          \
+                   __global float* C, const int offC, const int strideC,                \
+                   const int m_begin)                                                   \
+{                                                                                       \
+    const int n0 = get_global_id(0) * TN;                                               \
+    const int m0 = m_begin + get_global_id(1) * TM;                                     \
+    const int b = get_global_id(2);                                                     \
     if (n0 >= N || m0 >= M) return;                                                     \
     A += offA + b * strideA;                                                            \
     B += offB + b * strideB;                                                            \
     C += offC + b * strideC;                                                            \
-    if (VEC && m0 + TM <= M && n0 + 8 <= N) {                                           \
-        float8 c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;  \
-        __global const float* bp = B + n0;                                              \
-        A_ROWS                                                                          \
-        if (n0 + TN <= N) {                                                             \
-            for (int k = 0; k < K; k++, bp += N) {                                      \
-                const float8 b0 = *(__global const float8*)bp;                          \
-                const float8 b1 = *(__global const float8*)(bp + 8);                    \
-                FMA_ROW(c00, c01, A_AT(0, k)) FMA_ROW(c10, c11, A_AT(1, k))             \
-                FMA_ROW(c20, c21, A_AT(2, k)) FMA_ROW(c30, c31, A_AT(3, k))             \
-            }                                                                           \
-        } else { /* 8 columns left */                                                   \
-            const float8 b1 = 0;                                                        \
-            for (int k = 0; k < K; k++, bp += N) {                                      \
-                const float8 b0 = *(__global const float8*)bp;                          \
-                FMA_ROW(c00, c01, A_AT(0, k)) FMA_ROW(c10, c11, A_AT(1, k))             \
-                FMA_ROW(c20, c21, A_AT(2, k)) FMA_ROW(c30, c31, A_AT(3, k))             \
-            }                                                                           \
-        }                                                                               \
-        __global float* cp = C + m0 * N + n0;                                           \
-        const int two = n0 + TN <= N;                                                   \
-        STORE8(cp, c00) if (two) STORE8(cp + 8, c01) cp += N;                           \
-        STORE8(cp, c10) if (two) STORE8(cp + 8, c11) cp += N;                           \
-        STORE8(cp, c20) if (two) STORE8(cp + 8, c21) cp += N;                           \
-        STORE8(cp, c30) if (two) STORE8(cp + 8, c31)                                    \
-        return;                                                                         \
-    }                                                                                   \
-    /* edge tile (or unaligned N): clamp the reads, mask the stores */                  \
     float acc[TM][TN];                                                                  \
     int nj[TN];                                                                         \
     for (int j = 0; j < TN; j++) nj[j] = min(n0 + j, N - 1);                            \
@@ -107,14 +122,13 @@ __kernel void NAME(const int M, const int N, const int K,                       
 /* gemm_tn: A stored (K,M): the tile's four values of row k are contiguous */
 #define TN_ROWS __global const float* ap = A + m0;
 #define TN_AT(i, k) ap[(k) * M + (i)]
-#define A_ATC(i, k) A_ATC_IMPL(i, k)
+#define NN_ATC(i, k) A[(i) * K + (k)]
+#define TN_ATC(i, k) A[(k) * M + (i)]
 
-#define A_ATC_IMPL(i, k) A[(i) * K + (k)]
 GEMM_KERNEL(gemm_nn, NN_AT, NN_ROWS)
-#undef A_ATC_IMPL
-#define A_ATC_IMPL(i, k) A[(k) * M + (i)]
 GEMM_KERNEL(gemm_tn, TN_AT, TN_ROWS)
-#undef A_ATC_IMPL
+GEMM_EDGE(gemm_nn_edge, NN_ATC)
+GEMM_EDGE(gemm_tn_edge, TN_ATC)
 
 __kernel void gemm_reduce(const int MN, const int chunks, const float alpha, const float beta,
                           __global const float* partial, __global float* C, const int offC)
