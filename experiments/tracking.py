@@ -159,6 +159,7 @@ class MlflowLogger(Callback):
         self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
         self._generator = None
         self._pending: list = []
+        self._queue: list = []
 
     def on_start(self, trainer):
         self.trainer = trainer
@@ -177,14 +178,22 @@ class MlflowLogger(Callback):
                 name, calls, total_ms = line.split(",")[:3]
                 self.kernel_totals[name] = [int(calls), float(total_ms)]
 
-    def _send(self, step: int, values: dict):
+    FLUSH_AT = 900  # metrics per log_batch (MLflow caps a batch at 1000 entries)
+
+    def _send(self, step: int, values: dict, flush: bool = False):
+        """Queue metrics at `step`; one write per ~900 values, at evaluations and at the end:
+        on 2 cores every store write competes with the device for the CPU."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items()
-                   if v is not None and np.isfinite(v)]
-        for i in range(0, len(metrics), 900):  # MLflow caps a batch at 1000 entries
-            # asynchronous: the store's latency stays off the training loop (flushed in finish)
-            op = self.cl.log_batch(self.run_id, metrics=metrics[i:i + 900], synchronous=False)
+        self._queue += [Metric(k, float(v), now, step) for k, v in values.items()
+                        if v is not None and np.isfinite(v)]
+        if flush or len(self._queue) >= self.FLUSH_AT:
+            self._flush()
+
+    def _flush(self):
+        while self._queue:
+            batch, self._queue = self._queue[:self.FLUSH_AT], self._queue[self.FLUSH_AT:]
+            op = self.cl.log_batch(self.run_id, metrics=batch, synchronous=False)
             if op is not None:
                 self._pending.append(op)
 
@@ -205,7 +214,8 @@ class MlflowLogger(Callback):
 
     def on_eval(self, rec):
         step = rec["step"]
-        self._send(step, {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec})
+        self._send(step, {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec},
+                   flush=True)
         self.curves["val"].append((step, rec["val_loss"]))
         if "proto_counts" in rec:
             self._histogram(step, rec["proto_counts"])
@@ -222,18 +232,15 @@ class MlflowLogger(Callback):
         rel = f"step_{step:07d}"
         self._artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
                                                         "assigned": int(sum(counts))}), "proto_hist")
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(7, 2.6))
-        ax.bar(range(len(counts)), counts, color="#4a7ab5")
+        from matplotlib.figure import Figure  # the object API: no pyplot state, cheaper per figure
+        fig = Figure(figsize=(7, 2.6), layout="tight")
+        ax = fig.add_subplot()
+        ax.bar(range(len(counts)), counts, color="#4a7ab5", width=1.0)
         ax.set_xlabel("prototype")
         ax.set_ylabel("assigned positions")
         ax.set_title(f"prototype usage, step {step}")
-        fig.tight_layout()
         png = Path(self._tmp.name) / "proto" / f"{rel}.png"
-        fig.savefig(png, dpi=80)
-        plt.close(fig)
+        fig.savefig(png, dpi=72)
         self.cl.log_artifact(self.run_id, str(png), "proto_hist")
 
     def _sample(self, step: int):
@@ -245,7 +252,8 @@ class MlflowLogger(Callback):
         self._artifact(f"samples/step_{step:07d}.txt", "The " + text + "\n", "samples")
 
     def finish(self, checkpoint: str | None = None):
-        """Wait for queued metrics; then the kernel timing table, loss curves and checkpoint."""
+        """Write and wait for queued metrics; then the kernel timing table, loss curves and checkpoint."""
+        self._flush()
         for op in self._pending:
             op.wait()
         self._pending.clear()
@@ -264,10 +272,9 @@ class MlflowLogger(Callback):
         return "\n".join(lines) + "\n"
 
     def _loss_figure(self):
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(6, 3.5), layout="tight")
+        ax = fig.add_subplot()
         for key, style in (("train", "-"), ("val", "o-")):
             if self.curves[key]:
                 s, v = zip(*self.curves[key])
@@ -275,8 +282,6 @@ class MlflowLogger(Callback):
         ax.set_xlabel("step")
         ax.set_ylabel("nats / character")
         ax.legend()
-        fig.tight_layout()
         png = Path(self._tmp.name) / "loss_curves.png"
         fig.savefig(png, dpi=90)
-        plt.close(fig)
         self.cl.log_artifact(self.run_id, str(png), "")
