@@ -147,9 +147,50 @@ def log_dataset(cl, run_id: str, trainer) -> None:
 
 
 # -- the callback -------------------------------------------------------------------------------
+class _Background:
+    """One worker thread at the lowest CPU priority for store writes and
+    figures: on a 2-core machine the device's threads come first, and the
+    tracking work fills the moments they wait. The first error is re-raised
+    by `join`, so nothing fails silently."""
+
+    def __init__(self):
+        import queue
+        import threading
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+        self._thread.start()
+
+    def _work(self):
+        import threading
+        try:  # Linux: a thread's nice value is its own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:
+                try:
+                    job()
+                except BaseException as exc:  # re-raised in join()
+                    self._error = exc
+
+    def submit(self, job):
+        self._jobs.put(job)
+
+    def join(self):
+        self._jobs.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+
 class MlflowLogger(Callback):
-    """Logs engine telemetry to one MLflow run: metrics in one batch per
-    logging point, histograms, samples and figures as artifacts."""
+    """Logs engine telemetry to one MLflow run: metrics queued and written in
+    batches, histograms, samples and figures as artifacts, all writes on a
+    low-priority background thread (`_Background`)."""
 
     def __init__(self, cl, run_id: str, sample_chars: int = 200):
         self.cl, self.run_id, self.sample_chars = cl, run_id, sample_chars
@@ -158,8 +199,8 @@ class MlflowLogger(Callback):
         self.trainer = None
         self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
         self._generator = None
-        self._pending: list = []
         self._queue: list = []
+        self._bg = _Background()
 
     def on_start(self, trainer):
         self.trainer = trainer
@@ -193,9 +234,7 @@ class MlflowLogger(Callback):
     def _flush(self):
         while self._queue:
             batch, self._queue = self._queue[:self.FLUSH_AT], self._queue[self.FLUSH_AT:]
-            op = self.cl.log_batch(self.run_id, metrics=batch, synchronous=False)
-            if op is not None:
-                self._pending.append(op)
+            self._bg.submit(lambda batch=batch: self.cl.log_batch(self.run_id, metrics=batch))
 
     def on_log(self, rec):
         step = rec["step"]
@@ -223,15 +262,21 @@ class MlflowLogger(Callback):
             self._sample(step)
 
     def _artifact(self, rel: str, data: bytes | str, artifact_path: str):
+        self._bg.submit(lambda: self._write_artifact(rel, data, artifact_path))
+
+    def _write_artifact(self, rel: str, data: bytes | str, artifact_path: str):
         path = Path(self._tmp.name) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
         self.cl.log_artifact(self.run_id, str(path), artifact_path)
 
     def _histogram(self, step: int, counts: list):
+        self._bg.submit(lambda: self._write_histogram(step, list(counts)))
+
+    def _write_histogram(self, step: int, counts: list):
         rel = f"step_{step:07d}"
-        self._artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
-                                                        "assigned": int(sum(counts))}), "proto_hist")
+        self._write_artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
+                                                              "assigned": int(sum(counts))}), "proto_hist")
         from matplotlib.figure import Figure  # the object API: no pyplot state, cheaper per figure
         fig = Figure(figsize=(7, 2.6), layout="tight")
         ax = fig.add_subplot()
@@ -252,13 +297,12 @@ class MlflowLogger(Callback):
         self._artifact(f"samples/step_{step:07d}.txt", "The " + text + "\n", "samples")
 
     def finish(self, checkpoint: str | None = None):
-        """Write and wait for queued metrics; then the kernel timing table, loss curves and checkpoint."""
+        """Write queued metrics and artifacts and wait for them; then the kernel
+        timing table, loss curves and checkpoint."""
         self._flush()
-        for op in self._pending:
-            op.wait()
-        self._pending.clear()
+        self._bg.join()
         if self.kernel_totals:
-            self._artifact("kernel_timings.csv", self.timing_table(), "")
+            self._write_artifact("kernel_timings.csv", self.timing_table(), "")
         if self.curves["train"]:
             self._loss_figure()
         if checkpoint and os.path.exists(checkpoint):
