@@ -153,9 +153,15 @@ class _Background:
     tracking work fills the moments they wait. The first error is re-raised
     by `join`, so nothing fails silently."""
 
+    SWITCH_S = 0.0005  # the GIL hand-over interval while this thread lives (Python's default: 5 ms)
+
     def __init__(self):
         import queue
+        import sys
         import threading
+        # the training thread must not wait 5 ms for the GIL before each kernel launch
+        self._switch = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._switch, self.SWITCH_S))
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
@@ -181,8 +187,10 @@ class _Background:
         self._jobs.put(job)
 
     def join(self):
+        import sys
         self._jobs.put(None)
         self._thread.join()
+        sys.setswitchinterval(self._switch)
         if self._error is not None:
             raise self._error
 
