@@ -167,11 +167,6 @@ def fw_state_norm(dev, G, Q, w, out, B, S):
     dev.launch(dev.kernel("layers.cl", "fw_state_norm"), (B,), None, G.data, Q.data, w.data, i32(S), out.data)
 
 
-def add_inplace(dev, y, x, n):
-    """y (n,) += x (n,)."""
-    dev.launch(dev.kernel("layers.cl", "add_inplace"), (n,), None, y.data, x.data)
-
-
 # -- loss ---------------------------------------------------------------------------
 def count_valid(dev, y, N, nv):
     dev.launch(dev.kernel("loss.cl", "count_valid"), (1,), None, y.data, i32(N), nv.data)

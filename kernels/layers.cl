@@ -16,7 +16,6 @@
  *   row_normalize_forward / _backward   k = h/sqrt(|h|²+1e-6) and dh += …   global (N)
  *   causal_decay_mask   Gm[b,t,τ] = w[t−1−τ]·G[b,t,τ] for τ < t, else 0      global (S, S, B)
  *   fw_state_norm       ‖A_{S−1}‖_F per sequence from the Gram matrices     global (B)
- *   add_inplace         y += x                                              global (n)
  *
  * Reductions loop in a fixed order inside one work-item: no atomics, so a
  * result never depends on scheduling (training is bit-reproducible).
@@ -155,10 +154,4 @@ __kernel void fw_state_norm(__global const float* G, __global const float* Q,
             acc += w[S - 1 - t] * w[S - 1 - u] * G[i] * Q[i];
         }
     out[b] = sqrt(max(acc, 0.0f));
-}
-
-__kernel void add_inplace(__global float* y, __global const float* x)
-{
-    const int i = get_global_id(0);
-    y[i] += x[i];
 }
