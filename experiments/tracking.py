@@ -208,6 +208,7 @@ class MlflowLogger(Callback):
         self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
         self._generator = None
         self._queue: list = []
+        self._flushed = time.monotonic()
         self._bg = _Background()
 
     def on_start(self, trainer):
@@ -228,18 +229,20 @@ class MlflowLogger(Callback):
                 self.kernel_totals[name] = [int(calls), float(total_ms)]
 
     FLUSH_AT = 900  # metrics per log_batch (MLflow caps a batch at 1000 entries)
+    FLUSH_EVERY_S = 2.0  # ... and at least this often, so a live run shows its curves
 
     def _send(self, step: int, values: dict, flush: bool = False):
-        """Queue metrics at `step`; one write per ~900 values, at evaluations and at the end:
-        on 2 cores every store write competes with the device for the CPU."""
+        """Queue metrics at `step`; written per ~900 values, every 2 s, at evaluations and
+        at the end: on 2 cores every store write competes with the device for the CPU."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self._queue += [Metric(k, float(v), now, step) for k, v in values.items()
                         if v is not None and np.isfinite(v)]
-        if flush or len(self._queue) >= self.FLUSH_AT:
+        if flush or len(self._queue) >= self.FLUSH_AT or time.monotonic() - self._flushed > self.FLUSH_EVERY_S:
             self._flush()
 
     def _flush(self):
+        self._flushed = time.monotonic()
         while self._queue:
             batch, self._queue = self._queue[:self.FLUSH_AT], self._queue[self.FLUSH_AT:]
             self._bg.submit(lambda batch=batch: self.cl.log_batch(self.run_id, metrics=batch))

@@ -33,8 +33,9 @@ pytestmark = pytest.mark.opencl
 REPO = Path(__file__).resolve().parent.parent
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 SMOKE_STEPS = 30
-SIGTERM_ARGS = ["--set", "train.steps=400", "--set", "train.eval_every=100",
-                "--set", "train.checkpoint_every=100", "--set", "train.log_every=5"]
+STEPS, EVAL = 3000, 500  # long enough for the run to be mid-way when signalled
+SIGTERM_ARGS = ["--set", f"train.steps={STEPS}", "--set", f"train.eval_every={EVAL}",
+                "--set", f"train.checkpoint_every={EVAL}", "--set", "train.log_every=5"]
 PARAM_NAMES = ("W_emb", "W1", "b1", "W2", "b2")
 
 
@@ -545,7 +546,7 @@ class Interrupted:
 
 @pytest.fixture(scope="module")
 def interrupted(template_db, tmp_path_factory):
-    """`smoke` for 400 steps, SIGTERM once train_loss reached step 40, then --resume; meanwhile
+    """`smoke` for STEPS steps, SIGTERM once train_loss reached step 40, then --resume; meanwhile
     the same command runs uninterrupted in a store of its own (the reference)."""
     from engine.checkpoint import load_checkpoint
     base = tmp_path_factory.mktemp("sigterm")
@@ -595,7 +596,7 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint(interrupted):
     assert "error" not in s.after_kill.data.tags
     assert s.checkpoint_path == str(s.killed.dir / "runs" / s.run_id / "checkpoint.npz")
     assert s.kill_meta is not None
-    assert 40 <= s.last_logged <= s.kill_meta["step"] < 400  # written at the stop, not only every 100 steps
+    assert 40 <= s.last_logged <= s.kill_meta["step"] < STEPS  # written at the stop, not only every 500 steps
     assert s.kill_artifacts == {"checkpoint/checkpoint.npz"}
 
 
@@ -605,7 +606,7 @@ def test_resume_finishes_the_same_run(interrupted):
     assert last_line(s.resume.stdout) == s.run_id
     assert s.after_resume.info.status == "FINISHED"
     assert s.after_resume.data.tags["resumed_from_step"] == str(s.kill_meta["step"])
-    assert s.resume_meta["step"] == 400
+    assert s.resume_meta["step"] == STEPS
     assert len(all_runs(s.killed.client)) == 1  # resumed in place, no new run
 
 
@@ -616,7 +617,7 @@ def test_resumed_run_equals_an_uninterrupted_run(interrupted):
     a, b = s.after_resume.data.metrics, wc.get_run(s.ref_id).data.metrics
     for key in ("val_loss", "val_acc", "train_loss"):
         assert a[key] == b[key], key
-    assert [st for st, _ in series(cl, s.run_id, "val_loss")] == [100, 200, 300, 400]
+    assert [st for st, _ in series(cl, s.run_id, "val_loss")] == list(range(EVAL, STEPS + 1, EVAL))
     assert series(cl, s.run_id, "val_loss") == series(wc, s.ref_id, "val_loss")
     keys = model_keys(cl, s.run_id)
     assert keys == model_keys(wc, s.ref_id)
@@ -642,7 +643,7 @@ def test_resumed_run_timing_table_covers_the_whole_run(interrupted, tmp_path):
         with open(p, newline="") as f:
             return {r["kernel"]: int(r["calls"]) for r in csv.DictReader(f)}[kernel]
     whole = calls(s.whole.client, s.ref_id, "adamw")
-    assert whole == 400
+    assert whole == STEPS
     resumed = calls(s.killed.client, s.run_id, "adamw")
     assert 0 <= whole - resumed < 5, (whole, resumed, s.kill_meta["step"])
 
