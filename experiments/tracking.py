@@ -229,10 +229,10 @@ class MlflowLogger(Callback):
                 self.kernel_totals[name] = [int(calls), float(total_ms)]
 
     FLUSH_AT = 900  # metrics per log_batch (MLflow caps a batch at 1000 entries)
-    FLUSH_EVERY_S = 2.0  # ... and at least this often, so a live run shows its curves
+    FLUSH_EVERY_S = 10.0  # ... and at least this often, so a live run shows its curves
 
     def _send(self, step: int, values: dict, flush: bool = False):
-        """Queue metrics at `step`; written per ~900 values, every 2 s, at evaluations and
+        """Queue metrics at `step`; written per ~900 values, every 10 s, at evaluations and
         at the end: on 2 cores every store write competes with the device for the CPU."""
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
