@@ -11,6 +11,12 @@ import pytest
 from engine.reference import Wiring
 
 
+# Tiny model sizes and text shared by the model-level tests (test_model, test_bench).
+E, H, T, B, S = 16, 24, 5, 3, 8
+TEXT = ("the quick brown fox jumps over the lazy dog, and then it sleeps. "
+        "a small cat sat on the mat near the door; the dog did not mind. ") * 6
+
+
 def _device(**kwargs):
     from engine.device import Device
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wiring_of
+from conftest import B, E, H, S, T, TEXT, wiring_of  # shared tiny sizes and text
 
 from engine import reference as ref
 from engine.data import Batches, Vocab
@@ -24,10 +24,8 @@ from experiments import presets
 pytestmark = pytest.mark.opencl
 
 REPO = Path(__file__).resolve().parent.parent
-E, H, T, B, S = 16, 24, 5, 3, 8
+
 STEPS = 5
-TEXT = ("the quick brown fox jumps over the lazy dog, and then it sleeps. "
-        "a small cat sat on the mat near the door; the dog did not mind. ") * 6
 SIZES = {"model.embedding_dim": E, "model.hidden_dim": H, "model.num_prototypes": T,
          "train.batch_size": B, "train.seq_len": S, "train.steps": 20, "optim.warmup_steps": 2}
 

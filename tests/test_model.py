@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import wiring_of
+from conftest import B, E, H, S, T, TEXT, wiring_of  # shared tiny sizes and text
 
 from engine import reference as ref
 from engine.checkpoint import CheckpointError
@@ -27,10 +27,8 @@ from engine.train import EVAL_KEYS, Trainer, TrainingError
 pytestmark = pytest.mark.opencl
 
 REPO = Path(__file__).resolve().parent.parent
-E, H, T, B, S = 16, 24, 5, 3, 8
+
 STEPS = 10
-TEXT = ("the quick brown fox jumps over the lazy dog, and then it sleeps. "
-        "a small cat sat on the mat near the door; the dog did not mind. ") * 6
 SIZES = [f"model.embedding_dim={E}", f"model.hidden_dim={H}", f"model.num_prototypes={T}",
          f"train.batch_size={B}", f"train.seq_len={S}"]
 
