@@ -21,6 +21,9 @@ S=64, V from the corpus):
   this size with the program cache warm and runs the first step (--quick skips it,
   and the numpy reference).
 
+Every timing starts after a 0.2 s pause: numpy's OpenBLAS and torch's OpenMP
+threads spin for ~0.1 s after their last call, and on two cores that spinning
+slowed whatever was timed next (the engine's matrix products by up to 2x).
 The machine may be shared and noisy: every number is the median of the repeats,
 with min and max beside it. Progress goes to standard error; the report (or,
 with --json, one JSON object) to standard output. torch is optional.
@@ -55,6 +58,14 @@ WARMUP_STEPS = 3
 N_BATCHES = 8             # distinct pre-drawn batches, cycled
 GEN_LENGTH, GEN_PROMPT = 200, "The "
 GEMM_MIN_S = 0.05         # each gemm timing covers at least this much wall time
+SETTLE_S = 0.2            # pause before every timing: OpenBLAS (numpy) and OpenMP (torch) worker
+                          # threads keep spinning ~0.1 s after their last call, and on 2 cores that
+                          # spinning, billed to whatever runs next, halved the engine's GFLOP/s
+
+
+def settle():
+    """Let the previous timing's worker threads (any library's) go idle before the next clock starts."""
+    time.sleep(SETTLE_S)
 
 
 def log(msg: str):
@@ -111,6 +122,7 @@ class EngineRunner:
     def run(self, n: int) -> float:
         """Seconds for n steps, the device drained before the clock stops."""
         self.dev.finish()
+        settle()
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -136,6 +148,7 @@ class TorchRunner:
         self.last = self.model.train_step(x, y, self.model.lr_at(self.model.step + 1))
 
     def run(self, n: int) -> float:
+        settle()
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -273,6 +286,8 @@ def _calibrate(fn, finish) -> int:
 def _time_calls(fn, finish, reps) -> float:
     """Seconds per call over `reps` calls, cut short after 4·GEMM_MIN_S (a load burst elsewhere
     on the machine must not stretch the whole benchmark)."""
+    finish()
+    settle()
     t = time.perf_counter()
     for i in range(reps):
         fn()
@@ -334,6 +349,7 @@ def bench_generation(model, vocab, repeats) -> dict:
     gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, 0)          # warm-up: builds the B = S = 1 kernels
     times = []
     for r in range(repeats):
+        settle()
         t = time.perf_counter()
         gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, r)
         times.append(time.perf_counter() - t)

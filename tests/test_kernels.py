@@ -97,7 +97,9 @@ def test_gemm_beta_zero_never_reads_c(dev, M, N, K, batch):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)   # as above
 
 
-@pytest.mark.parametrize("M,N,K", [(24, 16, 4096), (13, 10, 2048 + 256)])
+# (16,24): packed A panels (N >= M; N % 16 = 8 takes the 8-column tail); (8,32): packed, whole tiles;
+# (24,16): plain gemm_tn chunks (N < M); (13,10): the scalar edge kernel's chunks
+@pytest.mark.parametrize("M,N,K", [(16, 24, 4096), (8, 32, 2048), (24, 16, 4096), (13, 10, 2048 + 256)])
 def test_gemm_long_k_split_matches_numpy_and_is_deterministic(dev, M, N, K):
     """Aᵀ·B with a long K goes through per-chunk partials and gemm_reduce."""
     assert ops._k_chunk(K) > 0   # this shape takes the split path
@@ -113,8 +115,12 @@ def test_gemm_long_k_split_matches_numpy_and_is_deterministic(dev, M, N, K):
     outs = []
     for _ in range(2):
         c = dev.zeros((M, N))
+        dev.take_timings()
         ops.gemm(dev, a, b, c, M, N, K, trans_a=True)
         outs.append(c.get())
+        ran = set(dev.take_timings())
+        assert ("gemm_tn_split" in ran) == (N >= M and M % 4 == 0 and N % 8 == 0), ran   # the path meant
+        assert "gemm_reduce" in ran
     np.testing.assert_array_equal(outs[0], outs[1])   # chunk partials summed in a fixed order
 
 
