@@ -132,7 +132,7 @@ def embedding_backward(dev, de, perm, starts, dW, V, E):
 
 def bias_gelu_forward(dev, a, bias, h, N, H):
     """a (N,H) += bias (H,) in place; h = GELU(a)."""
-    dev.launch(dev.kernel("layers.cl", "bias_gelu_forward"), (N * H,), None, a.data, bias.data, i32(H), h.data)
+    dev.launch(dev.kernel("layers.cl", "bias_gelu_forward"), (H, N), None, a.data, bias.data, i32(H), h.data)
 
 
 def gelu_backward(dev, dh, a, da, N, H):
@@ -147,7 +147,11 @@ def add_bias(dev, X, bias, N, C):
 
 def colsum(dev, X, out, N, C):
     """out (C,) = Σ_n X (N,C)[n]."""
-    dev.launch(dev.kernel("layers.cl", "colsum"), (C,), None, X.data, i32(N), i32(C), out.data)
+    (bX, oX), (bO, oO) = _buf(X), _buf(out)
+    if C % 8 == 0 and oX % 8 == 0 and oO % 8 == 0:
+        dev.launch(dev.kernel("layers.cl", "colsum8"), (C // 8,), (1,), X.data, i32(N), i32(C), out.data)
+    else:
+        dev.launch(dev.kernel("layers.cl", "colsum"), (C,), None, X.data, i32(N), i32(C), out.data)
 
 
 def spikes_forward(dev, h, theta, s, N, H):

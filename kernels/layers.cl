@@ -8,10 +8,10 @@
  *   bucket_sort         stable counting sort of keys (N,) into nb buckets   global (1)
  *   embedding_forward   e (N,E) = W_emb[x]                                  global (E, N)
  *   embedding_backward  dW_emb (V,E) = Σ_{x_n = v} de[n] (sorted positions) global (E, V)
- *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (N·H)
+ *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (H, N)
  *   gelu_backward       da = dh · GELU'(a)                                  global (N·H)
  *   add_bias            X (N,C) += b                                        global (C, N)
- *   colsum              out (C,) = Σ_n X[n]                                 global (C)
+ *   colsum(8)           out (C,) = Σ_n X[n]                                 global (C) / (C/8)
  *   spikes_forward      s = 1[h > θ]                                        global (H, N)
  *   row_normalize_forward / _backward   k = h/sqrt(|h|²+1e-6) and dh += …   global (N)
  *   causal_decay_mask   Gm[b,t,τ] = w[t−1−τ]·G[b,t,τ] for τ < t, else 0      global (S, S, B)
@@ -70,8 +70,9 @@ __kernel void embedding_backward(__global const float* de, __global const int* p
 __kernel void bias_gelu_forward(__global float* a, __global const float* bias, const int H,
                                 __global float* h)
 {
-    const int i = get_global_id(0);
-    const float x = a[i] + bias[i % H];
+    const int j = get_global_id(0);                   /* 2-D launch: no i % H per element, */
+    const int i = get_global_id(1) * H + j;           /* whose integer division PoCL cannot vectorise */
+    const float x = a[i] + bias[j];
     a[i] = x;
     float cdf, pdf;
     gelu_parts(x, &cdf, &pdf);
@@ -100,6 +101,18 @@ __kernel void colsum(__global const float* X, const int N, const int C, __global
     float acc = 0.0f;
     for (int n = 0; n < N; n++) acc += X[n * C + j];
     out[j] = acc;
+}
+
+/* colsum8: the same sums (same order per column, so the same bits), eight columns
+ * per work-item as one float8: C % 8 == 0 and X 32-byte aligned (host checks).
+ * Launch: global = (C/8), local = (1): one work-group per strip, so both cores work. */
+__kernel void colsum8(__global const float* X, const int N, const int C, __global float* out)
+{
+    const int j = get_global_id(0) * 8;
+    __global const float* xp = X + j;
+    float8 acc = 0.0f;
+    for (int n = 0; n < N; n++, xp += C) acc += *(__global const float8*)xp;
+    *(__global float8*)(out + j) = acc;
 }
 
 __kernel void spikes_forward(__global const float* h, const float theta, const int H,

@@ -222,6 +222,22 @@ def test_add_bias_and_colsum(dev):
     np.testing.assert_allclose(out.get(), as64(X).sum(axis=0), rtol=1e-5, atol=1e-5)
 
 
+def test_colsum8_equals_the_scalar_sum_bit_for_bit(dev):
+    """C % 8 == 0 takes colsum8 (eight columns per work-item): the same row order per column,
+    so exactly the numbers of the scalar kernel, which is checked against float64 as above."""
+    rng = np.random.default_rng(16)
+    N, C = 301, 24
+    X = dev.to_device(rand(rng, N, C))
+    dev.take_timings()
+    vec = dev.empty((C,))
+    ops.colsum(dev, X, vec, N, C)
+    assert "colsum8" in dev.take_timings()
+    scalar = dev.empty((C,))
+    dev.launch(dev.kernel("layers.cl", "colsum"), (C,), None, X.data, np.int32(N), np.int32(C), scalar.data)
+    np.testing.assert_array_equal(vec.get(), scalar.get())
+    np.testing.assert_allclose(vec.get(), as64(X.get()).sum(axis=0), rtol=1e-5, atol=1e-4)   # N = 301: as above
+
+
 def test_spikes_forward_is_strict_threshold(dev):
     rng = np.random.default_rng(7)
     N, H, theta = 9, 11, 0.5
