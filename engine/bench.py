@@ -21,9 +21,11 @@ S=64, V from the corpus):
   this size with the program cache warm and runs the first step (--quick skips it,
   and the numpy reference).
 
-Every timing starts after a 0.2 s pause: numpy's OpenBLAS and torch's OpenMP
+Every timing starts after a 0.2 s pause and one untimed call: numpy's OpenBLAS and torch's OpenMP
 threads spin for ~0.1 s after their last call, and on two cores that spinning
-slowed whatever was timed next (the engine's matrix products by up to 2x).
+slowed whatever was timed next (the engine's matrix products by up to 2x);
+the untimed call wakes the library's own threads again, as a training loop
+never lets them sleep.
 The machine may be shared and noisy: every number is the median of the repeats,
 with min and max beside it. Progress goes to standard error; the report (or,
 with --json, one JSON object) to standard output. torch is optional.
@@ -123,6 +125,8 @@ class EngineRunner:
         """Seconds for n steps, the device drained before the clock stops."""
         self.dev.finish()
         settle()
+        self.step()            # untimed, as for torch: wakes the worker threads after the pause
+        self.dev.finish()
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -149,6 +153,7 @@ class TorchRunner:
 
     def run(self, n: int) -> float:
         settle()
+        self.step()            # untimed: wakes the OpenMP threads after the pause
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -288,6 +293,8 @@ def _time_calls(fn, finish, reps) -> float:
     on the machine must not stretch the whole benchmark)."""
     finish()
     settle()
+    fn()           # untimed: wakes the library's worker threads (in training they never sleep)
+    finish()
     t = time.perf_counter()
     for i in range(reps):
         fn()

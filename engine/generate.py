@@ -49,7 +49,8 @@ class Generator:
             defines = (("WG", GEN_WG),
                        ("HEBB", {"modulate": 1, "fast_weights": 2}.get(cfg.hebb.mode, 0)),
                        ("PROTO", int(cfg.proto.mode == "feature")),
-                       ("COSINE", int(cfg.proto.similarity == "cosine")))
+                       ("COSINE", int(cfg.proto.similarity == "cosine")),
+                       ("VEC8", int(model.E % 8 == 0 and H % 8 == 0)))   # float8 columns; Vp % 8 == 0 always
             self._kernel = self.dev.kernel("generate.cl", "generate_step", defines)
             self._scratch = self.dev.zeros((5 * H + model.E + GEN_WG + model.T,))
             self._logits = self.dev.zeros((model.Vp,))
