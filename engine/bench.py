@@ -21,11 +21,11 @@ S=64, V from the corpus):
   this size with the program cache warm and runs the first step (--quick skips it,
   and the numpy reference).
 
-Every timing starts after a 0.2 s pause and one untimed call: numpy's OpenBLAS and torch's OpenMP
+Every timing starts after a 0.2 s pause and 0.15 s of untimed work: numpy's OpenBLAS and torch's OpenMP
 threads spin for ~0.1 s after their last call, and on two cores that spinning
 slowed whatever was timed next (the engine's matrix products by up to 2x);
-the untimed call wakes the library's own threads again, as a training loop
-never lets them sleep.
+and after the pause this VM ran the engine at half speed for 50-100 ms, which
+a training loop, never idle, does not see: the untimed work wakes it again.
 The machine may be shared and noisy: every number is the median of the repeats,
 with min and max beside it. Progress goes to standard error; the report (or,
 with --json, one JSON object) to standard output. torch is optional.
@@ -65,9 +65,20 @@ SETTLE_S = 0.2            # pause before every timing: OpenBLAS (numpy) and Open
                           # spinning, billed to whatever runs next, halved the engine's GFLOP/s
 
 
-def settle():
-    """Let the previous timing's worker threads (any library's) go idle before the next clock starts."""
+WARM_S = 0.15             # then this much untimed work: after 0.2 s idle this VM ran the engine
+                          # at half speed for ~50-100 ms (a training loop never idles)
+
+
+def settle(fn, finish=lambda: None):
+    """Before a clock starts: let the previous timing's worker threads (any library's) go idle,
+    then run `fn` untimed for WARM_S so that this library's threads and cores are awake again."""
     time.sleep(SETTLE_S)
+    t = time.perf_counter()
+    while True:
+        fn()
+        finish()
+        if time.perf_counter() - t >= WARM_S:
+            return
 
 
 def log(msg: str):
@@ -124,9 +135,7 @@ class EngineRunner:
     def run(self, n: int) -> float:
         """Seconds for n steps, the device drained before the clock stops."""
         self.dev.finish()
-        settle()
-        self.step()            # untimed, as for torch: wakes the worker threads after the pause
-        self.dev.finish()
+        settle(self.step, self.dev.finish)
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -152,8 +161,7 @@ class TorchRunner:
         self.last = self.model.train_step(x, y, self.model.lr_at(self.model.step + 1))
 
     def run(self, n: int) -> float:
-        settle()
-        self.step()            # untimed: wakes the OpenMP threads after the pause
+        settle(self.step)
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -197,12 +205,15 @@ def bench_training(dev, tm, cfgs, V, batches, steps, repeats):
             t = rate(times[name]["torch"], steps, N)
             t["final_loss"] = tor[name].loss()
             row["torch"] = t
-            row["ratio"] = e["tokens_per_s"]["median"] / t["tokens_per_s"]["median"]
+            # each repeat's engine and torch timings ran back to back: the median of their ratios
+            # cancels the machine's drift better than a ratio of medians
+            pairs = summary([tt / te for te, tt in zip(times[name]["engine"], times[name]["torch"])])
+            row["ratio"], row["ratio_range"] = pairs["median"], [pairs["min"], pairs["max"]]
         out[name] = row
     return out, eng
 
 
-def bench_kernels(spec, cfgs, V, batches, steps=3) -> dict:
+def bench_kernels(spec, cfgs, V, batches, steps=5) -> dict:
     """Per-kernel device time of one step (mean over `steps`), on a profiling queue."""
     names = [n for n in PROFILED if n in cfgs] or list(cfgs)[:1]
     dev = Device(spec, profile=True)
@@ -212,7 +223,11 @@ def bench_kernels(spec, cfgs, V, batches, steps=3) -> dict:
         runner = EngineRunner(dev, cfgs[name], V, batches)
         runner.run(WARMUP_STEPS)
         dev.take_timings()
-        wall = runner.run(steps)
+        t = time.perf_counter()
+        for _ in range(steps):
+            runner.step()
+        dev.finish()
+        wall = time.perf_counter() - t
         timings = dev.take_timings()
         total = sum(ns for _, ns in timings.values())
         rows = sorted(({"kernel": k, "calls_per_step": calls / steps, "ms": ns / 1e6 / steps,
@@ -292,9 +307,7 @@ def _time_calls(fn, finish, reps) -> float:
     """Seconds per call over `reps` calls, cut short after 4·GEMM_MIN_S (a load burst elsewhere
     on the machine must not stretch the whole benchmark)."""
     finish()
-    settle()
-    fn()           # untimed: wakes the library's worker threads (in training they never sleep)
-    finish()
+    settle(fn, finish)
     t = time.perf_counter()
     for i in range(reps):
         fn()
@@ -345,7 +358,8 @@ def bench_gemm(dev, cfg, V, repeats) -> list:
         rows.append({"product": cs["label"], "M": M, "N": N, "K": K, "batch": batch, "trans_a": ta, "trans_b": tb,
                      "mflop": flop / 1e6, "engine_gflops": summary(ge), "numpy_gflops": summary(gn),
                      "engine_us": 1e6 * statistics.median(cs["te"]), "numpy_us": 1e6 * statistics.median(cs["tn"]),
-                     "ratio": statistics.median(ge) / statistics.median(gn)})
+                     "ratio": statistics.median(a / b for a, b in zip(ge, gn)),   # paired, as for training
+                     "ratio_range": [min(a / b for a, b in zip(ge, gn)), max(a / b for a, b in zip(ge, gn))]})
     return rows
 
 
@@ -356,7 +370,7 @@ def bench_generation(model, vocab, repeats) -> dict:
     gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, 0)          # warm-up: builds the B = S = 1 kernels
     times = []
     for r in range(repeats):
-        settle()
+        settle(lambda: gen.sample(GEN_PROMPT, 20, 1.0, 0, 0))
         t = time.perf_counter()
         gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, r)
         times.append(time.perf_counter() - t)
@@ -474,9 +488,9 @@ def report(res: dict) -> str:
         e, t = r["engine"], r["torch"]
         rows.append([name, _mm(e["tokens_per_s"]), _ms(e['step_ms']['median']),
                      _mm(t["tokens_per_s"]) if t else res["torch"], _ms(t['step_ms']['median']) if t else "-",
-                     f"{r['ratio']:.2f}" if r["ratio"] else "-"])
+                     f"{r['ratio']:.2f} [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}]" if r["ratio"] else "-"])
     out += ["training throughput (tokens/s)",
-            _table(["wiring", "engine tok/s", "ms/step", "torch tok/s", "ms/step", "engine/torch"], rows), ""]
+            _table(["wiring", "engine tok/s", "ms/step", "torch tok/s", "ms/step", "engine/torch (paired)"], rows), ""]
     if isinstance(res["numpy_reference"], dict):
         rows = []
         for name, r in res["numpy_reference"].items():
@@ -488,9 +502,9 @@ def report(res: dict) -> str:
         out += [f"numpy reference: {res['numpy_reference']}", ""]
     rows = [[g["product"], f"({g['M']},{g['K']})x({g['K']},{g['N']})" + (f" x{g['batch']}" if g["batch"] > 1 else ""),
              f"{g['mflop']:.1f}", _mm(g["engine_gflops"], "{:.1f}"), _mm(g["numpy_gflops"], "{:.1f}"),
-             f"{g['ratio']:.2f}"] for g in res["gemm"]]
+             f"{g['ratio']:.2f} [{g['ratio_range'][0]:.2f}-{g['ratio_range'][1]:.2f}]"] for g in res["gemm"]]
     out += ["matrix products (GFLOP/s; engine = ops.gemm incl. its transpose, numpy = np.matmul)",
-            _table(["product", "shape", "MFLOP", "engine", "numpy", "engine/numpy"], rows), ""]
+            _table(["product", "shape", "MFLOP", "engine", "numpy", "engine/numpy (paired)"], rows), ""]
     for name, k in res["kernels"].items():
         rows = [[r["kernel"], f"{r['calls_per_step']:.0f}", f"{r['ms']:.2f}", f"{100 * r['share']:.1f}%"]
                 for r in k["kernels"]]
