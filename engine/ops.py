@@ -84,9 +84,10 @@ def gemm(dev, a, b, c, M, N, K, alpha=1.0, beta=0.0, trans_a=False, trans_b=Fals
         # A packed into 4-column panels, work-items m-major (kernels/gemm.cl): 1.35x on dW1 and the
         # Hebbian update here; when B's chunk is the smaller operand (N < M, e.g. dW2) the plain
         # n-major kernel keeps it in L2 and is ~10 % faster than the packed one
-        if dev.variant != "gpu" and N >= M and M % 4 == 0 and N % 8 == 0 and oA % 4 == 0 and oB % 8 == 0:
+        if dev.variant != "gpu" and N >= M and M % 4 == 0 and N % 8 == 0 and oA % 4 == 0 and oB % 8 == 0 \
+                and K % 8 == 0:
             pack = _workspace(dev, "gemm_apack", K * M)
-            dev.launch(dev.kernel("gemm.cl", "pack_a4"), (M // 4, K), None, i32(K), i32(M), bA, i32(oA), pack.data)
+            dev.launch(dev.kernel("gemm.cl", "pack_a4"), (M // 4, K // 8), None, i32(K), i32(M), bA, i32(oA), pack.data)
             dev.launch(dev.kernel("gemm.cl", "gemm_tn_split"), (M // 4, -(-N // TN), chunks), None,
                        i32(M), i32(N), i32(kc), i32(K), pack.data, bB, i32(oB), part.data)
         else:
@@ -188,8 +189,10 @@ def count_valid(dev, y, N, nv):
 def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
     """loss_rows, hits (N,); dlogits (N,V) = (softmax − onehot)/Nv, 0 for PAD rows.
     Rows of logits/dlogits are ld (default V) apart; columns V..ld-1 untouched."""
-    dev.launch(dev.kernel("loss.cl", "softmax_xent"), (N,), None,
-               logits.data, y.data, nv.data, i32(V), i32(ld or V), loss_rows.data, hits.data, dlogits.data)
+    ld = ld or V
+    vec = ld % 8 == 0 and all(_buf(a)[1] % 8 == 0 for a in (logits, dlogits))
+    dev.launch(dev.kernel("loss.cl", "softmax_xent8" if vec else "softmax_xent"), (N,), None,
+               logits.data, y.data, nv.data, i32(V), i32(ld), loss_rows.data, hits.data, dlogits.data)
 
 
 def loss_reduce(dev, loss_rows, hits, nv, out, N):
@@ -238,7 +241,11 @@ def proto_feature_forward(dev, ht, P, k, beta, z, N, H):
 
 
 def proto_sums(dev, v, perm, starts, sums, T, H):
-    dev.launch(dev.kernel("proto.cl", "proto_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), sums.data)
+    if H % 8 == 0:   # v and sums are whole workspace arrays (32-byte aligned)
+        dev.launch(dev.kernel("proto.cl", "proto_sums8"), (H // 8, T), None, v.data, perm.data, starts.data,
+                   i32(H), sums.data)
+    else:
+        dev.launch(dev.kernel("proto.cl", "proto_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), sums.data)
 
 
 def proto_update(dev, P, sums, starts, usage, v, lr, rho, threshold, seed, step, N, T, H):

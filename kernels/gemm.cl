@@ -139,11 +139,16 @@ GEMM_EDGE(gemm_tn_edge, TN_ATC)
  * L1) and the chunk of Ap stays in L2: 1.2-1.5x the plain gemm_tn on the
  * model's weight gradients here. gemm_reduce sums the partials in chunk order.
  * Host checks M % 4 == 0, N % 8 == 0, offA % 4 == 0, offB % 8 == 0.
- * Launch (pack_a4): global = (M/4, K). (gemm_tn_split): global = (M/4, ceil(N/16), K/kc). */
+ * Launch (pack_a4): global = (M/4, K/8), K % 8 == 0. (gemm_tn_split): global = (M/4, ceil(N/16), K/kc). */
 __kernel void pack_a4(const int K, const int M, __global const float* A, const int offA, __global float* Ap)
-{
-    const int mt = get_global_id(0), k = get_global_id(1);
-    *(__global float4*)(Ap + ((size_t)mt * K + k) * 4) = *(__global const float4*)(A + offA + (size_t)k * M + mt * 4);
+{   /* eight k per work-item: 128 contiguous bytes written (one float4 per item was 5x slower) */
+    const int mt = get_global_id(0), k0 = get_global_id(1) * 8;
+    __global const float* a = A + offA + (size_t)k0 * M + mt * 4;
+    __global float4* o = (__global float4*)(Ap + ((size_t)mt * K + k0) * 4);
+    o[0] = *(__global const float4*)(a);         o[1] = *(__global const float4*)(a + M);
+    o[2] = *(__global const float4*)(a + 2 * M); o[3] = *(__global const float4*)(a + 3 * M);
+    o[4] = *(__global const float4*)(a + 4 * M); o[5] = *(__global const float4*)(a + 5 * M);
+    o[6] = *(__global const float4*)(a + 6 * M); o[7] = *(__global const float4*)(a + 7 * M);
 }
 
 __kernel void gemm_tn_split(const int M, const int N, const int kc, const int K,

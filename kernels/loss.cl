@@ -5,6 +5,7 @@
  *                 (0 rows for PAD targets); logits and dlogits rows are ld >= V
  *                 apart (the model pads V to a multiple of 8 for the vector
  *                 GEMM path); columns V..ld-1 are neither read nor written  global (N)
+ *   softmax_xent8 the same, eight columns at a time (ld % 8 == 0)           global (N)
  *   loss_reduce   out = [Σ loss_rows / Nv, Σ hits, Nv, Σ loss_rows]  (fixed order)        global (1)
  * Reference: engine.reference.softmax_xent_forward. exp_fast: see fastmath.cl.
  */
@@ -40,6 +41,62 @@ __kernel void softmax_xent(__global const float* logits, __global const int* y,
     const float inv_sum = 1.0f / sum;
     const float scale = 1.0f / (float)nv[0];
     for (int j = 0; j < V; j++) d[j] = exp_fast(z[j] - mx) * inv_sum * scale;
+    d[target] -= scale;
+    loss_rows[n] = log(sum) + mx - z[target];
+    hits[n] = arg == target ? 1.0f : 0.0f;
+}
+
+/* softmax_xent8: the same per row with float8 chunks of the row (ld % 8 == 0 and
+ * 32-byte aligned rows: host checks); lanes past V are masked on read and not
+ * written. The row sums add eight lane partials at the end, so the loss differs
+ * from softmax_xent's in the last bits; the argmax keeps the first maximum.
+ * Elementwise (p, dlogits) the same operations as softmax_xent. */
+__kernel void softmax_xent8(__global const float* logits, __global const int* y,
+                            __global const int* nv, const int V, const int ld,
+                            __global float* loss_rows, __global float* hits,
+                            __global float* dlogits)
+{
+    const int n = get_global_id(0);
+    __global const float* z = logits + n * ld;
+    __global float* d = dlogits + n * ld;
+    const int target = y[n];
+    const int full = V & ~7;                      /* columns in whole chunks */
+    const int8 lane = (int8)(0, 1, 2, 3, 4, 5, 6, 7);
+    if (target < 0) {
+        loss_rows[n] = 0.0f;
+        hits[n] = 0.0f;
+        for (int j = 0; j < full; j += 8) *(__global float8*)(d + j) = 0.0f;
+        for (int j = full; j < V; j++) d[j] = 0.0f;
+        return;
+    }
+    float8 mx8 = -INFINITY;
+    int8 id8 = 0;
+    for (int j = 0; j < V; j += 8) {
+        const float8 v = *(__global const float8*)(z + j);
+        const int8 upd = (v > mx8) & (j + lane < V);
+        mx8 = upd ? v : mx8;
+        id8 = upd ? j + lane : id8;
+    }
+    float mx = mx8.s0;
+    int arg = id8.s0;
+#define LANE_MAX(k) if (mx8.s##k > mx || (mx8.s##k == mx && id8.s##k < arg)) { mx = mx8.s##k; arg = id8.s##k; }
+    LANE_MAX(1) LANE_MAX(2) LANE_MAX(3) LANE_MAX(4) LANE_MAX(5) LANE_MAX(6) LANE_MAX(7)
+#undef LANE_MAX
+    float8 sum8 = 0.0f;
+    for (int j = 0; j < V; j += 8) {
+        const float8 e = exp_fast8(*(__global const float8*)(z + j) - mx);
+        sum8 += (j + lane < V) ? e : (float8)(0.0f);
+    }
+    const float sum = ((sum8.s0 + sum8.s1) + (sum8.s2 + sum8.s3)) + ((sum8.s4 + sum8.s5) + (sum8.s6 + sum8.s7));
+    const float inv_sum = 1.0f / sum;
+    const float scale = 1.0f / (float)nv[0];
+    for (int j = 0; j < full; j += 8)
+        *(__global float8*)(d + j) = exp_fast8(*(__global const float8*)(z + j) - mx) * inv_sum * scale;
+    if (full < V) {
+        const float8 e = exp_fast8(*(__global const float8*)(z + full) - mx) * inv_sum * scale;
+        const float tail[8] = {e.s0, e.s1, e.s2, e.s3, e.s4, e.s5, e.s6, e.s7};
+        for (int j = full; j < V; j++) d[j] = tail[j - full];
+    }
     d[target] -= scale;
     loss_rows[n] = log(sum) + mx - z[target];
     hits[n] = arg == target ? 1.0f : 0.0f;

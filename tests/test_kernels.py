@@ -382,6 +382,39 @@ def test_count_valid_softmax_xent_loss_reduce(dev, n_pad):
         assert not dlogits.get().any() and got[0] == 0
 
 
+@pytest.mark.parametrize("V,ld", [(17, 24), (16, 16), (3, 8)])
+def test_softmax_xent8_with_row_padding(dev, V, ld):
+    """Rows ld % 8 == 0 apart take softmax_xent8: NaN in the pad columns is never read
+    (masked) and the pad columns of dlogits are never written; values as the scalar
+    kernel's, checked against the float64 reference."""
+    rng = np.random.default_rng([V, ld])
+    N = 21
+    logits = rand(rng, N, V, scale=3.0)
+    logits[4, :] = logits[4, 0]                               # all tied: the first maximum is the argmax
+    y = rng.integers(0, V, size=N).astype(i32)
+    y[[2, 9]] = ref.PAD
+    y[4] = 0
+    y[5] = np.argmax(logits[5])
+    padded = np.full((N, ld), np.nan, f32)
+    padded[:, :V] = logits
+    nv, loss_rows, hits = dev.empty((1,), i32), dev.empty((N,)), dev.empty((N,))
+    dl = dev.to_device(np.full((N, ld), 7.0, f32))
+    y_d = dev.to_device(y)
+    ops.count_valid(dev, y_d, N, nv)
+    dev.take_timings()
+    ops.softmax_xent(dev, dev.to_device(padded), y_d, nv, loss_rows, hits, dl, N, V, ld=ld)
+    assert "softmax_xent8" in dev.take_timings()
+    _, rows, want_dl, _ = ref.softmax_xent_forward(as64(logits), y)
+    got = dl.get()
+    np.testing.assert_array_equal(got[:, V:], 7.0)            # pad columns untouched
+    # as in the scalar test: exp_fast and log, V ≤ 17 terms (the sum in 8 lanes, then across them)
+    np.testing.assert_allclose(loss_rows.get(), rows, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(got[:, :V], want_dl, rtol=2e-5, atol=1e-8)
+    want_hits = ((y != ref.PAD) & (np.argmax(logits, axis=1) == y)).astype(f32)
+    np.testing.assert_array_equal(hits.get(), want_hits)      # first maximum, exact
+    assert hits.get()[4] == 1.0 and hits.get()[5] == 1.0
+
+
 def test_fastmath_precision_as_documented(dev):
     """GELU' and softmax at the precision fastmath.cl's header promises (erf_fast ~3e-7
     absolute, exp_fast < 1e-7 + |x|·6e-8 relative), which the reference (math.erf, numpy exp) meets.
@@ -536,6 +569,24 @@ def test_proto_feature_forward_and_qerr(dev):
     ops.proto_qerr_rows(dev, ht_d, P_d, k_d, q, N, H)
     want_q = ((as64(ht) - as64(P)[k]) ** 2).sum(axis=1)
     np.testing.assert_allclose(q.get(), want_q, rtol=1e-5, atol=0)   # 24-term float32 sum of squares
+
+
+def test_proto_sums8_equals_the_scalar_kernel_bit_for_bit(dev):
+    """H % 8 == 0 takes proto_sums8: the same member order per prototype, so the same bits
+    as proto_sums (which the next test checks against float64)."""
+    rng = np.random.default_rng(26)
+    N, T, H = 50, 7, 32
+    v = dev.to_device(rand(rng, N, H))
+    k = dev.to_device(rng.integers(0, T - 1, size=N).astype(i32))     # prototype T-1 has no members
+    starts, perm = dev.empty((T + 1,), i32), dev.empty((N,), i32)
+    ops.bucket_sort(dev, k, N, T, starts, perm)
+    vec, scalar = dev.empty((T, H)), dev.empty((T, H))
+    dev.take_timings()
+    ops.proto_sums(dev, v, perm, starts, vec, T, H)
+    assert "proto_sums8" in dev.take_timings()
+    dev.launch(dev.kernel("proto.cl", "proto_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), scalar.data)
+    np.testing.assert_array_equal(vec.get(), scalar.get())
+    assert not vec.get()[T - 1].any()
 
 
 def test_proto_sums_update_usage_with_reseed(dev):
