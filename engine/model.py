@@ -68,7 +68,13 @@ class Workspace:
         self.B, self.S, self.N = B, S, N
         z = dev.empty
         self.x, self.y, self.offsets = z((N,), i), z((N,), i), z((B,), i)
-        self.e, self.a, self.h, self.s = z((N, E)), z((N, H)), z((N, H)), z((N, H))
+        # The embedding folded into the first layer when that is less work (V < N, always for
+        # characters at training sizes): a = (W_emb·W1)[x] and, from D[v] = Σ_{x_n=v} da[n],
+        # dW1 = W_embᵀ·D and dW_emb = D·W1ᵀ: V·E·H multiply-adds each instead of N·E·H.
+        self.fold = V < N
+        self.e, self.de = (None, None) if self.fold else (z((N, E)), z((N, E)))
+        self.EW, self.D = (z((V, H)), z((V, H))) if self.fold else (None, None)
+        self.a, self.h, self.s = z((N, H)), z((N, H)), z((N, H))
         self.k, self.inv = z((N, H)), z((N,))
         self.G, self.Gm, self.Q = z((B, S, S)), z((B, S, S)), z((B, S, S))
         self.ht_buf, self.z_buf = z((N, H)), z((N, H))
@@ -77,7 +83,7 @@ class Workspace:
         self.logits = z((N, Vp))
         self.dlogits = dev.zeros((N, Vp))  # padding columns are never written: keep them 0
         self.loss_rows, self.hits, self.nv, self.loss_out = z((N,)), z((N,)), z((1,), i), z((4,))
-        self.dz, self.dh, self.da, self.de, self.dK = z((N, H)), z((N, H)), z((N, H)), z((N, E)), z((N, H))
+        self.dz, self.dh, self.da, self.dK = z((N, H)), z((N, H)), z((N, H)), z((N, H))
         self.perm, self.starts = z((N,), i), z((max(V, T) + 1,), i)
         self.qerr, self.fw_norm, self.spike_cols = z((N,)), z((B,)), z((H,))
         self.ht = self.h  # set per forward: which buffer holds h̃ and z
@@ -190,9 +196,13 @@ class Model:
         loss=False stops at the logits (generation)."""
         dev, cfg, p = self.dev, self.cfg, self.p
         B, S, N, E, H, V, T = ws.B, ws.S, ws.N, self.E, self.H, self.V, self.T
-        ops.embedding_forward(dev, p["W_emb"], ws.x, ws.e, N, E)
-        ops.gemm(dev, ws.e, p["W1"], ws.a, N, H, E)
-        ops.bias_gelu_forward(dev, ws.a, p["b1"], ws.h, N, H)
+        if ws.fold:  # see Workspace: the same sums per element as e·W1
+            ops.gemm(dev, p["W_emb"], p["W1"], ws.EW, V, H, E)
+            ops.embed_bias_gelu(dev, ws.EW, ws.x, p["b1"], ws.a, ws.h, N, H)
+        else:
+            ops.embedding_forward(dev, p["W_emb"], ws.x, ws.e, N, E)
+            ops.gemm(dev, ws.e, p["W1"], ws.a, N, H, E)
+            ops.bias_gelu_forward(dev, ws.a, p["b1"], ws.h, N, H)
         ops.spikes_forward(dev, ws.h, cfg.model.spike_threshold, ws.s, N, H)
         ws.post = ws.s if cfg.hebb.post == "spikes" else ws.h
         mode = cfg.hebb.mode
@@ -276,11 +286,17 @@ class Model:
             dev.cl.enqueue_copy(dev.queue, dh.data, ws.dz.data)
             ops.row_normalize_backward(dev, ws.dK, ws.k, ws.inv, dh, N, H)
         ops.gelu_backward(dev, dh, ws.a, ws.da, N, H)
-        ops.colsum(dev, ws.da, g["b1"], N, H)
-        ops.gemm(dev, ws.e, ws.da, g["W1"], E, H, N, trans_a=True)
-        ops.gemm(dev, ws.da, p["W1"], ws.de, N, E, H, trans_b=True)
         ops.bucket_sort(dev, ws.x, N, V, ws.starts, ws.perm)
-        ops.embedding_backward(dev, ws.de, ws.perm, ws.starts, g["W_emb"], V, E)
+        if ws.fold:  # D[v] = Σ_{x_n = v} da[n]; eᵀ·da = W_embᵀ·D, Σ_n de[n] over x_n = v is D·W1ᵀ
+            ops.bucket_sums(dev, ws.da, ws.perm, ws.starts, ws.D, V, H)
+            ops.colsum(dev, ws.D, g["b1"], V, H)
+            ops.gemm(dev, p["W_emb"], ws.D, g["W1"], E, H, V, trans_a=True)
+            ops.gemm(dev, ws.D, p["W1"], g["W_emb"], V, E, H, trans_b=True)
+        else:
+            ops.colsum(dev, ws.da, g["b1"], N, H)
+            ops.gemm(dev, ws.e, ws.da, g["W1"], E, H, N, trans_a=True)
+            ops.gemm(dev, ws.da, p["W1"], ws.de, N, E, H, trans_b=True)
+            ops.embedding_backward(dev, ws.de, ws.perm, ws.starts, g["W_emb"], V, E)
 
     # -- updates ------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:

@@ -126,9 +126,24 @@ def embedding_forward(dev, W_emb, x, e, N, E):
     dev.launch(dev.kernel("layers.cl", "embedding_forward"), (E, N), None, W_emb.data, x.data, i32(E), e.data)
 
 
+def bucket_sums(dev, X, perm, starts, out, nb, C):
+    """out (nb,C) = Σ_{key_n = t} X (N,C)[n]; perm/starts from bucket_sort(keys)."""
+    (_, oX), (_, oO) = _buf(X), _buf(out)
+    if C % 8 == 0 and oX % 8 == 0 and oO % 8 == 0:
+        dev.launch(dev.kernel("layers.cl", "bucket_sums8"), (C // 8, nb), None,
+                   X.data, perm.data, starts.data, i32(C), out.data)
+    else:
+        dev.launch(dev.kernel("layers.cl", "bucket_sums"), (C, nb), None, X.data, perm.data, starts.data, i32(C), out.data)
+
+
 def embedding_backward(dev, de, perm, starts, dW, V, E):
     """dW (V,E) = Σ_{x_n = v} de[n]; perm/starts from bucket_sort(x)."""
-    dev.launch(dev.kernel("layers.cl", "embedding_backward"), (E, V), None, de.data, perm.data, starts.data, i32(E), dW.data)
+    bucket_sums(dev, de, perm, starts, dW, V, E)
+
+
+def embed_bias_gelu(dev, EW, x, bias, a, h, N, H):
+    """a (N,H) = EW (V,H)[x] + bias, h = GELU(a): the first layer with EW = W_emb·W1."""
+    dev.launch(dev.kernel("layers.cl", "embed_bias_gelu"), (H, N), None, EW.data, x.data, bias.data, i32(H), a.data, h.data)
 
 
 def bias_gelu_forward(dev, a, bias, h, N, H):
@@ -241,11 +256,8 @@ def proto_feature_forward(dev, ht, P, k, beta, z, N, H):
 
 
 def proto_sums(dev, v, perm, starts, sums, T, H):
-    if H % 8 == 0:   # v and sums are whole workspace arrays (32-byte aligned)
-        dev.launch(dev.kernel("proto.cl", "proto_sums8"), (H // 8, T), None, v.data, perm.data, starts.data,
-                   i32(H), sums.data)
-    else:
-        dev.launch(dev.kernel("proto.cl", "proto_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), sums.data)
+    """sums (T,H) = Σ_{k_n = t} v[n]; perm/starts from bucket_sort(k)."""
+    bucket_sums(dev, v, perm, starts, sums, T, H)
 
 
 def proto_update(dev, P, sums, starts, usage, v, lr, rho, threshold, seed, step, N, T, H):

@@ -7,8 +7,10 @@
  *   gather_windows      x,y (B,S) int from token ids and window offsets     global (S, B)
  *   bucket_sort         stable counting sort of keys (N,) into nb buckets   global (1)
  *   embedding_forward   e (N,E) = W_emb[x]                                  global (E, N)
- *   embedding_backward  dW_emb (V,E) = Σ_{x_n = v} de[n] (sorted positions) global (E, V)
+ *   bucket_sums(8)      out (nb,C) = Σ_{key_n = t} X[n] (sorted positions)  global (C, nb) / (C/8, nb)
+ *                       (dW_emb from de, prototype sums, per-token sums of da)
  *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (H, N)
+ *   embed_bias_gelu     a = EW[x] + b, h = GELU(a)  (EW = W_emb·W1)          global (H, N)
  *   gelu_backward       da = dh · GELU'(a)                                  global (N·H)
  *   add_bias            X (N,C) += b                                        global (C, N)
  *   colsum(8)           out (C,) = Σ_n X[n]                                 global (C) / (C/8)
@@ -58,13 +60,42 @@ __kernel void embedding_forward(__global const float* W_emb, __global const int*
     e[n * E + j] = W_emb[x[n] * E + j];
 }
 
-__kernel void embedding_backward(__global const float* de, __global const int* perm,
-                                 __global const int* starts, const int E, __global float* dW)
+/* bucket_sums: out[t] = Σ_{keys_n = t} X[n] over the rows of X (N,C), members in
+ * position order (perm/starts from bucket_sort): the embedding gradient, the
+ * prototype sums, and the per-token sums of da. Launch: global (C, nb). */
+__kernel void bucket_sums(__global const float* X, __global const int* perm,
+                          __global const int* starts, const int C, __global float* out)
 {
-    const int j = get_global_id(0), v = get_global_id(1);
+    const int j = get_global_id(0), t = get_global_id(1);
     float acc = 0.0f;
-    for (int i = starts[v]; i < starts[v + 1]; i++) acc += de[perm[i] * E + j];
-    dW[v * E + j] = acc;
+    for (int i = starts[t]; i < starts[t + 1]; i++) acc += X[perm[i] * C + j];
+    out[t * C + j] = acc;
+}
+
+/* bucket_sums8: the same sums (same member order, so the same bits), eight columns
+ * per work-item as one float8; C % 8 == 0 and X, out 32-byte aligned (host checks).
+ * Launch: global (C/8, nb). */
+__kernel void bucket_sums8(__global const float* X, __global const int* perm,
+                           __global const int* starts, const int C, __global float* out)
+{
+    const int j = get_global_id(0) * 8, t = get_global_id(1);
+    float8 acc = 0.0f;
+    for (int i = starts[t]; i < starts[t + 1]; i++) acc += *(__global const float8*)(X + perm[i] * C + j);
+    *(__global float8*)(out + t * C + j) = acc;
+}
+
+/* embed_bias_gelu: the first layer with the embedding folded in (engine.model):
+ * a[n] = EW[x_n] + b1 with EW = W_emb·W1 (V,H) computed once per step, h = GELU(a);
+ * the same numbers as embedding_forward, e·W1 and bias_gelu_forward. Launch: global (H, N). */
+__kernel void embed_bias_gelu(__global const float* EW, __global const int* x, __global const float* bias,
+                              const int H, __global float* a, __global float* h)
+{
+    const int j = get_global_id(0), n = get_global_id(1);
+    const float v = EW[x[n] * H + j] + bias[j];
+    a[n * H + j] = v;
+    float cdf, pdf;
+    gelu_parts(v, &cdf, &pdf);
+    h[n * H + j] = v * cdf;
 }
 
 __kernel void bias_gelu_forward(__global float* a, __global const float* bias, const int H,

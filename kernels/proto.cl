@@ -4,7 +4,7 @@
  *   proto_argmax          k[n] = argmax_t sim(v_n, P_t) from scores = v·Pᵀ (N,T),
  *                         cosine: scores·inv_v·inv_p; lowest t on ties           global (N)
  *   proto_feature_forward z = ht + β·P[k]                                         global (H, N)
- *   proto_sums(8)         sums[t] = Σ_{k_n = t} v_n  (positions bucket-sorted)    global (H, T) / (H/8, T)
+ *   (sums[t] = Σ_{k_n = t} v_n: bucket_sums in layers.cl)
  *   proto_update          P_t ← P_t + lr·(sums_t/c_t − P_t) if c_t > 0, then the
  *                         usage EMA and re-seeding of dead prototypes            global (H, T)
  *   proto_usage_update    usage EMA (after proto_update read the old one)        global (T)
@@ -41,26 +41,6 @@ __kernel void proto_feature_forward(__global const float* ht, __global const flo
 {
     const int j = get_global_id(0), n = get_global_id(1);
     z[n * H + j] = ht[n * H + j] + beta * P[k[n] * H + j];
-}
-
-__kernel void proto_sums(__global const float* v, __global const int* perm,
-                         __global const int* starts, const int H, __global float* sums)
-{
-    const int j = get_global_id(0), t = get_global_id(1);
-    float acc = 0.0f;
-    for (int i = starts[t]; i < starts[t + 1]; i++) acc += v[perm[i] * H + j];
-    sums[t * H + j] = acc;
-}
-
-/* proto_sums8: the same sums (same member order, so the same bits), eight columns
- * per work-item as one float8; H % 8 == 0 (host checks). Launch: global (H/8, T). */
-__kernel void proto_sums8(__global const float* v, __global const int* perm,
-                          __global const int* starts, const int H, __global float* sums)
-{
-    const int j = get_global_id(0) * 8, t = get_global_id(1);
-    float8 acc = 0.0f;
-    for (int i = starts[t]; i < starts[t + 1]; i++) acc += *(__global const float8*)(v + perm[i] * H + j);
-    *(__global float8*)(sums + t * H + j) = acc;
 }
 
 /* Counter-based hash (same bits on every device): docs/model.md. */

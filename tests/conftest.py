@@ -12,7 +12,9 @@ from engine.reference import Wiring
 
 
 # Tiny model sizes and text shared by the model-level tests (test_model, test_bench).
-E, H, T, B, S = 16, 24, 5, 3, 8
+# N = B·S = 40 > V = 31 (TEXT's vocabulary): the model folds the embedding into the first
+# layer as at training sizes (engine.model.Workspace); tests/test_model.py also runs N < V.
+E, H, T, B, S = 16, 24, 5, 5, 8
 TEXT = ("the quick brown fox jumps over the lazy dog, and then it sleeps. "
         "a small cat sat on the mat near the door; the dog did not mind. ") * 6
 

@@ -4,7 +4,7 @@ reference, and the benchmark command line (engine/bench.py).
     python -m pytest tests/test_bench.py -q
 
 torch is optional: only the tests that need it skip without it. Small sizes
-(E=16, H=24, T=5, B=3, S=8) so the file runs in seconds on PoCL.
+(E=16, H=24, T=5, B=5, S=8) so the file runs in seconds on PoCL.
 """
 import dataclasses
 import json
@@ -78,7 +78,7 @@ def reference_first_loss(cfg, V, batches):
 # Every wiring test: the fast decay and high threshold make the re-seeding rule act within
 # five steps, so the host-side hash of TorchHybrid is exercised too.
 CASES = {"hybrid": {}, "seed": {}, "control_modulate": {},
-         "reseed": {"proto.usage_decay": 0.6, "proto.reseed_threshold": 0.5}}
+         "reseed": {"proto.usage_decay": 0.6, "proto.reseed_threshold": 0.7}}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -95,8 +95,8 @@ def test_torch_matches_engine_and_reference(dev, case):
     # five steps of AdamW, clipping and the local rules: the trajectories differ only by float32
     # rounding, which Adam's m/sqrt(v) can enlarge to ~lr·1e-3 per step on near-zero gradients
     # (observed ≤ 2e-6 over 20 steps at these sizes); 1e-4 leaves room for that and for other
-    # BLAS builds, while leaving out the prototype rule or clipping moves some loss by ≥ 1.4e-3
-    # (test below; even weight decay alone shows as 1.7e-4)
+    # BLAS builds, while leaving out the prototype rule or clipping moves some loss by > 2e-4
+    # (test below)
     np.testing.assert_allclose(tor, eng, rtol=0, atol=1e-4)
     assert eng[-1] != eng[0]                                        # it trained
     np.testing.assert_allclose(tmodel.P.numpy(), model.P.get(), rtol=1e-4, atol=1e-5)
@@ -107,7 +107,7 @@ def test_torch_matches_engine_and_reference(dev, case):
 
 
 def test_five_step_tolerance_is_discriminating(dev):
-    """Backs the 1e-4 above: dropping one rule of the torch step moves some loss by more than 1e-3."""
+    """Backs the 1e-4 above: dropping one rule of the torch step moves some loss by more than 2e-4."""
     tm = pytest.importorskip("engine.torch_model", reason="torch is optional")
     cfg, V, batches = setup("hybrid")
     model, eng = engine_losses(dev, cfg, V, batches)
@@ -118,7 +118,9 @@ def test_five_step_tolerance_is_discriminating(dev):
         tmodel = tm.TorchHybrid(cfg, V)
         mutate(tmodel)
         tor = [tmodel.train_step(x, y, model.lr_at(s), return_loss=True) for s, (x, y) in enumerate(batches, 1)]
-        assert np.abs(np.array(tor) - np.array(eng)).max() > 1e-3, label
+        # Adam is nearly invariant to a uniform rescaling, so leaving out the global-norm clip
+        # moves these losses by only 2.6e-4 (the prototype rule by more): still > 2x the 1e-4
+        assert np.abs(np.array(tor) - np.array(eng)).max() > 2e-4, label
 
 
 QUICK = ["--json", "--steps", "2", "--repeats", "1", "--set", "model.hidden_dim=32", "--set", "model.embedding_dim=16",

@@ -571,9 +571,9 @@ def test_proto_feature_forward_and_qerr(dev):
     np.testing.assert_allclose(q.get(), want_q, rtol=1e-5, atol=0)   # 24-term float32 sum of squares
 
 
-def test_proto_sums8_equals_the_scalar_kernel_bit_for_bit(dev):
-    """H % 8 == 0 takes proto_sums8: the same member order per prototype, so the same bits
-    as proto_sums (which the next test checks against float64)."""
+def test_bucket_sums8_equals_the_scalar_kernel_bit_for_bit(dev):
+    """H % 8 == 0 takes bucket_sums8: the same member order per prototype, so the same bits
+    as bucket_sums (which the next test checks against float64)."""
     rng = np.random.default_rng(26)
     N, T, H = 50, 7, 32
     v = dev.to_device(rand(rng, N, H))
@@ -583,8 +583,8 @@ def test_proto_sums8_equals_the_scalar_kernel_bit_for_bit(dev):
     vec, scalar = dev.empty((T, H)), dev.empty((T, H))
     dev.take_timings()
     ops.proto_sums(dev, v, perm, starts, vec, T, H)
-    assert "proto_sums8" in dev.take_timings()
-    dev.launch(dev.kernel("proto.cl", "proto_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), scalar.data)
+    assert "bucket_sums8" in dev.take_timings()
+    dev.launch(dev.kernel("layers.cl", "bucket_sums"), (H, T), None, v.data, perm.data, starts.data, i32(H), scalar.data)
     np.testing.assert_array_equal(vec.get(), scalar.get())
     assert not vec.get()[T - 1].any()
 

@@ -2,7 +2,7 @@
 
     python -m pytest tests/test_model.py -q
 
-Small sizes throughout (E=16, H=24, T=5, B=3, S=8) so the whole file runs in seconds on
+Small sizes throughout (E=16, H=24, T=5, B=5, S=8) so the whole file runs in seconds on
 PoCL. References run in float64 on the same float32 parameters; each tolerance states
 what float32 rounding it covers.
 Key: B batch, S sequence, N = B*S, E embedding, H hidden, V vocabulary, T prototypes.
@@ -60,20 +60,28 @@ def test_loss_and_gradients_match_reference(dev, hebb_mode, proto_mode, post):
 
 
 @pytest.mark.parametrize("hebb_mode,proto_mode,post", [("fast_weights", "feature", "spikes"),
+                                                       ("shadow", "shadow", "spikes"), ("modulate", "off", "activity")])
+def test_unfolded_embedding_matches_reference(dev, hebb_mode, proto_mode, post):
+    """N = 16 < V = 31: the embedding is gathered and multiplied per position (no fold)."""
+    check_loss_and_gradients(dev, hebb_mode, proto_mode, post, batch=2)
+
+
+@pytest.mark.parametrize("hebb_mode,proto_mode,post", [("fast_weights", "feature", "spikes"),
                                                        ("modulate", "shadow", "spikes")])
 def test_gpu_kernel_variant_matches_reference(gpu_dev, hebb_mode, proto_mode, post):
     """The whole model built with the GPU kernel variant, checked here on PoCL."""
     check_loss_and_gradients(gpu_dev, hebb_mode, proto_mode, post)
 
 
-def check_loss_and_gradients(dev, hebb_mode, proto_mode, post):
+def check_loss_and_gradients(dev, hebb_mode, proto_mode, post, batch=B):
+    B = batch  # noqa: N806 (the shared name, for this call)
     cfg = small_config(f"hebb.mode={hebb_mode}", f"proto.mode={proto_mode}", f"hebb.post={post}")
     vocab = Vocab.from_text(TEXT)
     V = vocab.size
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (B, S)).astype(np.int32)
     y = rng.integers(0, V, (B, S)).astype(np.int32)
-    y[0, 2] = y[2, 7] = ref.PAD
+    y[0, 2] = y[B - 1, 7] = ref.PAD
     params = ref.init_params(V, E, H, seed=1)
     P = rng.standard_normal((T, H)).astype(np.float32)
     W_hebb = (0.1 * rng.standard_normal((H, H))).astype(np.float32)   # non-zero: modulate reads it
@@ -83,6 +91,7 @@ def check_loss_and_gradients(dev, hebb_mode, proto_mode, post):
     model.P.set(P)
     model.W_hebb.set(W_hebb)
     ws = model.workspace(B, S)
+    assert ws.fold == (V < B * S)                 # which first-layer path this call checks
     ws.x.set(x.ravel())
     ws.y.set(y.ravel())
     model.forward(ws)
