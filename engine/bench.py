@@ -275,13 +275,16 @@ def gemm_shapes(cfg, V):
     m, t = cfg.model, cfg.train
     E, H, T, B, S = m.embedding_dim, m.hidden_dim, m.num_prototypes, t.batch_size, t.seq_len
     N = B * S
-    return [
-        ("fwd a = e·W1", N, H, E, 1, False, False),
+    first = ([("fwd EW = W_emb·W1 (fold)", V, H, E, 1, False, False),      # engine.model.Workspace.fold
+              ("bwd dW1 = W_embᵀ·D (fold)", E, H, V, 1, True, False),
+              ("bwd dW_emb = D·W1ᵀ (fold)", V, E, H, 1, False, True)] if V < N else
+             [("fwd a = e·W1", N, H, E, 1, False, False),
+              ("bwd dW1 = eᵀ·da", E, H, N, 1, True, False),
+              ("bwd de = da·W1ᵀ", N, E, H, 1, False, True)])
+    return first + [
         ("fwd logits = z·W2", N, V, H, 1, False, False),
         ("bwd dW2 = zᵀ·dlogits", H, V, N, 1, True, False),
         ("bwd dz = dlogits·W2ᵀ", N, H, V, 1, False, True),
-        ("bwd dW1 = eᵀ·da", E, H, N, 1, True, False),
-        ("bwd de = da·W1ᵀ", N, E, H, 1, False, True),
         ("fw G = K·Kᵀ (per seq)", S, S, H, B, False, True),
         ("fw M = Gm·post (per seq)", S, H, S, B, False, False),
         ("fw bwd dGm = dM·postᵀ", S, S, H, B, False, True),
@@ -289,6 +292,7 @@ def gemm_shapes(cfg, V):
         ("proto scores = h̃·Pᵀ", N, T, H, 1, False, True),
         ("hebb W += hᵀ·post", H, H, N, 1, True, False),
         ("modulate h·W_hebb", N, H, H, 1, False, False),
+        ("modulate bwd dz·W_hebbᵀ", N, H, H, 1, False, True),
     ]
 
 

@@ -131,6 +131,7 @@ class Device:
         self.profile = profile
         self._programs: dict = {}
         self._kernels: dict = {}
+        self._arg_dtypes: dict = {}   # kernel -> scalar dtypes it was told (launch)
         self._events: list = []
 
     @property
@@ -170,7 +171,14 @@ class Device:
         return k
 
     def launch(self, kernel, gsize, lsize, *args):
-        """Set args and enqueue; scalars must already be numpy scalars."""
+        """Set args and enqueue; scalars must already be numpy scalars.
+        Each kernel object is told its scalar dtypes once (set_scalar_arg_dtypes): pyopencl
+        then packs the scalars itself, ~1 µs per launch instead of ~5 µs per numpy scalar
+        (70 µs for a GEMM's 14 arguments: host time that competes with PoCL's workers)."""
+        dtypes = tuple(getattr(a, "dtype", None) for a in args)   # None: a buffer
+        if self._arg_dtypes.get(kernel) != dtypes:
+            kernel.set_scalar_arg_dtypes(list(dtypes))
+            self._arg_dtypes[kernel] = dtypes
         try:
             kernel.set_args(*args)
             ev = self.cl.enqueue_nd_range_kernel(self.queue, kernel, gsize, lsize)
