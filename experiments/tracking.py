@@ -213,6 +213,8 @@ class MlflowLogger(Callback):
 
     def on_start(self, trainer):
         self.trainer = trainer
+        self._last_step = trainer.model.step
+        self._window = {"steps": 0, "ms": {}}   # kernel time since the last evaluation
 
     def restore(self, step: int):
         """A resumed run: curves and kernel totals from what the run logged up to `step`."""
@@ -253,19 +255,32 @@ class MlflowLogger(Callback):
                                     "proto_perplexity", "proto_dead", "proto_used", "proto_qerr", "tokens_per_s")
                 if k in rec}
         vals.update({k.replace("grad_norm/", "grad_norm.", 1): v for k, v in rec.items() if k.startswith("grad_norm/")})
-        for name, ms in rec.get("kernel_ms_per_step", {}).items():
-            vals[f"kernel_ms/{name}"] = ms
+        win = self._window
+        win["steps"] += step - self._last_step
+        self._last_step = step
+        for name, ms in rec.get("kernel_ms", {}).items():
             tot = self.kernel_totals.setdefault(name, [0, 0.0])
             tot[0] += rec["kernel_calls"][name]
-            tot[1] += rec["kernel_ms"][name]
-        vals["step_ms"] = sum(rec.get("kernel_ms_per_step", {}).values())
+            tot[1] += ms
+            win["ms"][name] = win["ms"].get(name, 0.0) + ms
         self._send(step, vals)
         self.curves["train"].append((step, rec["train_loss"]))
 
+    def _kernel_metrics(self) -> dict:
+        """kernel_ms/<kernel> and step_ms: device ms per training step over the steps since the
+        last evaluation (per evaluation, not per log point: ~30 kernels × every log point was
+        most of the rows written to the store)."""
+        win, self._window = self._window, {"steps": 0, "ms": {}}
+        if not win["steps"] or not win["ms"]:
+            return {}
+        out = {f"kernel_ms/{k}": ms / win["steps"] for k, ms in win["ms"].items()}
+        out["step_ms"] = sum(win["ms"].values()) / win["steps"]
+        return out
+
     def on_eval(self, rec):
         step = rec["step"]
-        self._send(step, {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec},
-                   flush=True)
+        vals = {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec}
+        self._send(step, {**vals, **self._kernel_metrics()}, flush=True)
         self.curves["val"].append((step, rec["val_loss"]))
         if "proto_counts" in rec:
             self._histogram(step, rec["proto_counts"])
@@ -289,9 +304,11 @@ class MlflowLogger(Callback):
         self._write_artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
                                                               "assigned": int(sum(counts))}), "proto_hist")
         from matplotlib.figure import Figure  # the object API: no pyplot state, cheaper per figure
-        fig = Figure(figsize=(7, 2.6), layout="tight")
-        ax = fig.add_subplot()
-        ax.bar(range(len(counts)), counts, color="#4a7ab5", width=1.0)
+        # fixed axes and one filled step artist: 55 ms of CPU here, against 170 ms for
+        # layout="tight" with one bar per prototype (CPU the device's threads do not get)
+        fig = Figure(figsize=(7, 2.6))
+        ax = fig.add_axes((0.09, 0.2, 0.89, 0.68))
+        ax.stairs(counts, np.arange(len(counts) + 1) - 0.5, fill=True, color="#4a7ab5")
         ax.set_xlabel("prototype")
         ax.set_ylabel("assigned positions")
         ax.set_title(f"prototype usage, step {step}")
@@ -310,6 +327,8 @@ class MlflowLogger(Callback):
     def finish(self, checkpoint: str | None = None):
         """Write queued metrics and artifacts and wait for them; then the kernel
         timing table, loss curves and checkpoint."""
+        if self.trainer is not None:
+            self._send(self._last_step, self._kernel_metrics())   # steps after the last evaluation
         self._flush()
         self._bg.join()
         if self.kernel_totals:
@@ -328,8 +347,8 @@ class MlflowLogger(Callback):
 
     def _loss_figure(self):
         from matplotlib.figure import Figure
-        fig = Figure(figsize=(6, 3.5), layout="tight")
-        ax = fig.add_subplot()
+        fig = Figure(figsize=(6, 3.5))
+        ax = fig.add_axes((0.12, 0.14, 0.85, 0.78))   # fixed: a tight layout costs more than the plot
         for key, style in (("train", "-"), ("val", "o-")):
             if self.curves[key]:
                 s, v = zip(*self.curves[key])

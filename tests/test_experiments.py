@@ -254,16 +254,16 @@ def test_smoke_metrics_are_logged_at_the_configured_steps(shared, smoke_cfg):
     log_steps = list(range(tc.log_every, tc.steps + 1, tc.log_every))
     assert log_steps == [5, 10, 15, 20, 25, 30]
     assert [s for s, _ in series(cl, rid, "train_loss")] == log_steps
-    for key in ("lr", "grad_norm", "grad_norm.W1", "spike_rate", "tokens_per_s", "kernel_ms/gemm_nn"):
+    for key in ("lr", "grad_norm", "grad_norm.W1", "spike_rate", "tokens_per_s"):
         assert [s for s, _ in series(cl, rid, key)] == log_steps, key
-    for key in ("val_loss", "val_acc", "val_bpc"):
+    for key in ("val_loss", "val_acc", "val_bpc", "kernel_ms/gemm_nn", "step_ms"):   # per evaluation
         assert [s for s, _ in series(cl, rid, key)] == [10, 20, 30], key
     # val_bpc is val_loss in bits
     for (_, loss), (_, bpc) in zip(series(cl, rid, "val_loss"), series(cl, rid, "val_bpc")):
         assert bpc == pytest.approx(loss / math.log(2), rel=1e-12)
-    # step_ms is the sum of the per-kernel times of the same step
+    # step_ms is the sum of the per-kernel times of the same evaluation window
     kernels = [k for k in keys if k.startswith("kernel_ms/")]
-    by_step = {s: 0.0 for s in log_steps}
+    by_step = {s: 0.0 for s in (10, 20, 30)}
     for k in kernels:
         for s, v in series(cl, rid, k):
             by_step[s] += v
@@ -342,8 +342,8 @@ def test_smoke_kernel_timings_and_loss_curves(shared, artifacts, smoke_cfg):
     shares = [v[3] for v in table.values()]
     assert abs(sum(shares) - 1.0) <= 5e-5 * len(shares) + 1e-9  # each share is rounded to 4 decimals
     assert shares == sorted(shares, reverse=True)
-    # the table's totals are the per-step metrics times the steps of each logging window
-    cl, rid, every = shared.client, shared.run_id, smoke_cfg.train.log_every
+    # the table's totals are the per-step metrics times the steps of each evaluation window
+    cl, rid, every = shared.client, shared.run_id, smoke_cfg.train.eval_every
     assert set(table) == {k[len("kernel_ms/"):] for k in cl.get_run(rid).data.metrics if k.startswith("kernel_ms/")}
     grand = sum(every * v for k in table for _, v in series(cl, rid, f"kernel_ms/{k}"))
     for name, (calls, total_ms, mean_us, share) in table.items():
