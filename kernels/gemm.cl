@@ -16,8 +16,10 @@
  * reason, and cover the rows of full 4-row tiles; gemm_*_edge (scalar, clamped
  * reads, masked stores) covers the last M % 4 rows, or everything when the
  * alignment does not hold. Launch (edge): global = (ceil(N/16), ceil((M−m_begin)/4), batch).
- * This is the CPU variant (register tiles); a GPU would want local-memory
- * tiles, chosen by the DEVICE_GPU define (not written yet).
+ * This is the CPU variant (register tiles); GPUs build kernels/gemm_gpu.cl
+ * (local-memory tiles), chosen in engine.ops by the device's type.
+ * Small grids (< 2048 work-items) are launched with one work-group per row of
+ * tiles: left to PoCL they became a single work-group, i.e. one core.
  * K-split (long K, e.g. weight gradients with K = B·S): the batch index b of a
  * gemm_* launch walks K chunks instead of matrices (strideA/strideB = the chunk's
  * element step, C = a partial buffer, alpha = 1, beta = 0), then gemm_reduce
