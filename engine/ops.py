@@ -17,6 +17,11 @@ def _buf(a):
     return a.base_data, a.offset // a.dtype.itemsize
 
 
+def _rows8(C: int, *arrays) -> bool:
+    """Rows of C floats can be read as float8: C % 8 == 0 and every array 32-byte aligned."""
+    return C % 8 == 0 and all(_buf(a)[1] % 8 == 0 for a in arrays)
+
+
 def _workspace(dev, name: str, size: int):
     ws = dev.__dict__.setdefault("_workspace", {})
     a = ws.get(name)
@@ -185,13 +190,14 @@ def spikes_forward(dev, h, theta, s, N, H):
 
 def row_normalize_forward(dev, h, k, inv_norm, N, H):
     """k (N,H) = h / sqrt(|h|² + 1e-6), inv_norm (N,)."""
-    dev.launch(dev.kernel("layers.cl", "row_normalize_forward"), (N,), None, h.data, i32(H), k.data, inv_norm.data)
+    name = "row_normalize_forward8" if _rows8(H, h, k) else "row_normalize_forward"
+    dev.launch(dev.kernel("layers.cl", name), (N,), None, h.data, i32(H), k.data, inv_norm.data)
 
 
 def row_normalize_backward(dev, dk, k, inv_norm, dh, N, H):
     """dh (N,H) += (dk − k·(k·dk))·inv_norm."""
-    dev.launch(dev.kernel("layers.cl", "row_normalize_backward"), (N,), None,
-               dk.data, k.data, inv_norm.data, i32(H), dh.data)
+    name = "row_normalize_backward8" if _rows8(H, dk, k, dh) else "row_normalize_backward"
+    dev.launch(dev.kernel("layers.cl", name), (N,), None, dk.data, k.data, inv_norm.data, i32(H), dh.data)
 
 
 def causal_decay_mask(dev, G, w, Gm, B, S):
@@ -249,7 +255,8 @@ def accumulate_step_stats(dev, loss_out, gnorm, clip_norm, acc):
 
 # -- prototypes ---------------------------------------------------------------------------
 def row_inv_norm(dev, X, inv, R, C):
-    dev.launch(dev.kernel("proto.cl", "row_inv_norm"), (R,), None, X.data, i32(C), inv.data)
+    name = "row_inv_norm8" if _rows8(C, X) else "row_inv_norm"
+    dev.launch(dev.kernel("proto.cl", name), (R,), None, X.data, i32(C), inv.data)
 
 
 def proto_argmax(dev, scores, inv_v, inv_p, k, N, T, cosine):

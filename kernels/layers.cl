@@ -15,7 +15,7 @@
  *   add_bias            X (N,C) += b                                        global (C, N)
  *   colsum(8)           out (C,) = Σ_n X[n]                                 global (C) / (C/8)
  *   spikes_forward      s = 1[h > θ]                                        global (H, N)
- *   row_normalize_forward / _backward   k = h/sqrt(|h|²+1e-6) and dh += …   global (N)
+ *   row_normalize_forward / _backward(8)   k = h/sqrt(|h|²+1e-6) and dh += … global (N)
  *   causal_decay_mask   Gm[b,t,τ] = w[t−1−τ]·G[b,t,τ] for τ < t, else 0      global (S, S, B)
  *   fw_state_norm       ‖A_{S−1}‖_F per sequence from the Gram matrices     global (B)
  *
@@ -177,6 +177,38 @@ __kernel void row_normalize_backward(__global const float* dk, __global const fl
 }
 
 /* w[d] = η·λ^d, precomputed on the host in float64 (same numbers as the reference). */
+/* row_normalize_forward8 / _backward8: the same with float8 chunks of the row
+ * (H % 8 == 0, rows 32-byte aligned: host checks); the row sums add eight lane
+ * partials at the end, so they differ from the scalar kernels' in the last bits. */
+#define HSUM8(v) ((((v).s0 + (v).s1) + ((v).s2 + (v).s3)) + (((v).s4 + (v).s5) + ((v).s6 + (v).s7)))
+__kernel void row_normalize_forward8(__global const float* h, const int H,
+                                     __global float* k, __global float* inv_norm)
+{
+    const int n = get_global_id(0);
+    __global const float8* hp = (__global const float8*)(h + n * H);
+    __global float8* kp = (__global float8*)(k + n * H);
+    float8 ss = 0.0f;
+    for (int j = 0; j < H / 8; j++) ss += hp[j] * hp[j];
+    const float inv = 1.0f / sqrt(HSUM8(ss) + 1e-6f);
+    inv_norm[n] = inv;
+    for (int j = 0; j < H / 8; j++) kp[j] = hp[j] * inv;
+}
+
+__kernel void row_normalize_backward8(__global const float* dk, __global const float* k,
+                                      __global const float* inv_norm, const int H,
+                                      __global float* dh)
+{
+    const int n = get_global_id(0);
+    __global const float8* dkp = (__global const float8*)(dk + n * H);
+    __global const float8* kp = (__global const float8*)(k + n * H);
+    __global float8* dhp = (__global float8*)(dh + n * H);
+    float8 kd8 = 0.0f;
+    for (int j = 0; j < H / 8; j++) kd8 += kp[j] * dkp[j];
+    const float kd = HSUM8(kd8);
+    const float inv = inv_norm[n];
+    for (int j = 0; j < H / 8; j++) dhp[j] += (dkp[j] - kp[j] * kd) * inv;
+}
+
 __kernel void causal_decay_mask(__global const float* G, __global const float* w, const int S,
                                 __global float* Gm)
 {

@@ -20,6 +20,17 @@ __kernel void row_inv_norm(__global const float* X, const int C, __global float*
     inv[r] = 1.0f / sqrt(ss + 1e-6f);
 }
 
+/* row_inv_norm8: the same with float8 chunks (C % 8 == 0, host checks); the sum of
+ * squares adds eight lane partials at the end (last bits differ from row_inv_norm). */
+__kernel void row_inv_norm8(__global const float* X, const int C, __global float* inv)
+{
+    const int r = get_global_id(0);
+    __global const float8* xp = (__global const float8*)(X + r * C);
+    float8 ss = 0.0f;
+    for (int j = 0; j < C / 8; j++) ss += xp[j] * xp[j];
+    inv[r] = 1.0f / sqrt((((ss.s0 + ss.s1) + (ss.s2 + ss.s3)) + ((ss.s4 + ss.s5) + (ss.s6 + ss.s7))) + 1e-6f);
+}
+
 __kernel void proto_argmax(__global const float* scores, __global const float* inv_v,
                            __global const float* inv_p, const int T, const int cosine,
                            __global int* k)

@@ -251,13 +251,19 @@ def test_spikes_forward_is_strict_threshold(dev):
 
 # ----------------------------------------------------------------------------- row normalisation
 
-def test_row_normalize_forward_backward(dev):
-    rng = np.random.default_rng(8)
-    N, H = 17, 24
+@pytest.mark.parametrize("H", [24, 20])                      # float8 rows / scalar rows
+def test_row_normalize_forward_backward(dev, H):
+    rng = np.random.default_rng([8, H])
+    N = 17
     h = rand(rng, N, H)
     h[3] = 0                                                  # the 1e-6 keeps a zero row finite
     k, inv = dev.empty((N, H)), dev.empty((N,))
+    dev.take_timings()
     ops.row_normalize_forward(dev, dev.to_device(h), k, inv, N, H)
+    ops.row_inv_norm(dev, dev.to_device(h), inv2 := dev.empty((N,)), N, H)
+    suffix = "8" if H % 8 == 0 else ""
+    assert {"row_normalize_forward" + suffix, "row_inv_norm" + suffix} <= set(dev.take_timings())
+    np.testing.assert_allclose(inv2.get(), ref.row_normalize_forward(as64(h))[1], rtol=1e-5, atol=0)  # as below
     want_k, want_inv = ref.row_normalize_forward(as64(h))
     # sum of H = 24 squares in float32 then sqrt: relative error ≲ (H+2)·2⁻²⁴ ≈ 2e-6
     np.testing.assert_allclose(k.get(), want_k, rtol=1e-5, atol=1e-6)
@@ -266,6 +272,7 @@ def test_row_normalize_forward_backward(dev):
     dk, dh0 = rand(rng, N, H), rand(rng, N, H)
     dh = dev.to_device(dh0)                                   # the kernel ACCUMULATES into dh
     ops.row_normalize_backward(dev, dev.to_device(dk), k, inv, dh, N, H)
+    assert "row_normalize_backward" + suffix in dev.take_timings()
     want = as64(dh0) + ref.row_normalize_backward(as64(dk), as64(k.get()), as64(inv.get()))
     # a 24-term dot and a few products per entry, O(1) values: float32 error ~1e-6
     np.testing.assert_allclose(dh.get(), want, rtol=1e-5, atol=1e-5)
