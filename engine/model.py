@@ -219,8 +219,7 @@ class Model:
             if fw_state is not None:  # generation: m = A·k, i.e. k·Aᵀ with Aᵀ carried
                 ops.gemm(dev, ws.k, fw_state, ws.ht, N, H, H, beta=1.0)
             else:
-                ops.gemm(dev, ws.k, ws.k, ws.G, S, S, H, trans_b=True, batch=B)
-                ops.causal_decay_mask(dev, ws.G, self.decay_table(S), ws.Gm, B, S)
+                ops.causal_dots_decay(dev, ws.k, ws.k, self.decay_table(S), ws.Gm, B, S, H, tmp=ws.G)
                 ops.gemm(dev, ws.Gm, ws.post, ws.ht, S, H, S, beta=1.0, batch=B)
         pm = cfg.proto.mode
         ws.zz = ws.ht
@@ -279,8 +278,7 @@ class Model:
         elif mode == "fast_weights":
             dh = ws.dh
             w = self.decay_table(S)
-            ops.gemm(dev, ws.dz, ws.post, ws.Q, S, S, H, trans_b=True, batch=B)   # dGm
-            ops.causal_decay_mask(dev, ws.Q, w, ws.Gm, B, S)                        # dG
+            ops.causal_dots_decay(dev, ws.dz, ws.post, w, ws.Gm, B, S, H, tmp=ws.Q)   # dG = decay(dM·Postᵀ)
             ops.gemm(dev, ws.Gm, ws.k, ws.dK, S, H, S, batch=B)
             ops.gemm(dev, ws.Gm, ws.k, ws.dK, S, H, S, beta=1.0, trans_a=True, batch=B)
             dev.cl.enqueue_copy(dev.queue, dh.data, ws.dz.data)
@@ -359,6 +357,7 @@ class Model:
         out["spike_rate"] = float(ws.spike_cols.get().astype(np.float64).sum() / (N * H))
         if cfg.hebb.mode == "fast_weights":
             S, B = ws.S, ws.B
+            ops.gemm(dev, ws.k, ws.k, ws.G, S, S, H, trans_b=True, batch=B)        # the full Gram matrices
             ops.gemm(dev, ws.post, ws.post, ws.Q, S, S, H, trans_b=True, batch=B)
             ops.fw_state_norm(dev, ws.G, ws.Q, self.decay_table(S), ws.fw_norm, B, S)
             out["hebb_norm"] = float(ws.fw_norm.get().astype(np.float64).mean())

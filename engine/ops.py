@@ -205,6 +205,18 @@ def causal_decay_mask(dev, G, w, Gm, B, S):
     dev.launch(dev.kernel("layers.cl", "causal_decay_mask"), (S, S, B), None, G.data, w.data, i32(S), Gm.data)
 
 
+def causal_dots_decay(dev, X, Y, w, out, B, S, H, tmp):
+    """out (B,S,S) = w[t−1−τ]·(X[b,t]·Y[b,τ]) for τ < t else 0; X, Y (B·S, H).
+    One kernel when S % 4 == 0 and the rows are float8-aligned; otherwise X·Yᵀ into
+    `tmp` (B,S,S) and causal_decay_mask."""
+    if S % 4 == 0 and _rows8(H, X, Y, out):
+        dev.launch(dev.kernel("layers.cl", "causal_dots_decay"), (S // 2, S // 4, B), None,
+                   X.data, Y.data, w.data, i32(S), i32(H), out.data)
+    else:
+        gemm(dev, X, Y, tmp, S, S, H, trans_b=True, batch=B)
+        causal_decay_mask(dev, tmp, w, out, B, S)
+
+
 def fw_state_norm(dev, G, Q, w, out, B, S):
     """out (B,) = ‖A_{S−1}‖_F per sequence, from G = K·Kᵀ and Q = Post·Postᵀ (B,S,S)."""
     dev.launch(dev.kernel("layers.cl", "fw_state_norm"), (B,), None, G.data, Q.data, w.data, i32(S), out.data)

@@ -17,6 +17,7 @@
  *   spikes_forward      s = 1[h > θ]                                        global (H, N)
  *   row_normalize_forward / _backward(8)   k = h/sqrt(|h|²+1e-6) and dh += … global (N)
  *   causal_decay_mask   Gm[b,t,τ] = w[t−1−τ]·G[b,t,τ] for τ < t, else 0      global (S, S, B)
+ *   causal_dots_decay   the same from G = X·Yᵀ in one pass (rows dotted)    global (S/2, S/4, B)
  *   fw_state_norm       ‖A_{S−1}‖_F per sequence from the Gram matrices     global (B)
  *
  * Reductions loop in a fixed order inside one work-item: no atomics, so a
@@ -207,6 +208,43 @@ __kernel void row_normalize_backward8(__global const float* dk, __global const f
     const float kd = HSUM8(kd8);
     const float inv = inv_norm[n];
     for (int j = 0; j < H / 8; j++) dhp[j] += (dkp[j] - kp[j] * kd) * inv;
+}
+
+/* causal_dots_decay: out[b,t,τ] = w[t−1−τ]·(X[b,t]·Y[b,τ]) for τ < t, else 0 — the
+ * A·Bᵀ product and causal_decay_mask in one pass, without transposing Y and without
+ * computing the masked half: Gm = decay(K·Kᵀ) forward, dG = decay(dM·Postᵀ) backward.
+ * Each work-item: 4 rows t × 2 rows τ, dots in float8 lanes over H (summed across the
+ * lanes at the end, so the last bits differ from gemm + mask); tiles wholly above the
+ * diagonal only write zeros. Host checks S % 4 == 0, H % 8 == 0, aligned rows.
+ * Launch: global (S/2, S/4, B). */
+__kernel void causal_dots_decay(__global const float* X, __global const float* Y, __global const float* w,
+                                const int S, const int H, __global float* out)
+{
+    const int tau0 = get_global_id(0) * 2, t0 = get_global_id(1) * 4, b = get_global_id(2);
+    __global float* o = out + ((size_t)b * S + t0) * S + tau0;
+    if (tau0 >= t0 + 3) {                         /* τ ≥ t for the whole tile */
+        for (int i = 0; i < 4; i++) { o[i * S] = 0.0f; o[i * S + 1] = 0.0f; }
+        return;
+    }
+    const int H8 = H / 8;
+    __global const float8* x0 = (__global const float8*)(X + ((size_t)b * S + t0) * H);
+    __global const float8* x1 = x0 + H8;
+    __global const float8* x2 = x1 + H8;
+    __global const float8* x3 = x2 + H8;
+    __global const float8* y0 = (__global const float8*)(Y + ((size_t)b * S + tau0) * H);
+    __global const float8* y1 = y0 + H8;
+    float8 a00 = 0, a01 = 0, a10 = 0, a11 = 0, a20 = 0, a21 = 0, a30 = 0, a31 = 0;
+    for (int j = 0; j < H8; j++) {
+        const float8 u = y0[j], v = y1[j];
+        const float8 p0 = x0[j], p1 = x1[j], p2 = x2[j], p3 = x3[j];
+        a00 += p0 * u; a01 += p0 * v; a10 += p1 * u; a11 += p1 * v;
+        a20 += p2 * u; a21 += p2 * v; a30 += p3 * u; a31 += p3 * v;
+    }
+#define CAUSAL_OUT(i, c, acc) { const int t = t0 + i, tau = tau0 + c; \
+        o[i * S + c] = tau < t ? w[t - 1 - tau] * HSUM8(acc) : 0.0f; }
+    CAUSAL_OUT(0, 0, a00) CAUSAL_OUT(0, 1, a01) CAUSAL_OUT(1, 0, a10) CAUSAL_OUT(1, 1, a11)
+    CAUSAL_OUT(2, 0, a20) CAUSAL_OUT(2, 1, a21) CAUSAL_OUT(3, 0, a30) CAUSAL_OUT(3, 1, a31)
+#undef CAUSAL_OUT
 }
 
 __kernel void causal_decay_mask(__global const float* G, __global const float* w, const int S,
