@@ -285,9 +285,11 @@ def gemm_shapes(cfg, V):
         ("fwd logits = z·W2", N, V, H, 1, False, False),
         ("bwd dW2 = zᵀ·dlogits", H, V, N, 1, True, False),
         ("bwd dz = dlogits·W2ᵀ", N, H, V, 1, False, True),
-        ("fw G = K·Kᵀ (per seq)", S, S, H, B, False, True),
+        # K·Kᵀ and dM·postᵀ: training steps fold them into causal_dots_decay (kernels/layers.cl,
+        # lower triangle only); as full products they remain for telemetry and odd sizes
+        ("fw G = K·Kᵀ (per seq; log points)", S, S, H, B, False, True),
         ("fw M = Gm·post (per seq)", S, H, S, B, False, False),
-        ("fw bwd dGm = dM·postᵀ", S, S, H, B, False, True),
+        ("fw bwd dM·postᵀ (odd sizes)", S, S, H, B, False, True),
         ("fw bwd dK = dGᵀ·K", S, H, S, B, True, False),
         ("proto scores = h̃·Pᵀ", N, T, H, 1, False, True),
         ("hebb W += hᵀ·post", H, H, N, 1, True, False),
