@@ -312,16 +312,24 @@ def test_smoke_config_and_checkpoint_artifacts(shared, artifacts, smoke_cfg):
 def test_smoke_prototype_histograms(artifacts, smoke_cfg, engine_run):
     _, _, rec = engine_run
     tc, T = smoke_cfg.train, smoke_cfg.model.num_prototypes
+    from matplotlib.image import imread
     names = sorted(p.name for p in (artifacts / "proto_hist").iterdir())
-    assert names == [f"step_{s:07d}.{ext}" for s in (10, 20, 30) for ext in ("json", "png")]
+    assert names == [f"step_{s:07d}.{ext}" for s in (10, 20, 30) for ext in ("json", "png")] + ["usage.png"]
     for s in (10, 20, 30):
         h = json.loads((artifacts / "proto_hist" / f"step_{s:07d}.json").read_text())
         assert h["step"] == s
         assert len(h["counts"]) == T
         assert sum(h["counts"]) == h["assigned"] == tc.batch_size * tc.seq_len  # every position of the batch
         assert h["counts"] == next(r["proto_counts"] for r in rec.logs if r["step"] == s)
-        png = (artifacts / "proto_hist" / f"step_{s:07d}.png").read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+        # the thumbnail's bars: one column per prototype, heights ∝ counts (rounded to pixels)
+        img = imread(artifacts / "proto_hist" / f"step_{s:07d}.png")
+        height, width = img.shape[:2]
+        bar = width // T
+        bars = (img[:, ::bar][:, :T, 2] < 0.9).sum(axis=0) - 1                  # blue pixels over the baseline
+        want = np.rint((height - 4) * np.array(h["counts"]) / max(h["counts"])).astype(int)
+        np.testing.assert_array_equal(bars, want)
+    usage = imread(artifacts / "proto_hist" / "usage.png")                      # all evaluations, labelled
+    assert usage.ndim == 3 and usage.shape[0] > 200
 
 
 def test_smoke_text_samples(artifacts):
