@@ -313,13 +313,13 @@ class MlflowLogger(Callback):
 
     def on_eval(self, rec):
         step = rec["step"]
+        if self.sample_chars and self.trainer is not None:
+            self._sample(step)   # first: while the store writes below run, its 200 launches waited for the GIL
         vals = {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec}
         self._send(step, {**vals, **self._kernel_metrics()}, flush=True)
         self.curves["val"].append((step, rec["val_loss"]))
         if "proto_counts" in rec:
             self._histogram(step, rec["proto_counts"])
-        if self.sample_chars and self.trainer is not None:
-            self._sample(step)
 
     def _artifact(self, rel: str, data: bytes | str, artifact_path: str):
         self._bg.submit(lambda: self._write_artifact(rel, data, artifact_path))
