@@ -141,8 +141,7 @@ def embedding_forward(dev, W_emb, x, e, N, E):
 
 def bucket_sums(dev, X, perm, starts, out, nb, C):
     """out (nb,C) = Σ_{key_n = t} X (N,C)[n]; perm/starts from bucket_sort(keys)."""
-    (_, oX), (_, oO) = _buf(X), _buf(out)
-    if C % 8 == 0 and oX % 8 == 0 and oO % 8 == 0:
+    if _rows8(C, X, out):
         dev.launch(dev.kernel("layers.cl", "bucket_sums8"), (C // 8, nb), None,
                    X.data, perm.data, starts.data, i32(C), out.data)
     else:
@@ -176,8 +175,7 @@ def add_bias(dev, X, bias, N, C):
 
 def colsum(dev, X, out, N, C):
     """out (C,) = Σ_n X (N,C)[n]."""
-    (bX, oX), (bO, oO) = _buf(X), _buf(out)
-    if C % 8 == 0 and oX % 8 == 0 and oO % 8 == 0:
+    if _rows8(C, X, out):
         dev.launch(dev.kernel("layers.cl", "colsum8"), (C // 8,), (1,), X.data, i32(N), i32(C), out.data)
     else:
         dev.launch(dev.kernel("layers.cl", "colsum"), (C,), None, X.data, i32(N), i32(C), out.data)
@@ -231,8 +229,7 @@ def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
     """loss_rows, hits (N,); dlogits (N,V) = (softmax − onehot)/Nv, 0 for PAD rows.
     Rows of logits/dlogits are ld (default V) apart; columns V..ld-1 untouched."""
     ld = ld or V
-    vec = ld % 8 == 0 and all(_buf(a)[1] % 8 == 0 for a in (logits, dlogits))
-    dev.launch(dev.kernel("loss.cl", "softmax_xent8" if vec else "softmax_xent"), (N,), None,
+    dev.launch(dev.kernel("loss.cl", "softmax_xent8" if _rows8(ld, logits, dlogits) else "softmax_xent"), (N,), None,
                logits.data, y.data, nv.data, i32(V), i32(ld), loss_rows.data, hits.data, dlogits.data)
 
 

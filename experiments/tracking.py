@@ -331,6 +331,7 @@ class MlflowLogger(Callback):
         self.cl.log_artifact(self.run_id, str(path), artifact_path)
 
     def _histogram(self, step: int, counts: list):
+        self.histograms.append((step, list(counts)))
         self._bg.submit(lambda: self._write_histogram(step, list(counts)))
 
     def _write_histogram(self, step: int, counts: list):
@@ -339,7 +340,6 @@ class MlflowLogger(Callback):
         device's threads did not get). The labelled figure of every evaluation is
         proto_hist/usage.png, drawn once at the end (`_usage_figure`)."""
         rel = f"step_{step:07d}"
-        self.histograms.append((step, list(counts)))
         self._write_artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
                                                               "assigned": int(sum(counts))}), "proto_hist")
         self._write_artifact(f"proto/{rel}.png", bar_png(counts), "proto_hist")
