@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.train import Callback
+
+from . import liveness
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +39,10 @@ def resolve_tracking_uri(flag: str | None) -> str:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def check_store(uri: str, timeout: float = 5.0) -> None:
-    """Fail fast, before any training, if the store cannot be reached."""
+def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
+    """Fail fast, before any training, if the store cannot be reached. A local SQLite
+    store that does not exist yet is created (atomically, see `prepare_sqlite_store`)
+    only when `create`; commands that only read runs pass create=False."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
@@ -48,17 +53,156 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
             raise TrackingError(f"tracking server {uri} is unreachable ({reason})") from None
         return
     if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        parent = path.parent if str(path.parent) else Path(".")
-        if not parent.exists():
-            raise TrackingError(f"tracking store {uri}: directory {parent} does not exist")
-        if path.exists() and not os.access(path, os.W_OK):
-            raise TrackingError(f"tracking store {uri}: {path} is not writable")
+        prepare_sqlite_store(uri, create)
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises many types; the user needs one line
         raise TrackingError(f"tracking store {uri} cannot be used ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def prepare_sqlite_store(uri: str, create: bool = True) -> None:
+    """Make a local SQLite store safe to open from several processes at once.
+
+    MLflow creates and migrates the tables of a new database in place on first
+    use, with no lock (`SqlAlchemyStore.__init__`): two processes starting at once
+    in a fresh folder both migrate and both fail (`table _alembic_tmp_tags already
+    exists`), and a Ctrl+C in those seconds leaves a half-migrated file that breaks
+    every later command. Here a new store is built in a temporary file beside the
+    target, under an exclusive lock, and renamed into place only once complete: the
+    target is either absent or whole. A store left half-built by an older version
+    (tables missing, no runs in it) is moved aside and rebuilt; one that holds runs
+    is never touched, only reported."""
+    path = sqlite_path(uri)
+    if str(path) in ("", ":memory:"):
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise TrackingError(f"tracking store {uri}: directory {parent} does not exist")
+    if path.exists() and not path.is_file():
+        raise TrackingError(f"tracking store {uri}: {path} is not a file")
+    if not path.exists() and not create:
+        raise TrackingError(f"tracking store {uri}: {path} does not exist (no run was ever logged there)")
+    if path.exists() and _store_state(path) == "ready":
+        return
+    if not create:
+        raise TrackingError(f"tracking store {uri}: {path} is not a complete MLflow database")
+    _probe_writable(uri, parent)
+    with _init_lock(path):
+        state = _store_state(path) if path.exists() else "absent"
+        if state == "ready":
+            return
+        if state == "has-runs":
+            raise TrackingError(f"tracking store {uri}: {path} holds runs but its schema is incomplete or "
+                                f"out of date; back it up, then run 'mlflow db upgrade {uri}'")
+        if state in ("broken", "empty"):
+            aside = path.with_name(f"{path.name}.broken-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            os.replace(path, aside)
+            print(f"note: {path} was an incomplete MLflow database with no runs; moved to {aside.name} "
+                  "and created anew", file=sys.stderr)
+        _build_sqlite(path)
+
+
+def _probe_writable(uri: str, parent: Path) -> None:
+    """Create and remove a file in `parent` (os.access says yes to root on a read-only mount)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".mlflow-probe-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise TrackingError(f"tracking store {uri}: cannot create files in {parent} "
+                            f"({exc.strerror or exc})") from None
+
+
+def _store_state(path: Path) -> str:
+    """ready | empty (no MLflow tables) | broken (some missing, no runs) | has-runs (outdated, with runs)."""
+    import sqlite3
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+    except sqlite3.Error:
+        return "broken"
+    try:
+        tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables - {"alembic_version"} - {t for t in tables if t.startswith("_alembic_tmp")}:
+            return "empty"
+        head = _schema_head()
+        version = None
+        if "alembic_version" in tables:
+            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+            version = row[0] if row else None
+        required = _required_tables()
+        if required <= tables and version == head and not any(t.startswith("_alembic_tmp") for t in tables):
+            return "ready"
+        if "runs" in tables and con.execute("SELECT COUNT(*) FROM runs").fetchone()[0]:
+            return "has-runs"
+        return "broken"
+    except sqlite3.DatabaseError:
+        return "broken"
+    finally:
+        con.close()
+
+
+def _schema_head() -> str:
+    from mlflow.store.db.utils import _get_latest_schema_revision
+    return _get_latest_schema_revision()
+
+
+def _required_tables() -> set:
+    from mlflow.store.db.base_sql_model import Base
+    import mlflow.store.tracking.dbmodels.models  # noqa: F401  (registers the ORM tables)
+    return set(Base.metadata.tables)
+
+
+class _init_lock:
+    """An exclusive lock (flock) per store path, in the temp dir: no file beside the store."""
+
+    def __init__(self, path: Path):
+        import hashlib
+        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
+        self.lock = Path(tempfile.gettempdir()) / f"hybrid-mlflow-init-{digest}.lock"
+
+    def __enter__(self):
+        import fcntl
+        self.fd = os.open(self.lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)  # releases the lock
+
+
+def _build_sqlite(path: Path) -> None:
+    """Create every MLflow table in a temp file beside `path`, then rename it into place."""
+    from mlflow.store.db.utils import _initialize_tables, create_sqlalchemy_engine
+    fd, tmp = tempfile.mkstemp(dir=path.parent if str(path.parent) else ".", prefix=f".{path.name}.init-",
+                               suffix=".tmp")
+    os.close(fd)
+    import logging
+    quiet = [logging.getLogger(n) for n in ("mlflow.store.db.utils", "alembic")]
+    levels = [q.level for q in quiet]
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would have made it, not mkstemp's 0600
+        for q in quiet:
+            q.setLevel(logging.WARNING)
+        engine = create_sqlalchemy_engine(f"sqlite:///{os.path.abspath(tmp)}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
 
 
 def client(uri: str):
@@ -69,7 +213,7 @@ def client(uri: str):
 
 
 class _RetryOnLock:
-    TRIES = 6
+    TRIES = 24  # waits of 0.05 s doubling to 2 s, jittered: ~40 s in all, for many processes on one file
 
     def __init__(self, inner):
         self._inner = inner
@@ -86,7 +230,7 @@ class _RetryOnLock:
                 except Exception as exc:
                     if "locked" not in str(exc).lower() or i == self.TRIES - 1:
                         raise
-                    time.sleep(0.1 * 2 ** i)
+                    time.sleep(min(0.05 * 2 ** i, 2.0) * (0.5 + random.random()))
         return call
 
 
@@ -103,6 +247,39 @@ def experiment_id(cl, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+# -- runs whose process died -------------------------------------------------------------------
+def owner_tags() -> dict:
+    """Tags that let any later process tell whether this run's process is still alive."""
+    return {liveness.OWNER_TAG: liveness.owner(), liveness.HEARTBEAT_TAG: str(liveness.now_ms())}
+
+
+def run_is_stale(run) -> bool:
+    tags = run.data.tags
+    return run.info.status == "RUNNING" and liveness.is_stale(tags.get(liveness.OWNER_TAG),
+                                                               tags.get(liveness.HEARTBEAT_TAG))
+
+
+def mark_dead(cl, run_id: str) -> bool:
+    """Mark a RUNNING run whose owner died FAILED (re-read first: it may have been resumed meanwhile)."""
+    run = cl.get_run(run_id)
+    if not run_is_stale(run):
+        return False
+    who = liveness.describe(run.data.tags.get(liveness.OWNER_TAG, ""))
+    cl.set_tag(run_id, "error", f"the process that ran it ({who}) died without ending it "
+                                "(SIGKILL, out of memory or power loss); resume it with --resume")
+    cl.set_terminated(run_id, "FAILED")
+    return True
+
+
+def reap_stale_runs(cl, experiment_ids: list[str]) -> list[str]:
+    """Every RUNNING run of these experiments whose owner is gone becomes FAILED; returns their ids."""
+    try:
+        running = cl.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=5000)
+    except Exception:
+        return []
+    return [r.info.run_id for r in running if run_is_stale(r) and mark_dead(cl, r.info.run_id)]
 
 
 # -- what a run is tagged with -----------------------------------------------------------------
@@ -143,7 +320,17 @@ def log_dataset(cl, run_id: str, trainer) -> None:
     ds = Dataset(name=os.path.basename(cfg.data.path) if cfg.data.path else "pydoc_topics",
                  digest=trainer.data_sha256[:20], source_type="local" if cfg.data.path else "code",
                  source=source, profile=profile)
-    cl.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])])
+    inputs = [DatasetInput(ds, tags=[InputTag("mlflow.data.context", "training")])]
+    for attempt in range(5):
+        try:
+            cl.log_inputs(run_id, datasets=inputs)
+            return
+        except Exception as exc:
+            # two processes logging the same new dataset at once: both insert it, one insert
+            # fails on the unique (experiment, name, digest) key; the retry finds the other's row
+            if "unique" not in str(exc).lower() or attempt == 4:
+                raise
+            time.sleep(0.05 * (attempt + 1))
 
 
 # -- figures without matplotlib -------------------------------------------------------------------
@@ -234,7 +421,7 @@ class MlflowLogger(Callback):
         self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
         self._generator = None
         self._queue: list = []
-        self._flushed = time.monotonic()
+        self._flushed = self._beat = time.monotonic()
         self._bg = _Background()
 
     def on_start(self, trainer):
@@ -279,6 +466,9 @@ class MlflowLogger(Callback):
 
     def _flush(self):
         self._flushed = time.monotonic()
+        if self._flushed - self._beat > liveness.HEARTBEAT_S:  # this run's process is alive (liveness.py)
+            self._beat = self._flushed
+            self._bg.submit(lambda: self.cl.set_tag(self.run_id, liveness.HEARTBEAT_TAG, str(liveness.now_ms())))
         while self._queue:
             batch, self._queue = self._queue[:self.FLUSH_AT], self._queue[self.FLUSH_AT:]
             self._bg.submit(lambda batch=batch: self.cl.log_batch(self.run_id, metrics=batch))
