@@ -10,6 +10,7 @@ count, and for ablations the difference of the mean from `hybrid`.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .run import DEFAULT_EXPERIMENT
@@ -73,8 +74,14 @@ def main(argv=None) -> int:
     ap.add_argument("--tracking-uri")
     args = ap.parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri)
+    if args.csv:
+        folder = os.path.dirname(os.path.abspath(args.csv))
+        if not os.path.isdir(folder) or os.path.isdir(args.csv):
+            print(f"error: --csv {args.csv}: " + (f"folder {folder} does not exist" if not os.path.isdir(folder)
+                                                   else "is a folder"), file=sys.stderr)
+            return 2
     try:
-        check_store(uri)
+        check_store(uri, create=False)
         df = runs_frame(client(uri), args.experiment_name, args.runs)
     except TrackingError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -91,8 +98,26 @@ def main(argv=None) -> int:
             print()
             print(abl.to_string(index=False))
     if args.csv:
-        df.to_csv(args.csv, index=False)
+        try:
+            write_csv_atomically(df, args.csv)
+        except OSError as exc:
+            print(f"error: --csv {args.csv}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     return 0
+
+
+def write_csv_atomically(df, path: str) -> None:
+    """A temp file beside `path`, renamed over it: a reader never sees half a table."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".compare-", suffix=".csv")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            df.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 if __name__ == "__main__":

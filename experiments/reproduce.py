@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
-        check_store(uri)
+        check_store(uri, create=False)
         cl = client(uri)
         orig = runner.get_run(cl, args.run_id)
         cfg = runner.logged_config(cl, args.run_id)
@@ -72,6 +72,9 @@ def main(argv=None) -> int:
         if tags.get("git_commit") != commit or tags.get("git_dirty") == "true" or dirty:
             print(f"note: code version differs: run {tags.get('git_commit', '?')[:12]}"
                   f"{' (dirty)' if tags.get('git_dirty') == 'true' else ''}, now {commit[:12]}{' (dirty)' if dirty else ''}")
+        if tags.get("resume_overrides"):
+            print(f"note: the run was resumed with overrides {tags['resume_overrides']}; this reproduces its "
+                  "logged config without them (train.steps moves the learning-rate schedule)")
         if tags.get("kernel_hash") != kernel_source_hash():
             print("note: the kernel sources differ from the run's (kernel_hash)")
         exp_name = cl.get_experiment(orig.info.experiment_id).name
@@ -81,6 +84,9 @@ def main(argv=None) -> int:
     except runner.USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before the reproduction started", file=sys.stderr)
+        return 130
     if summary["status"] != "finished":
         print(f"error: the reproduction run {new_id} ended {summary['status']}", file=sys.stderr)
         print(new_id)

@@ -21,19 +21,23 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keep s
 import signal
 import sys
 import tempfile
+import time
 
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, check_out_dir
 from engine.config import Config, ConfigError, apply_overrides
 from engine.data import DataError
 from engine.device import DeviceError
 from engine.train import Trainer, TrainingError, make_progress
 
-from . import presets
+from . import liveness, presets
 from .tracking import MlflowLogger, TrackingError, check_store, client, experiment_id, log_dataset, \
-    resolve_tracking_uri, run_tags
+    display_uri, owner_tags, reap_stale_runs, resolve_tracking_uri, run_is_stale, run_tags
 
 DEFAULT_EXPERIMENT = "hybrid-lm"
 USER_ERRORS = (presets.UnknownExperiment, ConfigError, DataError, CheckpointError, DeviceError, TrackingError)
+# what --resume RUN_ID --set may change: when training stops and how often it reports; nothing that
+# changes the maths of the steps already taken (train.steps moves the cosine schedule's end: recorded)
+RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.checkpoint_every", "train.profile")
 
 
 def launch(cfg: Config, name: str, overrides: list[str], uri: str, experiment_name: str = DEFAULT_EXPERIMENT,
@@ -42,7 +46,9 @@ def launch(cfg: Config, name: str, overrides: list[str], uri: str, experiment_na
     """Train `cfg` as a new MLflow run; returns (run id, summary with status)."""
     cl = client(uri)
     exp_id = experiment_id(cl, experiment_name)
+    reap_stale_runs(cl, [exp_id])
     trainer = Trainer(cfg, None, list(callbacks))
+    check_out_root(out_root, trainer)
     # from here on a signal must not leave a RUNNING run: it asks the loop to stop
     before = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -53,7 +59,7 @@ def launch(cfg: Config, name: str, overrides: list[str], uri: str, experiment_na
 
 
 def _launch_run(cl, exp_id, trainer, cfg, name, overrides, out_root, tags, parent_run_id, progress):
-    run_tags_ = {"mlflow.runName": f"{name}-s{cfg.seed}", **run_tags(trainer, name), **(tags or {})}
+    run_tags_ = {"mlflow.runName": f"{name}-s{cfg.seed}", **run_tags(trainer, name), **owner_tags(), **(tags or {})}
     if parent_run_id:
         run_tags_["mlflow.parentRunId"] = parent_run_id
     run = cl.create_run(exp_id, tags=run_tags_)
@@ -61,30 +67,79 @@ def _launch_run(cl, exp_id, trainer, cfg, name, overrides, out_root, tags, paren
     trainer.out_dir = os.path.abspath(os.path.join(out_root, run_id))
     try:
         _log_run_inputs(cl, run_id, trainer, name, overrides)
-    except BaseException:
-        cl.set_terminated(run_id, "FAILED")
+    except BaseException as exc:
+        cl.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     return run_id, _train_tracked(cl, run_id, trainer, progress)
 
 
-def resume(run_id: str, uri: str, out_root: str = "runs", callbacks=(), progress: bool = True) -> dict:
-    """Continue a KILLED or FAILED run from its last checkpoint, in the same run."""
+def resume(run_id: str, uri: str, out_root: str = "runs", callbacks=(), progress: bool = True,
+           overrides: list[str] = ()) -> dict:
+    """Continue a KILLED or FAILED run from its last checkpoint, in the same run; a RUNNING run
+    whose process died (SIGKILL, out of memory) counts as FAILED. `overrides` may change only
+    RESUME_KEYS; they are recorded in the tag `resume_overrides`."""
     cl = client(uri)
     run = get_run(cl, run_id)
-    if run.info.status not in ("KILLED", "FAILED"):
-        raise TrackingError(f"run {run_id} is {run.info.status}; only KILLED or FAILED runs can be resumed")
-    cfg = logged_config(cl, run_id)
-    ckpt = run.data.tags.get("checkpoint_path", "")
-    if not os.path.exists(ckpt):
-        try:
-            ckpt = cl.download_artifacts(run_id, "checkpoint/checkpoint.npz", tempfile.mkdtemp(prefix="resume-"))
-        except Exception:
-            raise TrackingError(f"run {run_id} has no checkpoint to resume from") from None
+    if run.info.status == "RUNNING" and run_is_stale(run):
+        status = "FAILED"  # its process is gone: it will never end it
+    elif run.info.status == "RUNNING" and run.data.tags.get(liveness.OWNER_TAG):
+        who = liveness.describe(run.data.tags[liveness.OWNER_TAG])
+        raise TrackingError(f"run {run_id} is still running ({who}); stop it first (Ctrl+C or kill -TERM)")
+    else:
+        status = run.info.status
+    if status not in ("KILLED", "FAILED"):
+        raise TrackingError(f"run {run_id} is {status}; only KILLED or FAILED runs can be resumed")
+    logged = logged_config(cl, run_id)
+    cfg = apply_resume_overrides(logged, overrides)
     out_dir = os.path.abspath(os.path.join(out_root, run_id))
+    ckpt = intact_checkpoint(cl, run)
     trainer = Trainer(cfg, out_dir, list(callbacks), resume=ckpt)
+    if cfg.train.steps < trainer.model.step:
+        raise ConfigError(f"train.steps={cfg.train.steps} is below the checkpoint's step {trainer.model.step}")
+    for key, value in owner_tags().items():   # claim the run before it is RUNNING again
+        cl.set_tag(run_id, key, value)
     cl.update_run(run_id, status="RUNNING")
     cl.set_tag(run_id, "resumed_from_step", str(trainer.model.step))
+    cl.set_tag(run_id, "checkpoint_path", trainer.checkpoint_path())  # where this process writes them now
+    if overrides:
+        record = json.loads(run.data.tags.get("resume_overrides", "[]"))
+        record.append({"from_step": trainer.model.step, "set": list(overrides)})
+        cl.set_tag(run_id, "resume_overrides", json.dumps(record))
     return _train_tracked(cl, run_id, trainer, progress)
+
+
+def apply_resume_overrides(cfg: Config, overrides) -> Config:
+    """The logged config with --set applied; a key outside RESUME_KEYS is refused by name."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_KEYS:
+            apply_overrides(cfg, [item])  # an unknown key or a bad value: its own message first
+            raise ConfigError(f"--set {key} cannot change when resuming a run (it would change the steps "
+                              f"already taken); resumable keys: {', '.join(RESUME_KEYS)}")
+    return apply_overrides(cfg, list(overrides))
+
+
+def intact_checkpoint(cl, run) -> str:
+    """The run's local checkpoint if it loads, else the copy logged as an artifact."""
+    from engine.checkpoint import load_checkpoint
+    local, problem = run.data.tags.get("checkpoint_path", ""), None
+    if local and os.path.exists(local):
+        try:
+            load_checkpoint(local)
+            return local
+        except CheckpointError as exc:
+            problem = exc
+            print(f"note: {exc}; trying the copy logged with the run", file=sys.stderr)
+    try:
+        logged = cl.download_artifacts(run.info.run_id, "checkpoint/checkpoint.npz", tempfile.mkdtemp(prefix="resume-"))
+        load_checkpoint(logged)
+        return logged
+    except CheckpointError as exc:
+        raise TrackingError(f"run {run.info.run_id}: no intact checkpoint to resume from (local: {problem}; "
+                            f"logged: {exc})") from None
+    except Exception:
+        raise TrackingError(f"run {run.info.run_id} has no checkpoint to resume from"
+                            + (f" ({problem})" if problem else "")) from None
 
 
 def get_run(cl, run_id: str):
@@ -160,10 +215,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.run", description=__doc__.splitlines()[0])
     ap.add_argument("name", nargs="?", help="experiment name (see --list)")
     ap.add_argument("--list", action="store_true", help="list the named experiments")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key (with --resume: only " + ", ".join(RESUME_KEYS) + ")")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     ap.add_argument("--experiment-name", default=DEFAULT_EXPERIMENT, help="MLflow experiment to log into")
-    ap.add_argument("--resume", metavar="RUN_ID", help="continue a KILLED or FAILED run")
+    ap.add_argument("--resume", metavar="RUN_ID", help="continue a KILLED or FAILED run (or one whose process died)")
     ap.add_argument("--out", default="runs", help="directory for checkpoints (OUT/<run id>/)")
     args = ap.parse_args(argv)
     if args.list:
@@ -174,22 +230,65 @@ def main(argv=None) -> int:
     if not args.name and not args.resume:
         ap.error("give an experiment NAME, --list or --resume RUN_ID")
     uri = resolve_tracking_uri(args.tracking_uri)
+    t0 = time.monotonic()
     try:
         # the cheap checks first: a typo must not create or migrate a store
-        cfg = None if args.resume else apply_overrides(presets.get(args.name).config(), args.set)
-        check_store(uri)
         if args.resume:
-            summary = resume(args.resume, uri, args.out)
+            check_out_root(args.out)
+            check_store(uri, create=False)  # resuming needs runs: never create an empty store
+            summary = resume(args.resume, uri, args.out, overrides=args.set)
             run_id = args.resume
         else:
+            cfg = apply_overrides(presets.get(args.name).config(), args.set)
+            check_out_root(args.out)
+            check_store(uri)
             run_id, summary = launch(cfg, args.name, args.set, uri, args.experiment_name, args.out)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; no run was started", file=sys.stderr)
+        return 130
     if summary.get("error"):
         print(f"error: {summary['error']}", file=sys.stderr)
+    print(run_summary(uri, run_id, summary, time.monotonic() - t0), file=sys.stderr, flush=True)
     print(run_id, flush=True)
     return {"finished": 0, "killed": 130}.get(summary["status"], 1)
+
+
+def check_out_root(out_root: str, trainer: Trainer | None = None) -> None:
+    """The checkpoint folder can be written (before any store is touched) and, once the
+    model is known, has room for two checkpoints (the temp file and the previous one)."""
+    needed = 0
+    if trainer is not None:
+        m = trainer.model
+        needed = 4 * (3 * m.layout.total + m.H * m.H + m.T * (m.H + 1) + trainer.ws.N) + (1 << 16)
+    check_out_dir(out_root, needed)
+
+
+def run_summary(uri: str, run_id: str, summary: dict, seconds: float) -> str:
+    """One line: how the run ended, its figures, where its files are and how to look at it."""
+    final = summary.get("final") or {}
+    status = summary.get("status", "?")
+    figures = (f"val_loss {final['val_loss']:.4f} nats ({final['val_bpc']:.3f} bpc) at step {final['step']}, "
+               if final.get("val_loss") is not None else f"step {summary.get('step', '?')}, ")
+    minutes, secs = divmod(int(round(seconds)), 60)
+    ckpt = summary.get("checkpoint")
+    where = f"checkpoints in {os.path.dirname(ckpt)}; " if ckpt else ""
+    return (f"{status}: {figures}{minutes}:{secs:02d} wall; {where}view: {ui_hint(uri, run_id)}")
+
+
+def ui_hint(uri: str, run_id: str) -> str:
+    """How to open the run in the MLflow UI: the command for a local store, and the run's page."""
+    exp_id = "<id>"
+    try:
+        exp_id = client(uri).get_run(run_id).info.experiment_id
+    except Exception:
+        pass
+    page = f"#/experiments/{exp_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{display_uri(uri).rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {display_uri(uri)}, then http://127.0.0.1:5000/{page}"
 
 
 if __name__ == "__main__":

@@ -39,18 +39,25 @@ def resolve_tracking_uri(flag: str | None) -> str:
     return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
+def display_uri(uri: str) -> str:
+    """The URI as it may be shown and logged: no password; a relative SQLite path made absolute."""
+    from urllib.parse import urlsplit, urlunsplit
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    parts = urlsplit(uri)
+    if parts.password is not None:
+        host = parts.hostname or ""
+        host = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+    return uri
+
+
 def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
     """Fail fast, before any training, if the store cannot be reached. A local SQLite
     store that does not exist yet is created (atomically, see `prepare_sqlite_store`)
     only when `create`; commands that only read runs pass create=False."""
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
-                if r.status != 200:
-                    raise TrackingError(f"tracking server {uri} answered /health with HTTP {r.status}")
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise TrackingError(f"tracking server {uri} is unreachable ({reason})") from None
+        check_tracking_server(uri, timeout)
         return
     if uri.startswith("sqlite:///"):
         prepare_sqlite_store(uri, create)
@@ -59,6 +66,129 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
     except Exception as exc:  # MLflow raises many types; the user needs one line
         raise TrackingError(f"tracking store {uri} cannot be used ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+# -- http(s) tracking servers: reachable, MLflow, credentials accepted ----------------------------------
+SEARCH_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+CREDENTIAL_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking server answers, is an MLflow server, and accepts this client's
+    credentials; else a one-line TrackingError. /health answers 200 without credentials on a
+    basic-auth server (`mlflow server --app-name basic-auth`), so one authenticated API call
+    follows (search one experiment) with the credentials MLflow itself sends:
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, ~/.mlflow/credentials,
+    MLFLOW_TRACKING_TOKEN, or user:password@ in the URI. Messages never show the password."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+    shown = display_uri(uri)
+    try:
+        with urllib.request.urlopen(_without_userinfo(uri).rstrip("/") + "/health", timeout=timeout) as r:
+            if r.status != 200:
+                raise TrackingError(f"tracking server {shown} answered /health with HTTP {r.status}")
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            raise TrackingError(f"tracking server {shown} answers but is not an MLflow tracking server "
+                                f"(GET /health: HTTP 404)") from None
+        if exc.code not in (401, 403):  # a proxy that asks for credentials: the API call says which
+            raise TrackingError(f"tracking server {shown} answered /health with HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TrackingError(f"tracking server {shown} is unreachable ({reason})") from None
+    try:
+        resp = http_request(get_default_host_creds(uri), SEARCH_ENDPOINT, "GET", max_retries=0, backoff_factor=0,
+                            timeout=timeout, raise_on_status=False, params={"max_results": 1})
+    except Exception as exc:  # requests' connection errors and MLflow's wrappers of them
+        raise TrackingError(f"tracking server {shown} is unreachable ({_first_line(exc)})") from None
+    code = resp.status_code
+    if code in (401, 403):
+        raise TrackingError(credentials_message(uri, code, resp.text))
+    try:
+        body = resp.json()
+    except ValueError:
+        body = None
+    if code == 200 and isinstance(body, dict) and set(body) <= {"experiments", "next_page_token"}:
+        return
+    if isinstance(body, dict) and "error_code" in body:  # MLflow's own error document
+        raise TrackingError(f"tracking server {shown} cannot be used (HTTP {code} {body['error_code']}: "
+                            f"{_first_line(body.get('message', ''))})")
+    kind = resp.headers.get("Content-Type", "no content type").split(";")[0]
+    raise TrackingError(f"tracking server {shown} answers but is not an MLflow tracking server "
+                        f"(GET {SEARCH_ENDPOINT}: HTTP {code}, {kind})")
+
+
+def credentials_message(uri: str, code: int, detail: str = "") -> str:
+    """One line for a request the server refused: 401 (no or wrong credentials), 403 (the user
+    lacks the permission, or the server's --allowed-hosts does not list the host)."""
+    from urllib.parse import urlsplit
+
+    from mlflow.utils.credentials import read_mlflow_creds
+    shown = display_uri(uri)
+    user = read_mlflow_creds().username or urlsplit(uri).username
+    if code == 403 and "Invalid Host header" in detail:
+        host = urlsplit(uri).netloc.rpartition("@")[2]
+        return (f"tracking server {shown} refused the Host header {host!r} (HTTP 403): start the server "
+                f"with --allowed-hosts {host}")
+    if code == 403:
+        return (f"tracking server {shown} refused the credentials of user {user!r} (HTTP 403 permission "
+                f"denied): set {CREDENTIAL_VARS} to a user with access, or have an admin grant it")
+    if not user:
+        return f"tracking server {shown} refused the credentials (HTTP 401, none given): set {CREDENTIAL_VARS}"
+    return (f"tracking server {shown} refused the credentials of user {user!r} (HTTP 401): "
+            f"set {CREDENTIAL_VARS} to a valid user and password")
+
+
+def auth_error(exc: BaseException, uri: str) -> TrackingError | None:
+    """The one-line TrackingError for an MLflow call the server refused (HTTP 401 or 403),
+    else None: e.g. a user who may read an experiment but not create runs in it passes
+    `check_store` and is refused at `create_run`."""
+    from mlflow.exceptions import MlflowException
+    if not isinstance(exc, MlflowException):
+        return None
+    code = exc.get_http_status_code()
+    return TrackingError(credentials_message(uri, code, str(exc))) if code in (401, 403) else None
+
+
+def _without_userinfo(uri: str) -> str:
+    """http://user:pw@host/… → http://host/… (urllib does not take credentials in the URL)."""
+    from urllib.parse import urlsplit, urlunsplit
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _first_line(exc) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+# SQLAlchemy 2.1 reads a bare postgresql:// as postgresql+psycopg:// (psycopg 3) and mysql:// as
+# mysql+mysqldb://: per dialect, the drivers to try in order (import name, SQLAlchemy driver name)
+SQL_DRIVERS = {"postgresql": (("psycopg", "psycopg"), ("psycopg2", "psycopg2")),
+               "mysql": (("MySQLdb", "mysqldb"), ("pymysql", "pymysql"))}
+SQL_DRIVER_PACKAGES = {"postgresql": "psycopg2-binary (or psycopg[binary])", "mysql": "pymysql (or mysqlclient)"}
+
+
+def sql_driver_url(url: str) -> str:
+    """A database URL (Optuna storage or MLflow tracking store) with an importable driver
+    named: postgresql://… becomes postgresql+psycopg2://… when psycopg 3 is missing and
+    psycopg2 is there (the dev extra installs psycopg2-binary); postgres:// (an alias
+    SQLAlchemy refuses) is read as postgresql://. URLs that name a driver, and other
+    schemes, come back unchanged. No driver importable: a one-line TrackingError naming
+    the package to install."""
+    import importlib
+    scheme, sep, rest = url.partition("://")
+    dialect = "postgresql" if scheme == "postgres" else scheme
+    if not sep or dialect not in SQL_DRIVERS:
+        return url
+    for module, driver in SQL_DRIVERS[dialect]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        return f"{dialect}+{driver}://{rest}"
+    raise TrackingError(f"{display_uri(url)}: no {dialect} driver can be imported: "
+                        f"pip install {SQL_DRIVER_PACKAGES[dialect]}")
 
 
 def sqlite_path(uri: str) -> Path | None:
@@ -388,15 +518,21 @@ class _Background:
         while True:
             job = self._jobs.get()
             if job is None:
+                self._jobs.task_done()
                 return
             if self._error is None:
                 try:
                     job()
                 except BaseException as exc:  # re-raised in join()
                     self._error = exc
+            self._jobs.task_done()
 
     def submit(self, job):
         self._jobs.put(job)
+
+    def drain(self):
+        """Wait until every job submitted so far is done."""
+        self._jobs.join()
 
     def join(self):
         import sys
@@ -421,6 +557,7 @@ class MlflowLogger(Callback):
         self._tmp = tempfile.TemporaryDirectory(prefix="mlflow-art-")
         self._generator = None
         self._queue: list = []
+        self._logged: dict[str, int] = {}   # key -> last step already in the store (resumed runs)
         self._flushed = self._beat = time.monotonic()
         self._bg = _Background()
 
@@ -430,7 +567,10 @@ class MlflowLogger(Callback):
         self._window = {"steps": 0, "ms": {}}   # kernel time since the last evaluation
 
     def restore(self, step: int):
-        """A resumed run: curves and kernel totals from what the run logged up to `step`."""
+        """A resumed run: curves and kernel totals from what the run logged up to `step`.
+        A run whose process died (SIGKILL) may have logged past its last checkpoint: the
+        resumed run recomputes those steps bit for bit and does not log them twice."""
+        self._logged = {m.key: m.step for m in self.cl.get_run(self.run_id).data._metric_objs}
         for key, curve in (("train_loss", "train"), ("val_loss", "val")):
             hist = sorted(self.cl.get_metric_history(self.run_id, key), key=lambda m: (m.step, m.timestamp))
             self.curves[curve] = [(m.step, m.value) for m in hist if m.step <= step]
@@ -460,7 +600,7 @@ class MlflowLogger(Callback):
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
         self._queue += [Metric(k, float(v), now, step) for k, v in values.items()
-                        if v is not None and np.isfinite(v)]
+                        if v is not None and np.isfinite(v) and step > self._logged.get(k, -1)]
         if flush or len(self._queue) >= self.FLUSH_AT or time.monotonic() - self._flushed > self.FLUSH_EVERY_S:
             self._flush()
 
@@ -472,6 +612,12 @@ class MlflowLogger(Callback):
         while self._queue:
             batch, self._queue = self._queue[:self.FLUSH_AT], self._queue[self.FLUSH_AT:]
             self._bg.submit(lambda batch=batch: self.cl.log_batch(self.run_id, metrics=batch))
+
+    def before_checkpoint(self, step: int):
+        """Everything logged up to a checkpoint is in the store before the checkpoint exists: a
+        run killed later (SIGKILL) and resumed from it has every step's metrics exactly once."""
+        self._flush()
+        self._bg.drain()
 
     def on_log(self, rec):
         step = rec["step"]
