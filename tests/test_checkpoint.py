@@ -185,3 +185,138 @@ def test_check_compatible_names_the_first_mismatch():
     with pytest.raises(CheckpointError, match=r"^checkpoint has no 'config.proto' \(this run expects"):
         check_compatible(meta, {"config": {"proto": {"mode": "feature"}}})
     check_compatible({"shape": [3, 4]}, {"shape": (3, 4)})        # tuples compare as JSON lists
+
+
+def _flips(path, offsets):
+    """{offset: message or None (loaded, equal to the original)} for each single flipped byte."""
+    data = path.read_bytes()
+    arrays, meta = load_checkpoint(path)
+    bad = path.with_name("flipped.npz")
+    out = {}
+    for i in offsets:
+        raw = bytearray(data)
+        raw[i] ^= 0xFF
+        bad.write_bytes(bytes(raw))
+        try:
+            got, got_meta = load_checkpoint(bad)
+        except CheckpointError as exc:       # any other exception type fails the test
+            out[i] = str(exc)
+            continue
+        assert got_meta == meta and all(got[k].tobytes() == a.tobytes() for k, a in arrays.items()), i
+        out[i] = None                        # a field zipfile does not read (time, attributes, ...)
+    return out
+
+
+def test_every_flipped_byte_is_a_one_line_checkpoint_error_or_harmless(tmp_path):
+    """Each byte of a small checkpoint flipped in turn: member data, npy headers, local headers,
+    the central directory and its end record."""
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"W": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(3)}, {"step": 3})
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        infos, start = zf.infolist(), zf.start_dir
+    names = []   # offsets of every member name, in the local headers and in the central directory
+    for info in infos:
+        names += range(info.header_offset + 30, info.header_offset + 30 + len(info.filename))
+    pos = start
+    while data[pos:pos + 4] == b"PK\x01\x02":
+        n, extra, comment = (int.from_bytes(data[pos + k:pos + k + 2], "little") for k in (28, 30, 32))
+        names += range(pos + 46, pos + 46 + n)
+        pos += 46 + n + extra + comment
+    assert len(names) == 2 * sum(len(i.filename) for i in infos)
+    result = _flips(path, range(len(data)))
+    errors = {i: m for i, m in result.items() if m is not None}
+    for i, msg in errors.items():
+        assert msg.startswith(f"checkpoint {str(path.with_name('flipped.npz'))!r} ") and "\n" not in msg, (i, msg)
+    for i in names:
+        assert result[i] is not None and "corrupt" in result[i], (i, result[i])
+    data_bytes = [i for i in range(len(data)) if i < start and i not in names]
+    assert sum(result[i] is not None for i in data_bytes) > len(data_bytes) * 0.6   # CRCs and sha256s
+    assert all("corrupt" in m for m in errors.values()), {m for m in errors.values() if "corrupt" not in m}
+
+
+def test_damaged_directory_is_corrupt_not_foreign(tmp_path):
+    """Flips that used to read as 'not written by save_checkpoint' or as a missing array."""
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"W": np.zeros(3, np.float32)}, {})
+    data = path.read_bytes()
+    start = data.index(b"PK\x01\x02")
+    meta_name = data.index(b"__meta__.npy", start)
+    w_name = data.index(b"W.npy", start)
+    comment_len = start + 32             # the first directory entry's comment length
+    result = _flips(path, [meta_name, meta_name + 3, w_name, comment_len])
+    for i, msg in result.items():
+        assert msg is not None and " is corrupt (" in msg and "save_checkpoint" not in msg, (i, msg)
+    assert "File name in directory" in result[meta_name]
+    np.savez(path, W=np.zeros(3))        # a valid zip without the meta member stays "foreign"
+    _expect(path, "has no __meta__ entry (not written by save_checkpoint)")
+
+
+# ----------------------------------------------------------------------------- check_out_dir
+
+def _check_out(path, needed=1000):
+    with pytest.raises(CheckpointError) as exc:
+        ckpt.check_out_dir(path, needed)
+    msg = str(exc.value)
+    assert "\n" not in msg and msg.startswith(f"checkpoint folder {str(path)!r} ")
+    return msg
+
+
+def test_check_out_dir_accepts_new_and_existing_folders_and_creates_nothing(tmp_path):
+    ckpt.check_out_dir(tmp_path, 1000)
+    ckpt.check_out_dir(tmp_path / "a" / "b" / "c", 1000)
+    ckpt.check_out_dir(str(tmp_path / "x"), 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_check_out_dir_refuses_files_and_unwritable_places(tmp_path, monkeypatch):
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert _check_out(f).endswith("is an existing file, not a directory")
+    assert _check_out(f / "sub" / "dir").endswith(f"cannot be created: {str(f)!r} is a file, not a directory")
+
+    def denied(**kwargs):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(ckpt.tempfile, "mkstemp", denied)
+    assert _check_out(tmp_path / "new").endswith(
+        f"is not writable: cannot create a file in {str(tmp_path)!r} (Permission denied)")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/sys/kernel"), reason="needs Linux sysfs (not writable, even by root)")
+def test_check_out_dir_really_probes_writability():
+    assert "is not writable: cannot create a file in '/sys'" in _check_out("/sys/no-such-dir/out")
+
+
+def test_check_out_dir_needs_room_for_two_checkpoints(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    free = {"free": 3 * 2**20}
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: SimpleNamespace(total=2**40, used=0, **free))
+    ckpt.check_out_dir(tmp_path / "out", 3 * 2**19)          # 2 x 1.5 MiB = 3 MiB: just fits
+    msg = _check_out(tmp_path / "out", 2 * 2**20)
+    assert msg.endswith(f"has too little free space: checkpoints need 4.0 MiB (2 x 2.0 MiB), "
+                        f"3.0 MiB free on {str(tmp_path)!r}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_size_bounds_the_file(tmp_path):
+    arrays = _arrays()
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, arrays, META)
+    estimate = ckpt.checkpoint_size({k: (a.shape, a.dtype) for k, a in arrays.items()}, len(json.dumps(META)))
+    assert os.path.getsize(path) <= estimate <= os.path.getsize(path) + 8192
+
+
+def test_failed_write_removes_its_temp_file(tmp_path, monkeypatch):
+    import errno
+    path = tmp_path / "c.npz"
+    save_checkpoint(path, {"W": np.ones(3, np.float32)}, {"step": 1})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(np.lib.format, "write_array", full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(path, {"W": np.zeros(3, np.float32)}, {"step": 2})
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.npz"] and load_checkpoint(path)[1] == {"step": 1}
