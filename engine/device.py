@@ -10,6 +10,7 @@ be reported by kernel name.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -218,6 +219,37 @@ class Device:
 
     def finish(self):
         self.queue.finish()
+
+    def check_memory(self, buffers: dict) -> None:
+        """Raise DeviceError (one line) unless buffers {name: (shape, dtype)} fit this device:
+        each within CL_DEVICE_MAX_MEM_ALLOC_SIZE and below 2^31 elements (the kernels index
+        with 32-bit ints), all together within CL_DEVICE_GLOBAL_MEM_SIZE. Allocates nothing."""
+        if not buffers:
+            return
+        sizes = {name: (math.prod(shape), math.prod(shape) * np.dtype(dtype).itemsize)
+                 for name, (shape, dtype) in buffers.items()}
+        name = max(sizes, key=lambda k: sizes[k][1])
+        count, nbytes = sizes[name]
+        what = f"buffer {name!r} {tuple(buffers[name][0])} needs {format_bytes(nbytes)}"
+        limit = self.device.max_mem_alloc_size
+        if nbytes > limit:
+            raise DeviceError(f"{what}, more than one buffer may hold on {self.name} "
+                              f"(CL_DEVICE_MAX_MEM_ALLOC_SIZE {format_bytes(limit)})")
+        big = max(sizes, key=lambda k: sizes[k][0])
+        if sizes[big][0] >= 2**31:
+            raise DeviceError(f"buffer {big!r} {tuple(buffers[big][0])} has {sizes[big][0]:,} elements; "
+                              f"the kernels index with 32-bit ints (at most {2**31 - 1:,})")
+        total, memory = sum(b for _, b in sizes.values()), self.device.global_mem_size
+        if total > memory:
+            raise DeviceError(f"the model needs {format_bytes(total)} of device memory (largest: {what}), "
+                              f"more than {self.name} has (CL_DEVICE_GLOBAL_MEM_SIZE {format_bytes(memory)})")
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
 
 
 def _first_error_lines(log: str, limit: int = 3) -> str:

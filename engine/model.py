@@ -59,36 +59,106 @@ class Layout:
         return owner
 
 
+def workspace_buffers(B, S, E, H, V, T) -> dict[str, tuple[tuple, type]]:
+    """{attribute: (shape, dtype)} of every buffer a (B,S) Workspace allocates, in allocation
+    order: what Workspace allocates and what the memory check (device_buffers) sizes."""
+    N, Vp = B * S, padded(V)
+    f, i = np.float32, np.int32
+    fold = V < N  # see Workspace
+    out = {"x": ((N,), i), "y": ((N,), i), "offsets": ((B,), i)}
+    out.update({"EW": ((V, H), f), "D": ((V, H), f)} if fold else {"e": ((N, E), f), "de": ((N, E), f)})
+    for name in ("a", "h", "s", "k"):
+        out[name] = ((N, H), f)
+    out["inv"] = ((N,), f)
+    for name in ("G", "Gm", "Q"):
+        out[name] = ((B, S, S), f)
+    out.update(ht_buf=((N, H), f), z_buf=((N, H), f), scores=((N, T), f), inv_v=((N,), f),
+               assign=((N,), i), logits=((N, Vp), f), dlogits=((N, Vp), f), loss_rows=((N,), f),
+               hits=((N,), f), nv=((1,), i), loss_out=((4,), f))
+    for name in ("dz", "dh", "da", "dK"):
+        out[name] = ((N, H), f)
+    out.update(perm=((N,), i), starts=((max(V, T) + 1,), i), qerr=((N,), f), fw_norm=((B,), f),
+               spike_cols=((H,), f))
+    return out
+
+
 class Workspace:
-    """Per-(B,S) activations and gradients, allocated once per shape."""
+    """Per-(B,S) activations and gradients, allocated once per shape (workspace_buffers)."""
 
     def __init__(self, dev, B, S, E, H, V, T):
         N = B * S
-        f, i = np.float32, np.int32
         self.B, self.S, self.N = B, S, N
-        z = dev.empty
-        self.x, self.y, self.offsets = z((N,), i), z((N,), i), z((B,), i)
         # The embedding folded into the first layer when that is less work (V < N, always for
         # characters at training sizes): a = (W_emb·W1)[x] and, from D[v] = Σ_{x_n=v} da[n],
         # dW1 = W_embᵀ·D and dW_emb = D·W1ᵀ: V·E·H multiply-adds each instead of N·E·H.
         self.fold = V < N
-        self.e, self.de = (None, None) if self.fold else (z((N, E)), z((N, E)))
-        self.EW, self.D = (z((V, H)), z((V, H))) if self.fold else (None, None)
-        self.a, self.h, self.s = z((N, H)), z((N, H)), z((N, H))
-        self.k, self.inv = z((N, H)), z((N,))
-        self.G, self.Gm, self.Q = z((B, S, S)), z((B, S, S)), z((B, S, S))
-        self.ht_buf, self.z_buf = z((N, H)), z((N, H))
-        self.scores, self.inv_v, self.assign = z((N, T)), z((N,)), z((N,), i)
-        Vp = padded(V)
-        self.logits = z((N, Vp))
-        self.dlogits = dev.zeros((N, Vp))  # padding columns are never written: keep them 0
-        self.loss_rows, self.hits, self.nv, self.loss_out = z((N,)), z((N,)), z((1,), i), z((4,))
-        self.dz, self.dh, self.da, self.dK = z((N, H)), z((N, H)), z((N, H)), z((N, H))
-        self.perm, self.starts = z((N,), i), z((max(V, T) + 1,), i)
-        self.qerr, self.fw_norm, self.spike_cols = z((N,)), z((B,)), z((H,))
+        self.e = self.de = self.EW = self.D = None
+        for name, (shape, dtype) in workspace_buffers(B, S, E, H, V, T).items():
+            # padding columns of dlogits are never written: keep them 0
+            setattr(self, name, (dev.zeros if name == "dlogits" else dev.empty)(shape, dtype))
         self.ht = self.h  # set per forward: which buffer holds h̃ and z
         self.zz = self.h
         self.post = self.s
+
+
+def model_buffers(V, E, H, T) -> dict[str, tuple[tuple, type]]:
+    """{attribute: (shape, dtype)} of every buffer a Model allocates (flat parameters, gradients,
+    Adam moments and their chunk tables; Hebbian and prototype state)."""
+    n = Layout.build(V, E, H).total
+    f = np.float32
+    flat, chunks = ((n,), f), ((n // CHUNK,), f)
+    return {"theta": flat, "grad": flat, "adam_m": flat, "adam_v": flat, "wd_mask": chunks,
+            "partials": chunks, "gnorm": ((1,), f), "W_hebb": ((H, H), f), "P": ((T, H), f),
+            "inv_p": ((T,), f), "psums": ((T, H), f), "usage": ((T,), f)}
+
+
+def gemm_scratch(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") -> dict[str, tuple[tuple, type]]:
+    """The scratch buffers ops.gemm allocates (and keeps) for this model's products at (B,S):
+    B transposed for trans_b products, K-split partials and packed A panels of trans_a ones.
+    Lists the products of forward, backward, local_updates and telemetry that use scratch."""
+    E, H, T = cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.model.num_prototypes
+    N, Vp, hm = B * S, padded(V), cfg.hebb.mode
+    tn = [(N, H, Vp, 1)]                                   # (M, N, K, batch): dz = dlogits·W2ᵀ
+    tn += [(N, T, H, 1)] if cfg.proto.mode != "off" else []   # scores = h̃·Pᵀ
+    tn += [(N, H, H, 1)] if hm == "modulate" else []          # dh += dz·W_hebbᵀ
+    tn += [(V, E, H, 1)] if V < N else [(N, E, H, 1)]         # dW_emb = D·W1ᵀ / de = da·W1ᵀ
+    tn += [(S, S, H, B)] if hm == "fast_weights" else []      # telemetry Gram matrices
+    tk = [(H, Vp, N), (E, H, V) if V < N else (E, H, N)]       # (M, N, K): dW2, dW1
+    tk += [(H, H, N)] if hm in ("shadow", "modulate") else []   # Hebbian update
+    tk += [(S, H, S)] if hm == "fast_weights" and B == 1 else []  # dK += Gmᵀ·k (split only if batch 1)
+    bt = max(b * k * n for _, n, k, b in tn)
+    partial = pack = 0
+    for m, n, k in tk:
+        kc = ops._k_chunk(k)
+        if kc:
+            partial = max(partial, k // kc * m * n)
+            if variant != "gpu" and n >= m and m % 4 == 0 and n % 8 == 0 and k % 8 == 0:
+                pack = max(pack, k * m)
+    out = {"gemm_bt": ((bt,), np.float32)}
+    out.update({"gemm_partial": ((partial,), np.float32)} if partial else {})
+    out.update({"gemm_apack": ((pack,), np.float32)} if pack else {})
+    return out
+
+
+def device_buffers(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") -> dict[str, tuple[tuple, type]]:
+    """{name: (shape, dtype)} of everything a Model of cfg and its (B,S) Workspace put on the
+    device (model.*, workspace.*, the decay table, ops.* scratch): for Device.check_memory."""
+    E, H, T = cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.model.num_prototypes
+    out = {f"model.{k}": v for k, v in model_buffers(V, E, H, T).items()}
+    out.update({f"workspace.{k}": v for k, v in workspace_buffers(B, S, E, H, V, T).items()})
+    if cfg.hebb.mode == "fast_weights":
+        out["model.decay_table"] = ((S,), np.float32)
+    out.update({f"ops.{k}": v for k, v in gemm_scratch(cfg, V, B, S, variant).items()})
+    return out
+
+
+def state_shapes(V, E, H, T) -> dict[str, tuple[tuple, type]]:
+    """{name: (shape, dtype)} of what Model.state_arrays() returns (checkpoint sizes)."""
+    f = np.float32
+    shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, V), "b2": (V,)}
+    out = {f"{prefix}.{k}": (shapes[k], f) for prefix in ("param", "adam_m", "adam_v") for k in PARAM_NAMES}
+    out.update({"state.W_hebb": ((H, H), f), "state.P": ((T, H), f), "state.usage": ((T,), f)})
+    return out
 
 
 class Model:
@@ -100,19 +170,19 @@ class Model:
         self.V, self.E, self.H, self.T = vocab_size, m.embedding_dim, m.hidden_dim, m.num_prototypes
         self.Vp = padded(self.V)
         self.layout = Layout.build(self.V, self.E, self.H)
-        n = self.layout.total
-        self.n_chunks = n // CHUNK
-        self.theta, self.grad = dev.zeros((n,)), dev.zeros((n,))
-        self.adam_m, self.adam_v = dev.zeros((n,)), dev.zeros((n,))
+        self.n_chunks = self.layout.total // CHUNK
+        buf = model_buffers(self.V, self.E, self.H, self.T)   # what the memory check sized
+        self.theta, self.grad = dev.zeros(*buf["theta"]), dev.zeros(*buf["grad"])
+        self.adam_m, self.adam_v = dev.zeros(*buf["adam_m"]), dev.zeros(*buf["adam_v"])
         owner = self.layout.chunk_owner()
         self.wd_mask = dev.to_device(np.array([name in DECAYED for name in owner], np.float32))
-        self.partials, self.gnorm = dev.zeros((self.n_chunks,)), dev.zeros((1,))
+        self.partials, self.gnorm = dev.zeros(*buf["partials"]), dev.zeros(*buf["gnorm"])
         self.p = {name: self._view(self.theta, name) for name in PARAM_NAMES}
         self.g = {name: self._view(self.grad, name) for name in PARAM_NAMES}
-        self.W_hebb = dev.zeros((self.H, self.H))
-        self.P = dev.zeros((self.T, self.H))
-        self.inv_p = dev.zeros((self.T,))
-        self.psums = dev.zeros((self.T, self.H))
+        self.W_hebb = dev.zeros(*buf["W_hebb"])
+        self.P = dev.zeros(*buf["P"])
+        self.inv_p = dev.zeros(*buf["inv_p"])
+        self.psums = dev.zeros(*buf["psums"])
         self.usage = dev.to_device(np.full(self.T, 1.0 / self.T, np.float32))
         self.proto_ready = cfg.proto.mode == "off"
         self.step = 0  # optimiser steps taken
