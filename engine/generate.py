@@ -9,11 +9,13 @@ sequence at once (docs/model.md), so the prompt's context reaches every
 generated character. Each character is one launch of the fused kernel
 `generate_step` (kernels/generate.cl) and one read of its logits. Sampling
 (temperature, top-k) is on the host with a seeded numpy generator: the same
-seed gives the same text on one device.
+seed gives the same text on one device. Bad arguments, a missing or corrupt
+checkpoint and a model too large for the device are one-line errors (exit 2).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import numpy as np
@@ -23,7 +25,7 @@ from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, ConfigError
 from .data import Vocab
 from .device import Device, DeviceError
-from .model import Model
+from .model import Model, device_buffers
 
 
 GEN_WG = 64  # work-group of the fused generation kernel
@@ -101,15 +103,18 @@ class Generator:
 
 
 def pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
-    """Sample an id from logits (V,); temperature 0 = argmax; top_k 0 = all."""
+    """Sample an id from logits (V,): p ∝ exp((z − max z)/temperature) over the top_k largest
+    logits (0 = all). temperature 0 = argmax. Subtracting the maximum first keeps every
+    exponent ≤ 0, so a tiny temperature (even 1e-308) cannot overflow: it puts all the
+    probability on the largest logit (shared equally among exact ties), i.e. greedy decoding."""
     z = logits.astype(np.float64)
     if temperature <= 0:
         return int(np.argmax(z))
-    z = z / temperature
     if 0 < top_k < z.size:
         cut = np.partition(z, -top_k)[-top_k]
         z = np.where(z >= cut, z, -np.inf)
-    p = np.exp(z - z.max())
+    with np.errstate(over="ignore", under="ignore"):  # (z - max)/T -> -inf, exp -> 0: wanted
+        p = np.exp((z - z.max()) / temperature)
     p /= p.sum()
     return int(rng.choice(z.size, p=p))
 
@@ -122,6 +127,9 @@ def load_generator(path: str, device: str | None = None) -> Generator:
     except (KeyError, ConfigError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path!r}: no usable config/vocabulary ({exc})") from exc
     dev = Device(cfg.device if device is None else device)
+    H = cfg.model.hidden_dim
+    dev.check_memory({**device_buffers(cfg, vocab.size, 1, 1, dev.variant),
+                      "generate.At": ((H, H), np.float32)})
     model = Model(dev, cfg, vocab.size)
     try:
         model.load_state_arrays(arrays)
@@ -132,23 +140,40 @@ def load_generator(path: str, device: str | None = None) -> Generator:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--prompt", default="The ")
-    ap.add_argument("--length", type=int, default=200)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--checkpoint", required=True, help="a checkpoint written by engine.train")
+    ap.add_argument("--prompt", default="The ", help="text fed first; characters outside the checkpoint's "
+                                                     "vocabulary are read as unknown (a note on stderr)")
+    ap.add_argument("--length", type=int, default=200, help="characters to generate (>= 0)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="finite, >= 0: p ∝ exp((z − max z)/T); 0 = greedy (argmax); a tiny T "
+                         "approaches greedy without overflow (ties shared equally)")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k largest logits (0 = all; "
+                                                         "k >= vocabulary size = all)")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (>= 0)")
     ap.add_argument("--device", default=None, help="override the checkpoint's device choice")
     args = ap.parse_args(argv)
-    if args.length < 0 or args.temperature < 0 or args.top_k < 0:
-        print("error: --length, --temperature and --top-k must be >= 0", file=sys.stderr)
+    bad = [f"--length must be >= 0, got {args.length}" if args.length < 0 else "",
+           f"--temperature must be a finite number >= 0, got {args.temperature}"
+           if not (math.isfinite(args.temperature) and args.temperature >= 0) else "",
+           f"--top-k must be >= 0, got {args.top_k}" if args.top_k < 0 else "",
+           f"--seed must be >= 0, got {args.seed}" if args.seed < 0 else ""]
+    if any(bad):
+        print(f"error: {'; '.join(b for b in bad if b)}", file=sys.stderr)
         return 2
     try:
         gen = load_generator(args.checkpoint, args.device)
     except (CheckpointError, DeviceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    text = gen.sample(args.prompt, args.length, args.temperature, args.top_k, args.seed)
+    unknown = sorted(set(args.prompt) - set(gen.vocab.chars))
+    if unknown:
+        print(f"note: prompt characters not in the checkpoint's vocabulary are read as unknown: "
+              f"{''.join(unknown)!r}", file=sys.stderr)
+    try:
+        text = gen.sample(args.prompt, args.length, args.temperature, args.top_k, args.seed)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     sys.stdout.write(args.prompt + text + "\n")
     return 0
 

@@ -93,3 +93,74 @@ def test_generate_cli_errors():
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "does not exist" in r.stderr
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.fixture(scope="module")
+def checkpoint(dev, tmp_path_factory):
+    """A 3-step checkpoint of a tiny model (its vocabulary: the characters of conftest.TEXT)."""
+    from conftest import TEXT as CORPUS
+    from engine.train import Trainer
+    root = tmp_path_factory.mktemp("gen")
+    (root / "text.txt").write_text(CORPUS, encoding="utf-8")
+    cfg = apply_overrides(Config(), [f"data.path={root / 'text.txt'}", "model.embedding_dim=16",
+                                     "model.hidden_dim=24", "model.num_prototypes=5", "train.batch_size=4",
+                                     "train.seq_len=8", "train.steps=3", "train.eval_batches=1"])
+    return Trainer(cfg, str(root / "out"), device=dev).train()["checkpoint"]
+
+
+def generate(capsys, *args):
+    from engine.generate import main
+    rc = main(list(args))
+    out = capsys.readouterr()
+    return rc, out.out, [ln for ln in out.err.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0, got inf"),
+    (["--temperature", "-0.5"], "--temperature must be a finite number >= 0, got -0.5"),
+    (["--length", "-1", "--top-k", "-3"], "--length must be >= 0, got -1; --top-k must be >= 0, got -3")])
+def test_generate_cli_rejects_bad_values_in_one_line(checkpoint, capsys, args, message):
+    rc, out, err = generate(capsys, "--checkpoint", checkpoint, *args)
+    assert (rc, out, err) == (2, "", [f"error: {message}"])
+
+
+def test_tiny_temperature_is_greedy_without_overflow(dev, checkpoint, capsys):
+    import warnings
+    logits = np.array([0.1, 3.0, -1.0, 2.9, -np.inf])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # no overflow / invalid-value warnings either
+        for t in (1e-308, 5e-324, 1e-30):
+            assert {pick(logits, t, 0, np.random.default_rng(s)) for s in range(20)} == {1}
+            assert pick(logits, t, 2, np.random.default_rng(0)) == 1
+        tied = np.array([2.0, 5.0, 5.0, 1.0])      # exact ties share the probability
+        assert {pick(tied, 1e-308, 0, np.random.default_rng(s)) for s in range(40)} == {1, 2}
+    greedy = generate(capsys, "--checkpoint", checkpoint, "--temperature", "0", "--length", "40")
+    tiny = generate(capsys, "--checkpoint", checkpoint, "--temperature", "1e-308", "--length", "40")
+    assert greedy[0] == tiny[0] == 0 and tiny[1] == greedy[1] and len(tiny[1]) == len("The ") + 40 + 1
+
+
+def test_generate_cli_extremes(checkpoint, capsys):
+    assert generate(capsys, "--checkpoint", checkpoint, "--length", "0", "--prompt", "the ") == (0, "the \n", [])
+    every = generate(capsys, "--checkpoint", checkpoint, "--top-k", "0", "--seed", "5", "--prompt", "the ")
+    huge_k = generate(capsys, "--checkpoint", checkpoint, "--top-k", str(10**30), "--seed", "5", "--prompt", "the ")
+    assert every == huge_k and every[0] == 0 and every[2] == []          # k >= V: every character
+    big_seed = generate(capsys, "--checkpoint", checkpoint, "--seed", str(2**100), "--length", "5")
+    assert big_seed[0] == 0
+    rc, out, err = generate(capsys, "--checkpoint", checkpoint, "--prompt", "Zé☃ the", "--length", "10")
+    assert rc == 0 and out.startswith("Zé☃ the") and len(out) == len("Zé☃ the") + 10 + 1
+    assert err == ["note: prompt characters not in the checkpoint's vocabulary are read as unknown: 'Zé☃'"]
+
+
+def test_generate_cli_missing_or_corrupt_checkpoint(checkpoint, tmp_path, capsys):
+    rc, out, err = generate(capsys, "--checkpoint", str(tmp_path / "nope.npz"))
+    assert (rc, out) == (2, "") and err == [f"error: checkpoint {str(tmp_path / 'nope.npz')!r} does not exist"]
+    raw = bytearray(open(checkpoint, "rb").read())
+    raw[len(raw) // 2] ^= 0xFF
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(bytes(raw))
+    rc, out, err = generate(capsys, "--checkpoint", str(bad))
+    assert (rc, out) == (2, "") and len(err) == 1 and err[0].startswith(f"error: checkpoint {str(bad)!r} is corrupt (")
