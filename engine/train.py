@@ -3,8 +3,11 @@
     python -m engine.train --set train.steps=200 --out runs/demo
 
 Prints one JSON object per evaluation on standard output (step, train_loss,
-val_loss, val_acc, val_bpc); a progress bar on standard error when it is a
-terminal. Checkpoints go to OUT/checkpoint.npz (atomic; the last good one is
+val_loss, val_acc, val_bpc); on standard error a progress bar on a terminal,
+else a plain progress line every few seconds, and one summary line at the
+end. Bad input (config, data, checkpoint, an output folder that cannot take
+the checkpoints, a model too large for the device) is a one-line error
+before training (exit 2). Checkpoints go to OUT/checkpoint.npz (atomic; the last good one is
 kept). Telemetry goes to callbacks (`Callback`), which is how the MLflow
 runner listens: the engine itself knows nothing of MLflow.
 """
@@ -21,11 +24,12 @@ import time
 import numpy as np
 
 from . import ops
-from .checkpoint import CheckpointError, check_compatible, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, check_compatible, check_out_dir, checkpoint_size, load_checkpoint, \
+    save_checkpoint
 from .config import Config, ConfigError, apply_overrides
 from .data import Batches, DataError, Vocab, load_text, split_text, text_digest, val_batches
 from .device import Device, DeviceError, kernel_source_hash
-from .model import PARAM_NAMES, Model
+from .model import Model, device_buffers, state_shapes
 from .reference import init_params
 
 CHECKPOINT_FORMAT = 1
@@ -36,12 +40,34 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. a non-finite value); the message is one line."""
 
 
+def fixed_on_resume(cfg: Config) -> dict:
+    """The part of cfg a resumed run must share with its checkpoint: the model and data (the
+    arrays and vocabulary), the wirings that decide which state exists, and the batch shape
+    (the validation batches and the saved prototype assignments are per (B,S))."""
+    d = cfg.to_dict()
+    return {"model": d["model"], "data": d["data"], "hebb": {"mode": d["hebb"]["mode"]},
+            "proto": {"mode": d["proto"]["mode"]},
+            "train": {"batch_size": d["train"]["batch_size"], "seq_len": d["train"]["seq_len"]}}
+
+
+def check_resume_steps(steps: int, ckpt_step: int, path: str, allow_equal: bool = False) -> None:
+    """CheckpointError unless train.steps is above the checkpoint's step. allow_equal: a
+    checkpoint already at train.steps is accepted (train() then only returns its summary),
+    which a runner finishing an interrupted run needs; engine.train's CLI refuses it."""
+    if steps > ckpt_step or (allow_equal and steps == ckpt_step):
+        return
+    above = "at or above" if allow_equal else "above"
+    raise CheckpointError(f"checkpoint {path!r} is at step {ckpt_step}; train.steps must be {above} "
+                          f"it to resume (got train.steps={steps})")
+
+
 class Callback:
     """Override what you need; every record is a dict of plain Python values."""
 
     def on_start(self, trainer): ...
     def on_log(self, record: dict): ...          # step, train_loss, lr, grad norms, proto, kernels
     def on_eval(self, record: dict): ...         # step, val_loss, val_acc, val_bpc, proto histogram
+    def before_checkpoint(self, step: int): ...  # the checkpoint of `step` is about to be written
     def on_checkpoint(self, path: str, step: int): ...
     def on_end(self, summary: dict): ...
 
@@ -51,10 +77,14 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | None = None, callbacks=(), resume: str | None = None,
                  device: Device | None = None):
+        """Everything that can be refused is checked before the device allocates anything: the
+        checkpoint against cfg, the data, the output folder (check_out_dir), the memory."""
         self.cfg, self.out_dir, self.callbacks = cfg, out_dir, list(callbacks)
+        ckpt = load_checkpoint(resume) if resume else None
+        if ckpt:
+            self._check_resumable(resume, ckpt[1])
         text = load_text(cfg.data.path)
         train_text, val_text = split_text(text, cfg.data.val_fraction)
-        ckpt = load_checkpoint(resume) if resume else None
         self.vocab = Vocab.from_json(ckpt[1]["vocab"]) if ckpt else Vocab.from_text(train_text)
         self.train_ids = self.vocab.encode(train_text)
         self.val_ids = self.vocab.encode(val_text)
@@ -62,8 +92,12 @@ class Trainer:
         self.data_sha256 = text_digest(cfg.data.path, text)
         B, S = cfg.train.batch_size, cfg.train.seq_len
         self.batches = Batches(self.train_ids, B, S, cfg.seed)
-        self.val = val_batches(self.val_ids, B, S, cfg.train.eval_batches)
+        self.checkpoint_nbytes = checkpoint_size(self._checkpoint_arrays(), self._meta_bytes())
+        if out_dir:
+            self.check_out_dir(out_dir)
         self.dev = device or Device(cfg.device, profile=cfg.train.profile)
+        self.dev.check_memory(self.device_buffers(self.dev.variant))
+        self.val = val_batches(self.val_ids, B, S, cfg.train.eval_batches)
         self.model = Model(self.dev, cfg, self.vocab.size)
         self.ws = self.model.workspace(B, S)
         self.ids_dev = self.dev.to_device(self.train_ids)
@@ -76,6 +110,57 @@ class Trainer:
         else:
             E, H = cfg.model.embedding_dim, cfg.model.hidden_dim
             self.model.set_params(init_params(self.vocab.size, E, H, cfg.seed))
+
+    @property
+    def remaining_steps(self) -> int:
+        """Steps train() will run: train.steps minus the steps already taken (0 when a resumed
+        checkpoint is at train.steps; engine.train's CLI refuses that, see check_resume_steps)."""
+        return self.cfg.train.steps - self.model.step
+
+    # -- what must hold before anything is allocated ------------------------------------
+    def _check_resumable(self, path, meta):
+        """The checkpoint's format, the config keys that cannot change on resume, its step."""
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"checkpoint {path!r}: unknown format {meta.get('format')!r}")
+        if not all(isinstance(meta.get(k), t) for k, t in (("config", dict), ("step", int), ("batches", dict),
+                                                             ("vocab", str))):
+            raise CheckpointError(f"checkpoint {path!r}: its meta lacks the config, step, vocabulary "
+                                  f"or batch state (not written by engine.train)")
+        check_compatible(meta["config"], fixed_on_resume(self.cfg), path, note="it cannot change on resume")
+        check_resume_steps(self.cfg.train.steps, meta["step"], path, allow_equal=True)
+
+    def _checkpoint_arrays(self) -> dict:
+        """{name: (shape, dtype)} of the arrays save() writes."""
+        cfg, V = self.cfg, self.vocab.size
+        m = cfg.model
+        out = state_shapes(V, m.embedding_dim, m.hidden_dim, m.num_prototypes)
+        if cfg.proto.mode != "off":   # the first validation batch's assignments
+            out["state.last_assign"] = ((cfg.train.batch_size * cfg.train.seq_len,), np.int32)
+        out["state.step_acc"] = ((3,), np.float32)
+        return out
+
+    def _meta_bytes(self) -> int:
+        """An upper estimate of save()'s meta JSON: config, vocabulary, generator state, and
+        one history record per evaluation (~40 bytes per number, prototype counts included)."""
+        tc = self.cfg.train
+        evals = tc.steps // tc.eval_every + 1
+        record = 40 * (8 + self.cfg.model.num_prototypes)
+        return len(self.cfg.to_json()) + 8 * self.vocab.size + 4096 + evals * record
+
+    def check_out_dir(self, out_dir: str):
+        """CheckpointError unless out_dir can take this run's checkpoints (engine.checkpoint.check_out_dir)."""
+        check_out_dir(out_dir, self.checkpoint_nbytes)
+        path = os.path.join(out_dir, "checkpoint.npz")
+        if os.path.isdir(path):
+            raise CheckpointError(f"checkpoint {path!r} is a directory")
+
+    def device_buffers(self, variant: str = "cpu") -> dict:
+        """{name: (shape, dtype)} of every buffer this run puts on the device."""
+        cfg = self.cfg
+        out = device_buffers(cfg, self.vocab.size, cfg.train.batch_size, cfg.train.seq_len, variant)
+        out["train.ids"] = ((len(self.train_ids),), np.int32)
+        out["train.step_acc"] = ((3,), np.float32)
+        return out
 
     # -- checkpoints ----------------------------------------------------------------
     def checkpoint_path(self) -> str | None:
@@ -93,18 +178,19 @@ class Trainer:
                 "vocab": self.vocab.to_json(), "batches": self.batches.state(),
                 "proto_ready": self.model.proto_ready, "kernel_hash": kernel_source_hash(),
                 "device": self.dev.name, "history": self.history}
-        save_checkpoint(path, arrays, meta)
+        for cb in self.callbacks:   # e.g. the tracker makes what it logged so far durable first
+            cb.before_checkpoint(self.model.step)
+        try:
+            save_checkpoint(path, arrays, meta)
+        except OSError as exc:  # e.g. the disk filled up during the run: the temp file is gone
+            kept = "the last good checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
+            raise TrainingError(f"cannot write checkpoint {path!r} at step {self.model.step} "
+                                f"({exc.strerror or exc}); {kept}") from None
         for cb in self.callbacks:
             cb.on_checkpoint(path, self.model.step)
         return path
 
     def _restore(self, path, arrays, meta):
-        if meta.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"checkpoint {path}: unknown format {meta.get('format')!r}")
-        want = self.cfg.to_dict()
-        check_compatible(meta["config"], {"model": want["model"], "data": want["data"],
-                                          "hebb": {"mode": want["hebb"]["mode"]},
-                                          "proto": {"mode": want["proto"]["mode"]}}, path)
         try:
             self.model.load_state_arrays(arrays)
         except (KeyError, ValueError) as exc:
@@ -234,10 +320,13 @@ class _PrintEval(Callback):
         print(json.dumps({k: record[k] for k in EVAL_KEYS}), flush=True)
 
 
-def make_progress(total: int, initial: int = 0):
-    """A tqdm bar on a terminal (stderr), else None."""
+def make_progress(total: int, initial: int = 0, interval: float = 5.0):
+    """(update, bar): update(log record) shows progress on standard error. On a terminal a
+    tqdm bar (the caller closes `bar` at the end); elsewhere (nohup, CI, a pipe) bar is None
+    and update prints a plain line at most every `interval` seconds:
+    `step 400/2000  loss 2.412  41,200 tok/s  elapsed 0:12  remaining 0:48`."""
     if not sys.stderr.isatty():
-        return None, None
+        return _plain_progress(total, initial, interval), None
     from tqdm import tqdm
     bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
 
@@ -248,6 +337,40 @@ def make_progress(total: int, initial: int = 0):
     return update, bar
 
 
+def _plain_progress(total: int, initial: int, interval: float):
+    start = time.monotonic()
+    last = [start]
+
+    def update(rec):
+        now = time.monotonic()
+        if now - last[0] < interval:
+            return
+        last[0] = now
+        step, elapsed = rec["step"], now - start
+        done = step - initial
+        remaining = format_duration(elapsed * (total - step) / done) if done > 0 else "?"
+        print(f"step {step}/{total}  loss {rec['train_loss']:.3f}  {rec.get('tokens_per_s', 0.0):,.0f} tok/s  "
+              f"elapsed {format_duration(elapsed)}  remaining {remaining}", file=sys.stderr, flush=True)
+    return update
+
+
+def format_duration(seconds: float) -> str:
+    """0:07, 12:34, 1:02:03."""
+    s = int(round(seconds))
+    h, m = divmod(s // 60, 60)
+    return f"{h}:{m:02d}:{s % 60:02d}" if h else f"{m}:{s % 60:02d}"
+
+
+def summary_line(summary: dict, total: int, seconds: float) -> str:
+    """One line for the end of a run: how it ended, its steps, the last validation, the checkpoint."""
+    final, path = summary.get("final"), summary.get("checkpoint")
+    val = (f"val_loss {final['val_loss']:.4f}  val_bpc {final['val_bpc']:.4f}" if final
+           else "no evaluation yet")
+    where = f"checkpoint {path}" if path else "no checkpoint written (no --out given)"
+    head = "finished" if summary["status"] == "finished" else "stopped"
+    return f"{head} at step {summary['step']}/{total} in {format_duration(seconds)}  {val}  {where}"
+
+
 def load_config(args) -> Config:
     cfg = Config()
     if args.config:
@@ -256,25 +379,45 @@ def load_config(args) -> Config:
     return apply_overrides(cfg, args.set or [])
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m engine.train", description=__doc__.splitlines()[0])
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     ap.add_argument("--config", help="a resolved config JSON to start from")
-    ap.add_argument("--out", help="directory for checkpoints")
-    ap.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config, plus --set)")
+    ap.add_argument("--out", help="directory for checkpoints (checked before training: must be writable, "
+                                  "with room for two checkpoints)")
+    ap.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config, plus --set; "
+                                                     "train.steps must be above its step)")
     args = ap.parse_args(argv)
+    # until the loop runs, SIGTERM is a Ctrl+C: both stop the setup with one line
+    term = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         if args.resume:
             _, meta = load_checkpoint(args.resume)
-            cfg = apply_overrides(Config.from_dict(meta["config"]), args.set or [])
+            try:
+                cfg = apply_overrides(Config.from_dict(meta["config"]), args.set or [])
+                ckpt_step = int(meta["step"])
+            except (KeyError, TypeError) as exc:
+                raise CheckpointError(f"checkpoint {args.resume!r} has no config or step "
+                                      f"(not written by engine.train)") from exc
+            check_resume_steps(cfg.train.steps, ckpt_step, args.resume)
         else:
             cfg = load_config(args)
         trainer = Trainer(cfg, args.out, [_PrintEval()], resume=args.resume)
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing written", file=sys.stderr)
+        return 130
     except (ConfigError, DataError, CheckpointError, DeviceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    progress, bar = make_progress(cfg.train.steps, trainer.model.step)
+    finally:
+        signal.signal(signal.SIGTERM, term)
     previous = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
+    progress, bar = make_progress(cfg.train.steps, trainer.model.step)
+    t0 = time.perf_counter()
     try:
         summary = trainer.train(progress)
     except TrainingError as exc:
@@ -285,10 +428,8 @@ def main(argv=None) -> int:
             signal.signal(s, h)
         if bar is not None:
             bar.close()
-    if summary["status"] == "killed":
-        print(f"stopped at step {summary['step']}; checkpoint {summary['checkpoint']}", file=sys.stderr)
-        return 130
-    return 0
+    print(summary_line(summary, cfg.train.steps, time.perf_counter() - t0), file=sys.stderr)
+    return 130 if summary["status"] == "killed" else 0
 
 
 if __name__ == "__main__":
