@@ -323,7 +323,7 @@ class _PrintEval(Callback):
 def make_progress(total: int, initial: int = 0, interval: float = 5.0):
     """(update, bar): update(log record) shows progress on standard error. On a terminal a
     tqdm bar (the caller closes `bar` at the end); elsewhere (nohup, CI, a pipe) bar is None
-    and update prints a plain line at most every `interval` seconds:
+    and update prints a plain line at the first record, then at most every `interval` seconds:
     `step 400/2000  loss 2.412  41,200 tok/s  elapsed 0:12  remaining 0:48`."""
     if not sys.stderr.isatty():
         return _plain_progress(total, initial, interval), None
@@ -339,11 +339,11 @@ def make_progress(total: int, initial: int = 0, interval: float = 5.0):
 
 def _plain_progress(total: int, initial: int, interval: float):
     start = time.monotonic()
-    last = [start]
+    last = [None]  # the first record prints at once: the run is seen to be alive from its first log point
 
     def update(rec):
         now = time.monotonic()
-        if now - last[0] < interval:
+        if last[0] is not None and now - last[0] < interval:
             return
         last[0] = now
         step, elapsed = rec["step"], now - start

@@ -231,6 +231,7 @@ def main(argv=None) -> int:
         ap.error("give an experiment NAME, --list or --resume RUN_ID")
     uri = resolve_tracking_uri(args.tracking_uri)
     t0 = time.monotonic()
+    signal.signal(signal.SIGTERM, _interrupt)  # until training starts (then: stop after the step)
     try:
         # the cheap checks first: a typo must not create or migrate a store
         if args.resume:
@@ -249,21 +250,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted before training started; no run was started", file=sys.stderr)
         return 130
-    if summary.get("error"):
-        print(f"error: {summary['error']}", file=sys.stderr)
     print(run_summary(uri, run_id, summary, time.monotonic() - t0), file=sys.stderr, flush=True)
+    if summary.get("error"):  # the last line of standard error, as for every other error
+        print(f"error: {summary['error']}", file=sys.stderr)
     print(run_id, flush=True)
     return {"finished": 0, "killed": 130}.get(summary["status"], 1)
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
 
 
 def check_out_root(out_root: str, trainer: Trainer | None = None) -> None:
     """The checkpoint folder can be written (before any store is touched) and, once the
     model is known, has room for two checkpoints (the temp file and the previous one)."""
-    needed = 0
-    if trainer is not None:
-        m = trainer.model
-        needed = 4 * (3 * m.layout.total + m.H * m.H + m.T * (m.H + 1) + trainer.ws.N) + (1 << 16)
-    check_out_dir(out_root, needed)
+    check_out_dir(out_root, trainer.checkpoint_nbytes if trainer is not None else 0)
 
 
 def run_summary(uri: str, run_id: str, summary: dict, seconds: float) -> str:
@@ -271,7 +272,8 @@ def run_summary(uri: str, run_id: str, summary: dict, seconds: float) -> str:
     final = summary.get("final") or {}
     status = summary.get("status", "?")
     figures = (f"val_loss {final['val_loss']:.4f} nats ({final['val_bpc']:.3f} bpc) at step {final['step']}, "
-               if final.get("val_loss") is not None else f"step {summary.get('step', '?')}, ")
+               if final.get("val_loss") is not None else
+               f"step {summary['step']}, " if summary.get("step") is not None else "")
     minutes, secs = divmod(int(round(seconds)), 60)
     ckpt = summary.get("checkpoint")
     where = f"checkpoints in {os.path.dirname(ckpt)}; " if ckpt else ""

@@ -378,9 +378,10 @@ def test_plain_progress_lines_when_stderr_is_not_a_terminal(capsys, monkeypatch)
 def test_plain_progress_is_throttled_and_counts_from_the_resumed_step(capsys, monkeypatch):
     fake_clock(monkeypatch, [0.0, 1.0, 6.0, 8.0, 3720.0])
     update, _ = make_progress(1000, 500, interval=5)
-    for step in (510, 600, 620, 900):      # at 1 s: too soon; 6 s: printed; 8 s: too soon; 3720 s: printed
+    for step in (510, 600, 620, 900):      # at 1 s: the first; 6 s: printed; 8 s: too soon; 3720 s: printed
         update(rec(step))
     assert capsys.readouterr().err.splitlines() == [
+        "step 510/1000  loss 2.412  41,200 tok/s  elapsed 0:01  remaining 0:49",
         "step 600/1000  loss 2.412  41,200 tok/s  elapsed 0:06  remaining 0:24",
         "step 900/1000  loss 2.412  41,200 tok/s  elapsed 1:02:00  remaining 15:30"]
 
