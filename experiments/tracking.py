@@ -82,6 +82,9 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     MLFLOW_TRACKING_TOKEN, or user:password@ in the URI. Messages never show the password."""
     from mlflow.utils.credentials import get_default_host_creds
     from mlflow.utils.rest_utils import http_request
+    # MLflow prints "View run … at: <tracking URI>" to stdout at every set_terminated on an
+    # http(s) store: the password too when it is in the URI, and stdout's last line must stay the run id
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     shown = display_uri(uri)
     try:
         with urllib.request.urlopen(_without_userinfo(uri).rstrip("/") + "/health", timeout=timeout) as r:
@@ -497,10 +500,13 @@ class _Background:
 
     SWITCH_S = 0.0005  # the GIL hand-over interval while this thread lives (Python's default: 5 ms)
 
-    def __init__(self):
+    def __init__(self, idle_job=None, idle_s: float = liveness.HEARTBEAT_S):
+        """`idle_job` runs whenever no job came for `idle_s` (the run's heartbeat: a long
+        evaluation or slow steps must not make a live run look dead; its errors are ignored)."""
         import queue
         import sys
         import threading
+        self._idle_job, self._idle_s = idle_job, idle_s
         # the training thread must not wait 5 ms for the GIL before each kernel launch
         self._switch = sys.getswitchinterval()
         sys.setswitchinterval(min(self._switch, self.SWITCH_S))
@@ -515,8 +521,16 @@ class _Background:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         except (AttributeError, OSError):
             pass
+        import queue
         while True:
-            job = self._jobs.get()
+            try:
+                job = self._jobs.get(timeout=self._idle_s if self._idle_job else None)
+            except queue.Empty:
+                try:
+                    self._idle_job()
+                except Exception:
+                    pass
+                continue
             if job is None:
                 self._jobs.task_done()
                 return
@@ -559,7 +573,7 @@ class MlflowLogger(Callback):
         self._queue: list = []
         self._logged: dict[str, int] = {}   # key -> last step already in the store (resumed runs)
         self._flushed = self._beat = time.monotonic()
-        self._bg = _Background()
+        self._bg = _Background(self._heartbeat)
 
     def on_start(self, trainer):
         self.trainer = trainer
@@ -608,10 +622,13 @@ class MlflowLogger(Callback):
         self._flushed = time.monotonic()
         if self._flushed - self._beat > liveness.HEARTBEAT_S:  # this run's process is alive (liveness.py)
             self._beat = self._flushed
-            self._bg.submit(lambda: self.cl.set_tag(self.run_id, liveness.HEARTBEAT_TAG, str(liveness.now_ms())))
+            self._bg.submit(self._heartbeat)
         while self._queue:
             batch, self._queue = self._queue[:self.FLUSH_AT], self._queue[self.FLUSH_AT:]
             self._bg.submit(lambda batch=batch: self.cl.log_batch(self.run_id, metrics=batch))
+
+    def _heartbeat(self):
+        self.cl.set_tag(self.run_id, liveness.HEARTBEAT_TAG, str(liveness.now_ms()))
 
     def before_checkpoint(self, step: int):
         """Everything logged up to a checkpoint is in the store before the checkpoint exists: a

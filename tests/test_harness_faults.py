@@ -271,6 +271,36 @@ def test_a_resumed_run_does_not_log_a_step_twice():
     assert sent == [("lr", 1100), ("train_loss", 1105), ("lr", 1105)]
 
 
+def test_the_heartbeat_beats_while_the_tracker_is_idle():
+    """A live run on another host is told from a dead one by its heartbeat: it must beat even
+    when no metric is written for a long time (slow steps, a long evaluation)."""
+    from experiments.tracking import _Background
+    beats = []
+    bg = _Background(lambda: beats.append(time.monotonic()), idle_s=0.05)
+    deadline = time.monotonic() + 10
+    while len(beats) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    bg.submit(lambda: None)
+    bg.join()
+    assert len(beats) >= 3
+
+
+def test_liveness_tells_a_dead_owner_from_a_live_one():
+    from experiments import liveness
+    assert liveness.owner_alive(liveness.owner()) is True
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = liveness.owner(p.pid)
+    p.wait()
+    assert liveness.owner_alive(dead) is False and liveness.is_stale(dead, None)
+    h, pid, start = liveness.owner().rsplit(":", 2)
+    assert liveness.owner_alive(f"{h}:{pid}:{int(start) + 1}") is False   # the pid, reused by another process
+    other = "elsewhere.example:1:1"
+    assert liveness.owner_alive(other) is None
+    assert not liveness.is_stale(other, liveness.now_ms() - 1000)
+    assert liveness.is_stale(other, liveness.now_ms() - 1000 * (liveness.GRACE_S + 1))
+    assert not liveness.is_stale("", None)
+
+
 def test_a_run_whose_process_died_is_failed_by_the_next_run(template_db, tmp_path):
     """No run stays RUNNING for good: the next run in the experiment marks a dead one FAILED, with why."""
     s = Store(template_db, tmp_path)
