@@ -42,13 +42,18 @@ RESUME_KEYS = ("train.steps", "train.eval_every", "train.log_every", "train.chec
 
 def launch(cfg: Config, name: str, overrides: list[str], uri: str, experiment_name: str = DEFAULT_EXPERIMENT,
            out_root: str = "runs", tags: dict | None = None, parent_run_id: str | None = None,
-           callbacks=(), progress: bool = True) -> tuple[str, dict]:
-    """Train `cfg` as a new MLflow run; returns (run id, summary with status)."""
+           callbacks=(), progress: bool = True, trainer: Trainer | None = None) -> tuple[str, dict]:
+    """Train `cfg` as a new MLflow run; returns (run id, summary with status). `trainer`: one
+    already built for `cfg` (main builds it before touching the store, so that bad data or a
+    model too large for the device are refused with no store created)."""
+    if trainer is None:
+        trainer = Trainer(cfg, None, list(callbacks))
+        check_out_root(out_root, trainer)
+    else:
+        trainer.callbacks.extend(callbacks)
     cl = client(uri)
     exp_id = experiment_id(cl, experiment_name)
     reap_stale_runs(cl, [exp_id])
-    trainer = Trainer(cfg, None, list(callbacks))
-    check_out_root(out_root, trainer)
     # from here on a signal must not leave a RUNNING run: it asks the loop to stop
     before = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -242,8 +247,10 @@ def main(argv=None) -> int:
         else:
             cfg = apply_overrides(presets.get(args.name).config(), args.set)
             check_out_root(args.out)
+            trainer = Trainer(cfg, None)   # data, device and memory checked before the store is touched
+            check_out_root(args.out, trainer)
             check_store(uri)
-            run_id, summary = launch(cfg, args.name, args.set, uri, args.experiment_name, args.out)
+            run_id, summary = launch(cfg, args.name, args.set, uri, args.experiment_name, args.out, trainer=trainer)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

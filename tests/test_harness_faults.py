@@ -160,6 +160,22 @@ def test_a_refused_command_creates_no_store(tmp_path, args):
     assert os.listdir(tmp_path) == [], os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("args,word", [
+    (["--out", "afile"], "is an existing file"),
+    (["--set", "model.hidden_dim=100000"], "CL_DEVICE_MAX_MEM_ALLOC_SIZE"),
+    (["--set", "data.path=missing.txt"], "does not exist"),
+])
+def test_bad_output_data_or_model_size_is_refused_before_the_store(tmp_path, args, word):
+    """Was: --out an existing file noticed after training (FileExistsError traceback); a model too
+    large for the device a pyopencl INVALID_BUFFER_SIZE traceback after the store was made."""
+    (tmp_path / "afile").write_text("x")
+    r = cli("experiments.run", "smoke", *args, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = error_lines(r.stderr)
+    assert len(lines) == 1 and word in lines[0], r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def test_store_in_a_folder_that_cannot_be_written_fails_at_once(tmp_path):
     """Was: 104 s of MLflow connection retries (37 lines) before the error. /sys refuses new
     files even to root, which is how CI runs."""
