@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from engine.config import ConfigError, apply_overrides, with_overrides
 from experiments import presets
 from experiments import run as runner
-from experiments.tracking import TrackingError, client, experiment_id
+from experiments.tracking import TrackingError, client, experiment_id, sql_driver_url
 from engine.train import Callback
 
 HEARTBEAT_S = 10      # PostgreSQL/MySQL: a live worker's trial heartbeat
@@ -36,7 +36,9 @@ def default_storage(workers: int) -> str:
 
 def make_storage(url: str, tracking_uri: str):
     """An Optuna storage for `url`: sqlite:/// (one worker), journal:PATH (several
-    workers on one machine), postgresql:// or mysql:// (several machines; heartbeats)."""
+    workers on one machine), postgresql:// or mysql:// (several machines; heartbeats).
+    A bare postgresql:// gets the installed driver (`experiments.tracking.sql_driver_url`);
+    its password belongs in PGPASSFILE / ~/.pgpass or PGPASSWORD, which libpq reads."""
     if url.startswith("journal:") or url.endswith(".log"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -47,6 +49,10 @@ def make_storage(url: str, tracking_uri: str):
         return JournalStorage(JournalFileBackend(path))
     import warnings
     from optuna.storages import RDBStorage
+    try:
+        url = sql_driver_url(url)
+    except TrackingError as exc:
+        raise SweepError(f"storage {exc}") from None
     kwargs = {}
     if not url.startswith("sqlite"):
         kwargs = dict(heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
@@ -57,16 +63,42 @@ def make_storage(url: str, tracking_uri: str):
             return RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, **kwargs)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SweepError(f"storage {redact(url)} cannot be used ({first[:300]})") from None
+        raise SweepError(f"storage {redact(url)} cannot be used ({hide_password(first[:300], url)})") from None
 
 
 def redact(url: str) -> str:
-    """The URL without its password (it goes into tags and messages)."""
+    """The URL without its password (it goes into tags and messages): user:***@host, and
+    password=*** in the query (libpq reads one there too)."""
+    import re
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
         cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
-    return url
+        if ":" in cred:
+            url = f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", url)
+
+
+def url_password(url: str) -> str | None:
+    """The password written in `url` (user:PASSWORD@ or ?password=), else None."""
+    import re
+    from urllib.parse import unquote
+    if "://" in url and "@" in url:
+        cred = url.split("://", 1)[1].rsplit("@", 1)[0]
+        if ":" in cred:
+            return unquote(cred.split(":", 1)[1]) or None
+    m = re.search(r"[?&]password=([^&]*)", url)
+    return (unquote(m.group(1)) or None) if m else None
+
+
+def hide_password(text: str, url: str) -> str:
+    """`text` (e.g. a driver's error, which may quote the URL) with the URL's password masked."""
+    pw = url_password(url)
+    if not pw:
+        return text
+    from urllib.parse import quote
+    for form in {pw, quote(pw, safe="")}:
+        text = text.replace(form, "***")
+    return text
 
 
 def make_sampler(seed: int | None):
