@@ -131,8 +131,8 @@ def credentials_message(uri: str, code: int, detail: str = "") -> str:
     user = read_mlflow_creds().username or urlsplit(uri).username
     if code == 403 and "Invalid Host header" in detail:
         host = urlsplit(uri).netloc.rpartition("@")[2]
-        return (f"tracking server {shown} refused the Host header {host!r} (HTTP 403): start the server "
-                f"with --allowed-hosts {host}")
+        return (f"tracking server {shown} refused the Host header {host!r} (HTTP 403): add it to the "
+                f"server's --allowed-hosts")
     if code == 403:
         return (f"tracking server {shown} refused the credentials of user {user!r} (HTTP 403 permission "
                 f"denied): set {CREDENTIAL_VARS} to a user with access, or have an admin grant it")

@@ -195,6 +195,38 @@ class PostgresServer:
         finally:
             conn.close()
 
+    def add_password_user(self, user: str, password: str) -> str:
+        """A login role that owns the database and must give `password` over TCP
+        (scram-sha-256; the superuser keeps trust); returns its URL, without the password.
+        Waits (bounded) until the reloaded pg_hba.conf refuses the role without it."""
+        import psycopg2
+        conn = psycopg2.connect(host="127.0.0.1", port=self.port, user=SUPERUSER, dbname="postgres",
+                                connect_timeout=5)
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE ROLE "{user}" LOGIN PASSWORD %s', (password,))
+                cur.execute(f'ALTER DATABASE "{self.dbname}" OWNER TO "{user}"')
+        finally:
+            conn.close()
+        hba = os.path.join(self.data, "pg_hba.conf")
+        with open(hba) as f:
+            rules = f.read()
+        with open(hba, "w") as f:  # first match wins: this line before initdb's trust lines
+            f.write(f"host all {user} 127.0.0.1/32 scram-sha-256\n{rules}")
+        self._run(self._bin("pg_ctl"), "-D", self.data, "reload")
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                psycopg2.connect(host="127.0.0.1", port=self.port, user=user, dbname=self.dbname,
+                                 passfile=os.path.join(self.dir, "no-pgpass"), connect_timeout=5).close()
+            except psycopg2.OperationalError:
+                break  # the password is required now
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pg_hba.conf reload: {user} still connects without a password")
+            time.sleep(0.1)
+        return f"postgresql://{user}@127.0.0.1:{self.port}/{self.dbname}"
+
     def stop(self):
         try:
             if self._started:
