@@ -68,27 +68,49 @@ def report(study, cl, parent_id: str) -> list[str]:
     return written
 
 
+def default_storage_url() -> str:
+    """The storage a sweep in this folder made: optuna.db (one worker) or the journal (--workers)."""
+    from .study import default_storage
+    one, many = default_storage(1), default_storage(2)
+    if not os.path.exists(one[len("sqlite:///"):]) and os.path.exists(many[len("journal:"):]):
+        return many
+    return one
+
+
 def main(argv=None) -> int:
     from experiments.tracking import TrackingError, check_store, client, resolve_tracking_uri
-    from .study import SweepError, default_storage, make_storage
+    from .study import SweepError, check_storage_url, make_storage, redact, storage_exists
     ap = argparse.ArgumentParser(prog="python -m sweeps.report", description=__doc__.splitlines()[0])
     ap.add_argument("study")
-    ap.add_argument("--storage")
+    ap.add_argument("--storage", help="default: sqlite:///optuna.db, else journal:optuna-journal.log if that exists")
     ap.add_argument("--tracking-uri")
     args = ap.parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     uri = resolve_tracking_uri(args.tracking_uri)
+    url = args.storage or default_storage_url()
     try:
-        check_store(uri)
-        storage = make_storage(args.storage or default_storage(1), uri)
+        # a report only reads: neither store may be created by it
+        check_storage_url(url)
+        if not storage_exists(url):
+            raise SweepError(f"no Optuna storage at {url} (give the sweep's --storage)")
+        check_store(uri, create=False)
+        storage = make_storage(url, uri)
         try:
             study = optuna.load_study(study_name=args.study, storage=storage)
         except KeyError:
-            raise SweepError(f"no study named {args.study!r} in {args.storage or default_storage(1)}") from None
+            names = sorted(optuna.get_all_study_names(storage))
+            there = f"studies there: {', '.join(names)}" if names else "it holds no study"
+            raise SweepError(f"no study named {args.study!r} in {redact(url)} ({there})") from None
         parent = study.user_attrs.get("mlflow_parent_run_id")
         if not parent:
             raise SweepError(f"study {args.study!r} has no MLflow parent run")
-        written = report(study, client(uri), parent)
+        cl = client(uri)
+        try:
+            cl.get_run(parent)
+        except Exception:
+            raise SweepError(f"the parent run {parent} of study {args.study!r} is not in the tracking store "
+                             f"{redact(uri)} (give the sweep's --tracking-uri)") from None
+        written = report(study, cl, parent)
     except (SweepError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -9,20 +9,25 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
+import time
 
 import optuna
 from optuna.trial import TrialState
 
 from engine.config import ConfigError, apply_overrides, with_overrides
-from experiments import presets
+from experiments import liveness, presets
 from experiments import run as runner
 from experiments.tracking import TrackingError, client, experiment_id, sql_driver_url
 from engine.train import Callback
+
+from .recovery import ERROR_ATTR, HEARTBEAT_ATTR, STOP, Heartbeat, Interrupted, one_line, run_stamp, stamp
 
 HEARTBEAT_S = 10      # PostgreSQL/MySQL: a live worker's trial heartbeat
 GRACE_S = 30          # ... a trial without a heartbeat for this long belongs to a dead worker
 MAX_RETRY = 2         # times a dead worker's trial is retried
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
+STORE_RETRIES = 2     # a repeat that hit a tracking-store race (unique key, lock) is started again this often
 
 
 class SweepError(RuntimeError):
@@ -126,6 +131,61 @@ def finished_count(study) -> int:
     return len(study.get_trials(deepcopy=False, states=COUNTED))
 
 
+# -- checks made before anything is created --------------------------------------------------------
+STORAGE_FORMS = "sqlite:///PATH, journal:PATH, postgresql://… or mysql://…"
+
+
+def _journal_path(url: str) -> str | None:
+    if url.startswith("journal:"):
+        return url[len("journal:"):]
+    return url if url.endswith(".log") else None
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The database file of a sqlite URL ("" for in-memory), None for other URLs."""
+    from sqlalchemy.engine import make_url
+    try:
+        u = make_url(url)
+    except Exception:
+        raise SweepError(f"storage {redact(url)} is not a storage URL ({STORAGE_FORMS})") from None
+    if u.get_backend_name() != "sqlite":
+        return None
+    return "" if u.database in (None, "", ":memory:") else u.database
+
+
+def check_storage_url(url: str) -> None:
+    """The storage URL's shape and, for a file, its folder: a typo must not leave a file behind."""
+    path = _journal_path(url)
+    if path is None:
+        path = _sqlite_path(url)
+    elif not path:
+        raise SweepError(f"journal storage {url}: no file named ({STORAGE_FORMS})")
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SweepError(f"storage {url}: directory {folder} does not exist")
+        if os.path.isdir(path):
+            raise SweepError(f"storage {url}: {path} is a directory")
+
+
+def storage_exists(url: str) -> bool:
+    """False when the URL names a local file (sqlite, journal) that is not there; True otherwise
+    (a server's database is only known once connected)."""
+    path = _journal_path(url)
+    if path is None:
+        path = _sqlite_path(url)
+    return not path or os.path.isfile(path)
+
+
+def check_fixed(space, fixed: list[str]):
+    """--set: no key the space searches, known keys, valid values. Returns the base config."""
+    searched = {p.key for p in space.params}
+    clash = [o.split("=", 1)[0].strip() for o in fixed if o.split("=", 1)[0].strip() in searched]
+    if clash:
+        raise SweepError(f"--set {clash[0]} fixes a key the space '{space.name}' searches")
+    return base_config(space, fixed)
+
+
 # -- MLflow runs of a study ----------------------------------------------------------------------
 def parent_run(cl, exp_name: str, study, tags: dict) -> str:
     """The study's parent MLflow run: reused when the study comes back, else created."""
@@ -133,17 +193,22 @@ def parent_run(cl, exp_name: str, study, tags: dict) -> str:
     if rid:
         try:
             cl.get_run(rid)
-            cl.update_run(rid, status="RUNNING")
-            return rid
         except Exception:
-            pass  # another tracking store: make a new parent there
-    run = cl.create_run(experiment_id(cl, exp_name), tags={"mlflow.runName": f"study-{study.study_name}", **tags})
+            rid = None  # another tracking store: make a new parent there
+    if rid:
+        for key, value in run_stamp().items():  # this process owns it now (before it is RUNNING again)
+            cl.set_tag(rid, key, value)
+        cl.update_run(rid, status="RUNNING")
+        return rid
+    run = cl.create_run(experiment_id(cl, exp_name),
+                        tags={"mlflow.runName": f"study-{study.study_name}", **tags, **run_stamp()})
     study.set_user_attr("mlflow_parent_run_id", run.info.run_id)
     return run.info.run_id
 
 
 def fail_orphans(cl, run_id: str, reason: str):
-    """Mark a trial's run and any of its repeat runs still RUNNING as FAILED."""
+    """Mark a trial's run and any of its repeat runs still RUNNING as FAILED (a run another
+    process's reaper ended meanwhile keeps its reason); the trial run's trial_state becomes FAIL."""
     try:
         run = cl.get_run(run_id)
     except Exception:
@@ -152,8 +217,9 @@ def fail_orphans(cl, run_id: str, reason: str):
     for r in [run, *kids]:
         if r.info.status == "RUNNING":
             cl.set_tag(r.info.run_id, "error", reason)
-            cl.set_tag(r.info.run_id, "trial_state", "FAIL") if r is run else None
             cl.set_terminated(r.info.run_id, "FAILED")
+    if run.data.tags.get("trial_state", "RUNNING") == "RUNNING":
+        cl.set_tag(run_id, "trial_state", "FAIL")
 
 
 class StaleTrialHandler:
@@ -184,6 +250,12 @@ class _Report(Callback):
 
     def on_start(self, trainer):
         self.trainer = trainer
+        if STOP.requested:  # the signal came before the trainer's own handler was installed
+            trainer.request_stop()
+
+    def on_log(self, rec):
+        if STOP.requested:
+            self.trainer.request_stop()
 
     def on_eval(self, rec):
         self.trial.report(rec["val_loss"], step=self.offset + rec["step"])
@@ -198,72 +270,134 @@ def base_config(space, fixed: list[str]):
 
 class Objective:
     """Trains one trial: `repeats` seeds of the base experiment with the
-    suggested values; the value is the mean of their best validation losses."""
+    suggested values; the value is the mean of their best validation losses.
+    A failed trial's reason is its user attr `error` (Optuna itself records only FAIL)."""
 
     def __init__(self, space, fixed: list[str], repeats: int, tracking_uri: str, exp_name: str,
                  parent_id: str, out_root: str = "runs"):
         self.space, self.fixed, self.repeats = space, list(fixed), repeats
         self.uri, self.exp_name, self.parent_id, self.out_root = tracking_uri, exp_name, parent_id, out_root
-        searched = {p.key for p in space.params}
-        clash = [o.split("=", 1)[0].strip() for o in self.fixed if o.split("=", 1)[0].strip() in searched]
-        if clash:
-            raise SweepError(f"--set {clash[0]} fixes a key the space '{space.name}' searches")
-        self.base_cfg = base_config(space, self.fixed)  # validates --set now
+        self.base_cfg = check_fixed(space, self.fixed)  # validates --set now
 
     def config(self, params: dict, repeat: int):
         cfg = with_overrides(self.base_cfg, params)
         return with_overrides(cfg, {"seed": self.base_cfg.seed + repeat})
 
     def __call__(self, trial) -> float:
-        params = self.space.suggest(trial)
+        for key, value in stamp().items():  # first: from here on a dead worker's trial can be told
+            trial.set_user_attr(key, value)
+        try:
+            STOP.check()
+            return self._tracked(trial, self.space.suggest(trial))
+        except optuna.TrialPruned:
+            raise
+        except BaseException as exc:
+            try:
+                trial.set_user_attr(ERROR_ATTR, reason(exc))
+            except Exception:
+                pass
+            if isinstance(exc, Interrupted):  # the sweep stops: Optuna's "Trial N failed" traceback is no news
+                optuna.logging.set_verbosity(optuna.logging.ERROR)
+            raise
+
+    def _tracked(self, trial, params: dict) -> float:
         cl = client(self.uri)
         child = cl.create_run(experiment_id(cl, self.exp_name), tags={
             "mlflow.parentRunId": self.parent_id, "mlflow.runName": f"trial-{trial.number}",
             "trial_number": str(trial.number), "optuna_study": trial.study.study_name,
-            "trial_state": "RUNNING"}).info.run_id
+            "trial_state": "RUNNING", **run_stamp()}).info.run_id
         trial.set_user_attr("mlflow_run_id", child)
         from mlflow.entities import Param
         cl.log_batch(child, params=[Param(k, repr(v)) for k, v in params.items()] +
                      [Param("repeats", str(self.repeats)), Param("fixed", " ".join(self.fixed))])
+        beats = (lambda: trial.set_user_attr(HEARTBEAT_ATTR, liveness.now_ms()),
+                 lambda: cl.set_tag(child, liveness.HEARTBEAT_TAG, str(liveness.now_ms())))
         try:
-            value = self._train(trial, params, cl, child)
+            with Heartbeat(*beats):
+                value = self._train(trial, params, cl, child)
         except optuna.TrialPruned:
-            cl.set_tag(child, "trial_state", "PRUNED")
-            cl.set_terminated(child, "KILLED")
+            _end_run(cl, child, "PRUNED", "KILLED")
             raise
-        except KeyboardInterrupt:  # Ctrl+C / SIGTERM: the sweep stops (Optuna records the trial FAIL)
-            cl.set_tag(child, "trial_state", "KILLED")
-            cl.set_terminated(child, "KILLED")
+        except (Interrupted, KeyboardInterrupt):  # Ctrl+C / SIGTERM: the sweep stops
+            _end_run(cl, child, "KILLED", "KILLED")
             raise
         except BaseException as exc:
-            cl.set_tag(child, "trial_state", "FAIL")
-            cl.set_tag(child, "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:5000])
-            cl.set_terminated(child, "FAILED")
+            _end_run(cl, child, "FAIL", "FAILED", error=reason(exc))
             raise
-        cl.log_metric(child, "objective", value)
-        cl.set_tag(child, "trial_state", "COMPLETE")
-        cl.set_terminated(child, "FINISHED")
+        _end_run(cl, child, "COMPLETE", "FINISHED", objective=value)
         return value
 
     def _train(self, trial, params, cl, child) -> float:
         bests = []
         for r in range(self.repeats):
-            cfg = self.config(params, r)
-            report = _Report(trial, offset=r * cfg.train.steps)
-            overrides = [f"{k}={v}" for k, v in params.items()] + self.fixed + [f"seed={cfg.seed}"]
-            _, summary = runner.launch(cfg, self.space.base, overrides, self.uri, self.exp_name, self.out_root,
-                                       tags={"trial_number": str(trial.number), "repeat": str(r)},
-                                       parent_run_id=child, callbacks=[report], progress=False)
+            STOP.check()
+            summary = self._repeat(trial, params, r, child)
             if summary["status"] == "pruned":
                 raise optuna.TrialPruned(f"pruned in repeat {r}")
             if summary["status"] == "killed":  # a signal stopped the repeat: stop the sweep, not just the trial
-                raise KeyboardInterrupt
+                STOP.killed = True
+                raise Interrupted(STOP.reason())
             if summary["status"] != "finished":
-                raise RuntimeError(summary.get("error") or f"repeat {r} ended {summary['status']}")
+                raise RepeatFailed(f"{summary.get('error') or 'ended ' + summary['status']} "
+                                   f"(repeat {r}, run {summary.get('run_id')})")
             best = min(h["val_loss"] for h in summary["history"])
             bests.append(best)
             cl.log_metric(child, "best_val_loss", best, step=r)
         return statistics.fmean(bests)
+
+    def _repeat(self, trial, params, r: int, child) -> dict:
+        """One repeat as its own tracked run; started again when the tracking store lost a race."""
+        cfg = self.config(params, r)
+        overrides = [f"{k}={v}" for k, v in params.items()] + self.fixed + [f"seed={cfg.seed}"]
+        for attempt in range(STORE_RETRIES + 1):
+            report = _Report(trial, offset=r * cfg.train.steps)
+            try:
+                _, summary = runner.launch(cfg, self.space.base, overrides, self.uri, self.exp_name, self.out_root,
+                                           tags={"trial_number": str(trial.number), "repeat": str(r)},
+                                           parent_run_id=child, callbacks=[report], progress=False)
+                return summary
+            except Exception as exc:
+                if not store_race(exc) or attempt == STORE_RETRIES or STOP.requested:
+                    raise
+                print(f"note: trial {trial.number} repeat {r}: the tracking store lost a race "
+                      f"({one_line(exc)[:200]}); starting the repeat again", file=sys.stderr, flush=True)
+                time.sleep(0.5 * (attempt + 1))
+
+
+class RepeatFailed(RuntimeError):
+    """A repeat's training run ended FAILED; the message is that run's error line."""
+
+
+def reason(exc: BaseException) -> str:
+    """Why a trial failed, one line: our own exceptions' messages say it already."""
+    return str(exc) if isinstance(exc, (Interrupted, RepeatFailed)) else one_line(exc)
+
+
+def store_race(exc: BaseException) -> bool:
+    """A concurrent-write conflict of the store (several workers at once), not a fault of the trial."""
+    marks = ("unique constraint", "integrityerror", "database is locked", "deadlock", "could not serialize")
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(m in f"{type(exc).__name__}: {exc}".lower() for m in marks):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _end_run(cl, run_id: str, trial_state: str, status: str, error: str | None = None,
+             objective: float | None = None):
+    """The trial run's last writes; a store failure here is reported, never the trial's failure."""
+    try:
+        if objective is not None:
+            cl.log_metric(run_id, "objective", objective)
+        if error:
+            cl.set_tag(run_id, "error", error[:5000])
+        cl.set_tag(run_id, "trial_state", trial_state)
+        cl.set_terminated(run_id, status)
+    except Exception as exc:
+        print(f"note: MLflow run {run_id} could not be ended {status} ({one_line(exc)[:300]})",
+              file=sys.stderr, flush=True)
 
 
 USER_ERRORS = (SweepError, ConfigError, TrackingError, presets.UnknownExperiment)

@@ -218,8 +218,9 @@ def study3(template_db, tmp_path_factory):
     uri = new_store(template_db, d)
     storage = f"sqlite:///{d}/optuna.db"
     args = (*STUDY3_ARGS, "--storage", storage, "--tracking-uri", uri, *tiny())
-    parent = ok(sweep(*args, cwd=d))
-    return SimpleNamespace(args=args, snap=_snapshot(d, uri, storage, "lr_balance", parent))
+    p = sweep(*args, cwd=d)
+    parent = ok(p)
+    return SimpleNamespace(args=args, snap=_snapshot(d, uri, storage, "lr_balance", parent), stderr=p.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -395,6 +396,29 @@ def test_parent_run_tags_and_report_artifacts(study3):
     assert all(p.endswith(".png") and size > 1000 for p, size in s.figures.items()), s.figures
 
 
+def test_sweep_ends_with_a_summary_line(study3):
+    """Last stderr line: best trial against the defaults (trial 0), the counts, where the report is."""
+    s = study3.snap
+    err = lines_of(study3.stderr)
+    assert [ln.split(" (")[0] for ln in err if ln.startswith("trial ")] == \
+           [f"trial {n} COMPLETE value {t.value:.4f}" for n, t in enumerate(s.trials)], study3.stderr
+    last = err[-1]
+    best = min(s.trials, key=lambda t: t.value)
+    params = ", ".join(f"{k}={v:.4g}" for k, v in best.params.items())
+    assert last.startswith(f"sweep: best trial {best.number}: {best.value:.4f} ({params}); "), last
+    base = s.trials[0]
+    if best.number == 0:
+        assert "; no improvement on the defaults (trial 0); " in last, last
+    else:
+        gain = base.value - best.value
+        assert f"; {gain:.4f} better than the defaults (trial 0: {base.value:.4f}, " \
+               f"{100 * gain / base.value:.1f} %); " in last, last
+    assert "; 3 finished (3 complete, 0 pruned), 0 failed; " in last, last
+    exp_id = s.parent_run.info.experiment_id
+    assert last.endswith(f"; report: parent run {s.parent}, mlflow ui --backend-store-uri {s.uri}, "
+                         f"then http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{s.parent}"), last
+
+
 def test_no_run_left_running(study3):
     s = study3.snap
     assert [r.info.run_name for r in s.runs if r.info.status == "RUNNING"] == []
@@ -511,6 +535,10 @@ def test_non_finite_trial_fails_and_the_study_goes_on(template_db, tmp_path, mon
     assert states(trials) == ["FAIL", "COMPLETE", "COMPLETE"], "the study goes on after a failed trial"
     bad = trials[0]
     assert bad.params["optim.lr"] == 1e6 and bad.value is None
+    # Optuna records only the state: the reason is the trial's user attr `error`, one line
+    assert bad.user_attrs["error"].startswith("TrainingError: ") and "non-finite" in bad.user_attrs["error"]
+    assert "\n" not in bad.user_attrs["error"]
+    assert all("error" not in t.user_attrs for t in trials[1:])
     reasons = [r.getMessage() for r in caplog.records if "Trial 0 failed" in r.getMessage()]
     assert reasons and "non-finite" in reasons[0], [r.getMessage() for r in caplog.records]
     child = cl.get_run(bad.user_attrs["mlflow_run_id"])
@@ -545,7 +573,10 @@ def test_sigint_stops_the_sweep(template_db, tmp_path):
     runs = all_runs(uri)
     parent = next(r for r in runs if r.info.run_name.startswith("study-"))
     assert (rc, parent.info.status) == (130, "KILLED"), (tmp_path / "int.err").read_text()[-3000:]
-    assert len(trials) == 1
+    # the stopped trial is FAIL with its reason, and queued again so that resuming evaluates it
+    assert states(trials) == ["FAIL", "WAITING"]
+    assert trials[0].user_attrs["error"].startswith("interrupted")
+    assert trials[1].user_attrs["retry_of"] == 0 and trials[1].params == trials[0].params == HYBRID_DEFAULTS
     assert_none_running(uri)
 
 
