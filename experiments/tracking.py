@@ -36,7 +36,10 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(flag: str | None) -> str:
-    return flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db; a bare postgresql://
+    gets the driver that is installed (`sql_driver_url`)."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return sql_driver_url(uri) if uri.startswith(("postgresql://", "postgres://")) else uri
 
 
 def display_uri(uri: str) -> str:
@@ -64,7 +67,7 @@ def check_store(uri: str, timeout: float = 5.0, create: bool = True) -> None:
     try:
         client(uri).search_experiments(max_results=1)
     except Exception as exc:  # MLflow raises many types; the user needs one line
-        raise TrackingError(f"tracking store {uri} cannot be used ({type(exc).__name__}: "
+        raise TrackingError(f"tracking store {display_uri(uri)} cannot be used ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
 
 
@@ -342,14 +345,14 @@ def client(uri: str):
     """An MlflowClient whose calls retry briefly when SQLite reports a lock
     (several sweep workers may share one local store)."""
     from mlflow import MlflowClient
-    return _RetryOnLock(MlflowClient(tracking_uri=uri))
+    return _RetryOnLock(MlflowClient(tracking_uri=uri), uri)
 
 
 class _RetryOnLock:
     TRIES = 24  # waits of 0.05 s doubling to 2 s, jittered: ~40 s in all, for many processes on one file
 
-    def __init__(self, inner):
-        self._inner = inner
+    def __init__(self, inner, uri: str = ""):
+        self._inner, self._uri = inner, uri
 
     def __getattr__(self, name):
         attr = getattr(self._inner, name)
@@ -361,6 +364,9 @@ class _RetryOnLock:
                 try:
                     return attr(*args, **kwargs)
                 except Exception as exc:
+                    refused = auth_error(exc, self._uri) if self._uri.startswith(("http://", "https://")) else None
+                    if refused is not None:  # e.g. READ permission only: refused at create_run
+                        raise refused from None
                     if "locked" not in str(exc).lower() or i == self.TRIES - 1:
                         raise
                     time.sleep(min(0.05 * 2 ** i, 2.0) * (0.5 + random.random()))

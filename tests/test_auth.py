@@ -245,6 +245,10 @@ def test_permission_denied_is_one_line(server):
                         f"user 'reader' (HTTP 403 permission denied): set MLFLOW_TRACKING_USERNAME and "
                         f"MLFLOW_TRACKING_PASSWORD to a user with access, or have an admin grant it")
     assert auth_error(ValueError("not MLflow's"), uri) is None
+    from experiments.tracking import client
+    with pytest.raises(TrackingError) as through_runner:   # the runner's client says it in one line too
+        client(uri).create_run(exp)
+    assert str(through_runner.value) == str(err)
 
 
 def test_host_missing_from_allowed_hosts_is_named(server):
