@@ -20,7 +20,7 @@ import numpy as np
 from engine.device import kernel_source_hash
 
 from . import run as runner
-from .tracking import TIMING_PREFIXES, TrackingError, check_store, client, git_state, resolve_tracking_uri
+from .tracking import TIMING_PREFIXES, check_store, client, git_state, resolve_tracking_uri
 
 OTHER_DEVICE_RTOL = 1e-3
 

@@ -35,6 +35,7 @@ import optuna
 from optuna.trial import TrialState
 
 from experiments import liveness
+from experiments.run import ui_hint
 from experiments.tracking import TrackingError, check_store, client, experiment_id, resolve_tracking_uri
 
 from . import spaces
@@ -53,7 +54,8 @@ def build_parser():
     ap.add_argument("--list", action="store_true", help="list the search spaces")
     ap.add_argument("--trials", type=int, default=20, help="finished trials the study should have")
     ap.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
-    ap.add_argument("--storage", help="Optuna storage URL (sqlite:///…, journal:PATH, postgresql://…)")
+    ap.add_argument("--storage", help="Optuna storage URL (sqlite:///…, journal:PATH, postgresql://…), "
+                                      "or env:NAME to read it from $NAME (keeps a password off the command line)")
     ap.add_argument("--study-name", help="default: the space name")
     ap.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
     ap.add_argument("--sampler-seed", type=int, default=None)
@@ -105,9 +107,9 @@ def open_study(args, space, pruner, storage_url: str, uri: str):
 
 def reap(study, uri: str):
     """Fail and retry the trials of dead workers (sweeps/recovery.py); one line each."""
-    for number, retry in reap_stale_trials(study, uri):
+    for number, again_as in reap_stale_trials(study, uri):
         t = study.get_trials(deepcopy=False)[number]
-        again = f"retried as trial {retry}" if retry is not None else "not retried (retried too often)"
+        again = f"retried as trial {again_as}" if again_as is not None else "not retried (retried too often)"
         print(f"trial {number} FAIL: {t.user_attrs.get(ERROR_ATTR, 'worker died')}; {again}",
               file=sys.stderr, flush=True)
 
@@ -168,6 +170,12 @@ def main(argv=None) -> int:
 
 def _sweep(args) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.storage and args.storage.startswith("env:"):
+        name = args.storage[len("env:"):]
+        if not os.environ.get(name):
+            print(f"error: --storage env:{name}: ${name} is not set", file=sys.stderr)
+            return 2
+        args.storage = os.environ[name]
     uri = resolve_tracking_uri(args.tracking_uri)
     try:
         study, objective, cl, storage_url = _start(args, uri)
@@ -270,27 +278,29 @@ def summary(study, cl, uri: str, parent: str) -> str:
 
 def ui_address(cl, uri: str, run_id: str) -> str:
     """Where the run's page is: the server's address, or how to start `mlflow ui` on a local store."""
-    try:
-        exp_id = cl.get_run(run_id).info.experiment_id
-    except Exception:
-        exp_id = "<id>"
-    page = f"#/experiments/{exp_id}/runs/{run_id}"
-    if uri.startswith(("http://", "https://")):
-        return f"{redact(uri).rstrip('/')}/{page}"
-    return f"mlflow ui --backend-store-uri {redact(uri)}, then http://127.0.0.1:5000/{page}"
+    return ui_hint(uri, run_id)
+
+
+WORKER_STORAGE_VAR = "SWEEP_WORKER_STORAGE"
 
 
 def _worker_argv(args, storage_url: str) -> list[str]:
-    argv = [sys.executable, "-m", "sweeps.run", args.space, "--worker", "--storage", storage_url,
+    """A worker's command line. The storage URL and the tracking URI (either may hold a
+    password) travel in its environment (`_worker_env`), never in argv, which `ps` shows."""
+    argv = [sys.executable, "-m", "sweeps.run", args.space, "--worker", "--storage", f"env:{WORKER_STORAGE_VAR}",
             "--trials", str(args.trials), "--pruner", args.pruner, "--repeats", str(args.repeats),
             "--out", args.out, "--workers", str(args.workers)]
-    for flag, value in (("--study-name", args.study_name), ("--tracking-uri", args.tracking_uri),
+    for flag, value in (("--study-name", args.study_name),
                         ("--experiment-name", args.experiment_name), ("--sampler-seed", args.sampler_seed)):
         if value is not None:
             argv += [flag, str(value)]
     for s in args.set:
         argv += ["--set", s]
     return argv
+
+
+def _worker_env(index: int, storage_url: str, uri: str) -> dict:
+    return {**os.environ, "OPTUNA_WORKER": str(index), WORKER_STORAGE_VAR: storage_url, "MLFLOW_TRACKING_URI": uri}
 
 
 def _run_workers(args, storage_url: str, study, uri: str) -> str:
@@ -301,7 +311,7 @@ def _run_workers(args, storage_url: str, study, uri: str) -> str:
     reap(study, uri)
 
     def start(index: int):
-        return subprocess.Popen(argv, env={**os.environ, "OPTUNA_WORKER": str(index)})
+        return subprocess.Popen(argv, env=_worker_env(index, storage_url, uri))
     live = {start(i): i for i in range(args.workers)}
     next_index, restarts, failed, stopping = args.workers, 0, False, None
     while live:

@@ -467,3 +467,26 @@ def test_two_workers_stop_quietly(how, template_db, tmp_path):
     assert sorted(r.data.tags["trial_state"] for r in runs if r.info.run_name.startswith("trial-")
                   and r.data.tags["trial_number"] in map(str, stopped)) == ["KILLED", "KILLED"]
     assert_none_running(uri)
+
+
+def test_worker_command_lines_carry_no_password(tmp_path):
+    """`ps` shows every user a process's argv: a --workers child gets the storage URL and the
+    tracking URI (either may hold a password) in its environment instead."""
+    from sweeps.run import WORKER_STORAGE_VAR, _worker_argv, _worker_env, build_parser
+    storage = "postgresql+psycopg2://sweeper:s3cret-db@db/optuna"
+    uri = "http://admin:s3cret-ml@track:5000"
+    args = build_parser().parse_args(["lr_balance", "--workers", "2", "--storage", storage, "--tracking-uri", uri])
+    argv = _worker_argv(args, storage)
+    assert not any("s3cret" in a for a in argv)
+    assert argv[argv.index("--storage") + 1] == f"env:{WORKER_STORAGE_VAR}"
+    env = _worker_env(1, storage, uri)
+    assert env[WORKER_STORAGE_VAR] == storage and env["MLFLOW_TRACKING_URI"] == uri
+
+
+def test_storage_from_an_unset_variable_is_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "sweeps.run", "lr_balance", "--storage", "env:NO_SUCH_VAR_9"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "NO_SUCH_VAR_9"})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --storage env:NO_SUCH_VAR_9: $NO_SUCH_VAR_9 is not set"
+    assert os.listdir(tmp_path) == []
