@@ -2,7 +2,7 @@
 
     python -m sweeps.run lr_balance --trials 40
     python -m sweeps.run lr_balance --trials 40 --workers 2 --set train.steps=500
-    python -m sweeps.run lr_balance --storage postgresql://user:pw@host/db --tracking-uri http://host:5000
+    python -m sweeps.run lr_balance --storage postgresql://user@host/db --tracking-uri http://host:5000  # password: ~/.pgpass
 
 Storage: --storage, else sqlite:///optuna.db (one worker) or
 journal:optuna-journal.log (--workers K > 1: K processes share the study
