@@ -56,12 +56,35 @@ def launch(cfg: Config, name: str, overrides: list[str], uri: str, experiment_na
     exp_id = experiment_id(cl, experiment_name)
     reap_stale_runs(cl, [exp_id])
     # from here on a signal must not leave a RUNNING run: it asks the loop to stop
-    before = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopper = _Stopper(trainer)
+    before = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _launch_run(cl, exp_id, trainer, cfg, name, overrides, out_root, tags, parent_run_id, progress)
+        result = _launch_run(cl, exp_id, trainer, cfg, name, overrides, out_root, tags, parent_run_id, progress)
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+    if stopper.signals and result[1]["status"] == "finished":
+        stopper.pass_on(before)
+    return result
+
+
+class _Stopper:
+    """The signal handler while a run trains: asks the trainer to stop after the step. A signal
+    that comes once the loop has ended (while the run's artifacts are written) can no longer stop
+    it; it is passed on to the caller's handler (a sweep's stop request), not lost."""
+
+    def __init__(self, trainer):
+        self.trainer, self.signals = trainer, []
+
+    def __call__(self, signum, frame=None):
+        self.signals.append(signum)
+        self.trainer.request_stop()
+
+    def pass_on(self, handlers: dict):
+        signum = self.signals[0]
+        handler = handlers.get(signum)
+        if callable(handler) and handler not in (signal.default_int_handler, _interrupt):
+            handler(signum, None)
 
 
 def _launch_run(cl, exp_id, trainer, cfg, name, overrides, out_root, tags, parent_run_id, progress):
@@ -186,7 +209,9 @@ def _train_tracked(cl, run_id, trainer, progress) -> dict:
         logger.restore(trainer.model.step)
     trainer.callbacks.append(logger)
     update, bar = make_progress(trainer.cfg.train.steps, trainer.model.step) if progress else (None, None)
-    handlers = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
+    outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stopper = next((h for h in outer.values() if isinstance(h, _Stopper)), None) or _Stopper(trainer)
+    handlers = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
     status, summary = "FAILED", {"status": "failed", "run_id": run_id}
     try:
         summary = trainer.train(update)
@@ -206,14 +231,14 @@ def _train_tracked(cl, run_id, trainer, progress) -> dict:
         if not isinstance(exc, (TrainingError, KeyboardInterrupt)):
             raise
     finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
         if bar is not None:
             bar.close()
-        try:
+        try:  # a signal now (the loop has ended) must not cut the final writes short: the stopper keeps it
             logger.finish(trainer.checkpoint_path())
         finally:
             cl.set_terminated(run_id, status)
+            for s, h in handlers.items():
+                signal.signal(s, h)
     return summary
 
 
