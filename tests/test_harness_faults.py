@@ -18,21 +18,11 @@ from pathlib import Path
 import pytest
 
 from test_experiments import Store, _env, cli, error_lines, last_line, mlflow_client, series
+from test_experiments import template_db  # noqa: F401  (the fixture: one migrated database per module)
 
 pytestmark = pytest.mark.opencl
 
 SMOKE_FAST = ["--set", "train.steps=20", "--set", "train.eval_every=10"]
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory, dev):
-    d = tmp_path_factory.mktemp("faults-template")
-    db = d / "mlflow.db"
-    code = "import sys; from mlflow import MlflowClient; MlflowClient(sys.argv[1]).search_experiments(max_results=1)"
-    r = subprocess.run([sys.executable, "-c", code, f"sqlite:///{db}"], cwd=d, env=_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and db.exists(), r.stderr
-    return db
 
 
 @pytest.fixture
