@@ -245,17 +245,23 @@ def test_heartbeat_thread_beats_until_the_block_ends():
     assert len(calls) == n, "no beat after the block"
 
 
+def dead_owner():
+    """(the ended process, its liveness owner string): a worker that is gone, on this host."""
+    from experiments import liveness
+    gone = subprocess.Popen(["sleep", "60"])
+    owner = liveness.owner(gone.pid)
+    gone.kill()
+    gone.wait()
+    return gone, owner
+
+
 def test_reap_fails_and_retries_only_dead_owners_trials():
     import optuna
 
     from experiments import liveness
     from sweeps.recovery import reap_stale_trials
-    from sweeps.study import MAX_RETRY
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    gone = subprocess.Popen(["sleep", "60"])
-    dead_local = liveness.owner(gone.pid)
-    gone.kill()
-    gone.wait()
+    gone, dead_local = dead_owner()
     old = liveness.now_ms() - int(liveness.GRACE_S * 1000) - 60_000
     owners = {"dead here": (dead_local, liveness.now_ms()), "alive here": (liveness.owner(), old),
               "silent elsewhere": ("elsewhere:12:34", old), "beating elsewhere": ("elsewhere:12:34", liveness.now_ms()),
@@ -288,14 +294,10 @@ def test_reap_fails_and_retries_only_dead_owners_trials():
 def test_a_point_is_retried_at_most_max_retry_times():
     import optuna
 
-    from experiments import liveness
     from sweeps.recovery import reap_stale_trials
     from sweeps.study import MAX_RETRY
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    gone = subprocess.Popen(["sleep", "60"])
-    dead = liveness.owner(gone.pid)
-    gone.kill()
-    gone.wait()
+    gone, dead = dead_owner()
     study = optuna.create_study(direction="minimize")
     t = study.ask()
     x = t.suggest_float("x", 0.0, 1.0)
