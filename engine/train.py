@@ -104,6 +104,7 @@ class Trainer:
         self.step_acc = self.dev.zeros((3,))  # loss sum, clipped steps, steps since the last log
         self.last_assign = None
         self.history: list[dict] = []
+        self.train_time_s = 0.0   # wall seconds spent in training steps (not evaluation), over resumes
         self._stop = False
         if ckpt:
             self._restore(resume, *ckpt)
@@ -177,7 +178,7 @@ class Trainer:
         meta = {"format": CHECKPOINT_FORMAT, "step": self.model.step, "config": self.cfg.to_dict(),
                 "vocab": self.vocab.to_json(), "batches": self.batches.state(),
                 "proto_ready": self.model.proto_ready, "kernel_hash": kernel_source_hash(),
-                "device": self.dev.name, "history": self.history}
+                "device": self.dev.name, "history": self.history, "train_time_s": self.train_time_s}
         for cb in self.callbacks:   # e.g. the tracker makes what it logged so far durable first
             cb.before_checkpoint(self.model.step)
         try:
@@ -202,6 +203,7 @@ class Trainer:
         if "state.step_acc" in arrays:
             self.step_acc.set(np.ascontiguousarray(arrays["state.step_acc"], np.float32))
         self.history = list(meta.get("history", []))
+        self.train_time_s = float(meta.get("train_time_s", 0.0))
 
     # -- the loop -----------------------------------------------------------------------
     def request_stop(self, reason: str = "killed"):
@@ -265,6 +267,8 @@ class Trainer:
         rec.update(m.telemetry(ws))
         self._check_finite(step, rec)
         rec["tokens_per_s"] = n_timed * ws.N / seconds if seconds > 0 and n_timed else 0.0
+        self.train_time_s += seconds
+        rec["train_time_s"] = self.train_time_s
         timings = self.dev.take_timings()
         rec["kernel_ms"] = {k: ns / 1e6 for k, (calls, ns) in timings.items()}
         rec["kernel_ms_per_step"] = {k: ns / 1e6 / max(n_timed, 1) for k, (calls, ns) in timings.items()}
@@ -299,7 +303,8 @@ class Trainer:
                 first_assign = ws.assign.get()
         val_loss = total / max(count, 1.0)
         rec = {"step": step, "train_loss": log_rec["train_loss"] if log_rec else float("nan"),
-               "val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2}
+               "val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2,
+               "train_time_s": self.train_time_s}
         if first_assign is not None:
             if self.last_assign is not None:
                 rec["proto_changed"] = float(np.mean(first_assign != self.last_assign))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 HEARTBEAT_S = 20.0   # how often a live owner refreshes its heartbeat (at most)
@@ -107,3 +108,33 @@ def describe(owner_: str) -> str:
         return f"pid {pid} on {h}"
     except ValueError:
         return owner_
+
+
+class Heartbeat:
+    """Calls every `beat` each `interval` seconds on a daemon thread while the block runs.
+    A beat that fails (a store busy for a moment) is skipped: the next one may succeed,
+    and a missed heartbeat must never fail the work it describes."""
+
+    def __init__(self, *beats, interval: float | None = None):
+        self.beats, self.interval = beats, HEARTBEAT_S if interval is None else interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def beat(self):
+        for b in self.beats:
+            try:
+                b()
+            except Exception:
+                pass
+
+    def _run(self):
+        while not self._done.wait(self.interval):
+            self.beat()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join(timeout=5)  # a beat stuck in a store retry ends on its own (daemon)

@@ -28,7 +28,7 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 REPO = Path(__file__).resolve().parent.parent
 # Metrics whose values depend on the machine's load, not on the maths:
 # reproduce and resume comparisons leave them out.
-TIMING_PREFIXES = ("tokens_per_s", "kernel_ms/", "step_ms")
+TIMING_PREFIXES = ("tokens_per_s", "kernel_ms/", "step_ms", "train_time_s")
 
 
 class TrackingError(RuntimeError):
@@ -433,6 +433,22 @@ def git_state() -> tuple[str, bool]:
     return commit or "unknown", dirty
 
 
+_CODE_VERSION: list[str] = []
+
+
+def code_version() -> str:
+    """16 hex digits of sha256 over the code that decides a run's numbers: engine/*.py and
+    kernels/*.cl (names and bytes, in name order). Documentation and harness changes keep it."""
+    if not _CODE_VERSION:
+        import hashlib
+        h = hashlib.sha256()
+        for path in sorted([*(REPO / "engine").glob("*.py"), *(REPO / "kernels").glob("*.cl")]):
+            h.update(f"{path.parent.name}/{path.name}".encode())
+            h.update(path.read_bytes())
+        _CODE_VERSION.append(h.hexdigest()[:16])
+    return _CODE_VERSION[0]
+
+
 def run_tags(trainer, experiment: str) -> dict:
     import mlflow
     import pyopencl
@@ -446,7 +462,7 @@ def run_tags(trainer, experiment: str) -> dict:
             "version.mlflow": mlflow.__version__, "version.python": sys.version.split()[0],
             "opencl.platform": dev.platform_name, "opencl.driver": dev.driver_version,
             "opencl.device": dev.name, "opencl.device_type": dev.kind,
-            "kernel_hash": kernel_source_hash(), "data_sha256": trainer.data_sha256,
+            "kernel_hash": kernel_source_hash(), "code_version": code_version(), "data_sha256": trainer.data_sha256,
             "data_source": cfg.data.path or "embedded:pydoc_data.topics", "seed": str(cfg.seed)}
 
 
@@ -674,7 +690,7 @@ class MlflowLogger(Callback):
         step = rec["step"]
         if self.sample_chars and self.trainer is not None:
             self._sample(step)   # first: while the store writes below run, its 200 launches waited for the GIL
-        vals = {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed") if k in rec}
+        vals = {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed", "train_time_s") if k in rec}
         self._send(step, {**vals, **self._kernel_metrics()}, flush=True)
         self.curves["val"].append((step, rec["val_loss"]))
         if "proto_counts" in rec:

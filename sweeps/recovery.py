@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 
 import optuna
 from optuna.trial import TrialState
@@ -103,34 +102,11 @@ def run_stamp() -> dict:
     return owner_tags()
 
 
-class Heartbeat:
-    """Calls every `beat` each `interval` seconds on a daemon thread while the block runs.
-    A beat that fails (a store busy for a moment) is skipped: the next one may succeed,
-    and a missed heartbeat must never fail the trial it describes."""
+class Heartbeat(liveness.Heartbeat):
+    """liveness.Heartbeat at the sweep's interval (BEAT_S) unless told otherwise."""
 
     def __init__(self, *beats, interval: float | None = None):
-        self.beats, self.interval = beats, BEAT_S if interval is None else interval
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="sweep-heartbeat", daemon=True)
-
-    def beat(self):
-        for b in self.beats:
-            try:
-                b()
-            except Exception:
-                pass
-
-    def _run(self):
-        while not self._done.wait(self.interval):
-            self.beat()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._done.set()
-        self._thread.join(timeout=5)  # a beat stuck in a store retry ends on its own (daemon)
+        super().__init__(*beats, interval=BEAT_S if interval is None else interval)
 
 
 # -- trials whose worker died ------------------------------------------------------------------------

@@ -1,0 +1,349 @@
+"""What a set of finished runs says: per-experiment intervals, comparisons with verdicts, figures.
+
+Used by `experiments.study` (a study's report) and `experiments.compare` (any runs). The
+statistics are `experiments.stats`; this module gets the numbers out of MLflow and lays
+them out. Per run it reads the validation series (val_loss, val_acc, val_bpc) and the
+cumulative training time `train_time_s` logged at each evaluation.
+
+Measures (one value per run):
+- final: the last evaluation (at train.steps);
+- best: the lowest validation loss (highest accuracy) over the run's evaluations;
+- at equal wall-clock (a comparison of a with b, per seed): t = the shorter of the two runs'
+  training times (seconds in training steps, evaluation excluded); the faster run's final
+  loss against the loss the slower run had reached at t (linear in time between its two
+  evaluations around t). A mechanism that costs time must win at the same time to be free.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import stats
+
+SERIES = ("val_loss", "val_acc", "val_bpc", "train_time_s")
+# (column, label, lower is better) of the per-run values the report summarises and compares
+MEASURES = (("val_loss", "final val loss", True), ("best_val_loss", "best val loss", True),
+            ("val_acc", "final val acc", False), ("val_bpc", "final val bpc", True))
+COMPARED = (("val_loss", "final val loss", True), ("best_val_loss", "best val loss", True),
+            ("val_acc", "final val acc", False), ("equal_time_val_loss", "val loss at equal wall-clock", True))
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    experiment: str              # the group label
+    seed: int | None
+    status: str
+    start_time: int = 0
+    evals: list = field(default_factory=list)   # (step, train_time_s, val_loss, val_acc, val_bpc)
+    error: str = ""
+
+    def _col(self, i):
+        return [e[i] for e in self.evals]
+
+    @property
+    def final(self) -> dict:
+        if not self.evals:
+            return {"val_loss": math.nan, "val_acc": math.nan, "val_bpc": math.nan, "step": None}
+        s, _, loss, acc, bpc = self.evals[-1]
+        return {"val_loss": loss, "val_acc": acc, "val_bpc": bpc, "step": s}
+
+    @property
+    def best_val_loss(self) -> float:
+        vals = [v for v in self._col(2) if math.isfinite(v)]
+        return min(vals) if vals else math.nan
+
+    @property
+    def train_time_s(self) -> float:
+        return self.evals[-1][1] if self.evals else math.nan
+
+    def loss_at_time(self, t: float) -> float:
+        """The validation loss this run had reached after t seconds of training: its final loss
+        if it trained no longer than t, else linear in time between the evaluations around t
+        (nan before its first evaluation, or without training times)."""
+        times, losses = self._col(1), self._col(2)
+        if not times or not all(math.isfinite(x) for x in times) or not math.isfinite(t):
+            return math.nan
+        if t >= times[-1]:
+            return losses[-1]
+        if t < times[0]:
+            return math.nan
+        return float(np.interp(t, times, losses))
+
+    def values(self) -> dict:
+        f = self.final
+        return {"val_loss": f["val_loss"], "best_val_loss": self.best_val_loss, "val_acc": f["val_acc"],
+                "val_bpc": f["val_bpc"], "train_time_s": self.train_time_s, "final_step": f["step"]}
+
+
+def fetch_records(cl, runs, label=lambda run: run.data.params.get("experiment", "?")) -> list[RunRecord]:
+    """One RunRecord per MLflow run: its validation series by step (the last value of a step)."""
+    out = []
+    for run in runs:
+        series = {}
+        for key in SERIES:
+            hist = sorted(cl.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
+            series[key] = {m.step: m.value for m in hist}
+        steps = sorted(series["val_loss"])
+        evals = [(s, series["train_time_s"].get(s, math.nan), series["val_loss"][s],
+                  series["val_acc"].get(s, math.nan), series["val_bpc"].get(s, math.nan)) for s in steps]
+        seed = run.data.params.get("seed", run.data.tags.get("seed"))
+        try:
+            seed = int(seed)
+        except (TypeError, ValueError):
+            seed = None
+        out.append(RunRecord(run.info.run_id, label(run), seed, run.info.status, run.info.start_time or 0,
+                             evals, run.data.tags.get("error", "")))
+    return out
+
+
+def by_experiment(records) -> dict[str, dict[int, RunRecord]]:
+    """{experiment: {seed: record}} over FINISHED runs with a validation loss; of several runs of
+    one experiment and seed, the latest. (Runs without a seed get negative keys.)"""
+    groups: dict[str, dict[int, RunRecord]] = {}
+    for i, r in enumerate(sorted(records, key=lambda r: r.start_time)):
+        if r.status != "FINISHED" or not r.evals:
+            continue
+        groups.setdefault(r.experiment, {})[r.seed if r.seed is not None else -1 - i] = r
+    return groups
+
+
+def duplicates(records) -> int:
+    """How many finished runs a later run of the same experiment and seed replaced in the report."""
+    seen, dup = set(), 0
+    for r in records:
+        if r.status == "FINISHED" and r.evals and r.seed is not None:
+            dup += (r.experiment, r.seed) in seen
+            seen.add((r.experiment, r.seed))
+    return dup
+
+
+# -- tables ------------------------------------------------------------------------------------------
+def summary_frame(records, order=(), baseline: str | None = None):
+    """Per experiment: seeds, and for each measure the mean, std and 95 % interval; the mean
+    training time and its ratio to the baseline's."""
+    import pandas as pd
+    groups = by_experiment(records)
+    names = [n for n in order if n in groups] + sorted(n for n in groups if n not in order)
+    base_time = None
+    if baseline in groups:
+        base_time = stats.summarize(r.train_time_s for r in groups[baseline].values()).mean
+    rows = []
+    for name in names:
+        recs = list(groups[name].values())
+        row = {"experiment": name, "seeds": len(recs)}
+        for col, _, _ in MEASURES:
+            s = stats.summarize(r.values()[col] for r in recs)
+            row.update({f"{col}_mean": s.mean, f"{col}_std": s.std, f"{col}_lo": s.lo, f"{col}_hi": s.hi})
+        t = stats.summarize(r.train_time_s for r in recs)
+        row["train_time_s_mean"] = t.mean
+        row["time_vs_baseline"] = t.mean / base_time if base_time else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def compare_pair(a: dict, b: dict, col: str, lower_is_better: bool) -> stats.Comparison:
+    """a and b: {seed: record}. Paired on their common seeds when there are two or more, else Welch."""
+    common = sorted(set(a) & set(b))
+    if col == "equal_time_val_loss":
+        if len(common) < 2:
+            return stats.paired([], [], lower_is_better)
+        va, vb = [], []
+        for s in common:
+            t = min(a[s].train_time_s, b[s].train_time_s)
+            va.append(a[s].loss_at_time(t))
+            vb.append(b[s].loss_at_time(t))
+        return stats.paired(va, vb, lower_is_better)
+    if len(common) >= 2:
+        return stats.paired([a[s].values()[col] for s in common], [b[s].values()[col] for s in common],
+                            lower_is_better)
+    return stats.welch([r.values()[col] for r in a.values()], [r.values()[col] for r in b.values()],
+                       lower_is_better)
+
+
+def comparison_frame(records, comparisons):
+    """One row per (comparison, measure): a − b with interval, test, p (and Holm's over the
+    comparisons of that measure), the verdict of a against b and the seeds needed.
+    `comparisons`: (label, a, b) with a and b experiment names."""
+    import pandas as pd
+    groups = by_experiment(records)
+    rows = []
+    for col, label, lower in COMPARED:
+        block = []
+        for name, a, b in comparisons:
+            if a not in groups or b not in groups:
+                continue
+            c = compare_pair(groups[a], groups[b], col, lower)
+            block.append({"comparison": name, "experiment": a, "reference": b, "measure": label,
+                          "metric": col, "test": c.test, "n": c.n, "diff": c.diff, "ci_lo": c.lo, "ci_hi": c.hi,
+                          "p": c.p, "p_permutation": c.p_permutation, "sd": c.sd,
+                          "verdict": c.verdict, "verdict_text": c.verdict_text(),
+                          "seeds_needed": c.seeds_needed_text(), "identical": c.identical})
+        for row, ph in zip(block, stats.holm([r["p"] for r in block])):
+            row["p_holm"] = ph
+        rows.extend(block)
+    return pd.DataFrame(rows)
+
+
+# -- text ----------------------------------------------------------------------------------------------
+def _num(x, fmt="{:.4f}") -> str:
+    return fmt.format(x) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
+
+
+def _interval(mean, lo, hi, digits=4) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def _signed(mean, lo, hi) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return f"{mean:+.4f}"
+    return f"{mean:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def _p(p) -> str:
+    if not math.isfinite(p):
+        return "-"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def summary_rows(summary) -> tuple[list[str], list[list[str]]]:
+    head = ["experiment", "seeds", "final val loss [95 % CI]", "± std", "best val loss [95 % CI]",
+            "final val acc [95 % CI]", "train time (s)", "× baseline"]
+    rows = []
+    for _, r in summary.iterrows():
+        rows.append([r["experiment"], str(r["seeds"]),
+                     _interval(r["val_loss_mean"], r["val_loss_lo"], r["val_loss_hi"]), _num(r["val_loss_std"]),
+                     _interval(r["best_val_loss_mean"], r["best_val_loss_lo"], r["best_val_loss_hi"]),
+                     _interval(r["val_acc_mean"], r["val_acc_lo"], r["val_acc_hi"]),
+                     _num(r["train_time_s_mean"], "{:.1f}"), _num(r["time_vs_baseline"], "{:.2f}")])
+    return head, rows
+
+
+def comparison_rows(comps, measures=None) -> tuple[list[str], list[list[str]]]:
+    head = ["comparison", "measure", "n", "difference [95 % CI]", "p (t)", "p (Holm)", "p (sign-flip)",
+            "verdict", "seeds needed"]
+    rows = []
+    for _, r in comps.iterrows():
+        if measures and r["metric"] not in measures:
+            continue
+        rows.append([r["comparison"], r["measure"], str(r["n"]), _signed(r["diff"], r["ci_lo"], r["ci_hi"]),
+                     _p(r["p"]), _p(r["p_holm"]), _p(r["p_permutation"]), r["verdict_text"], r["seeds_needed"]])
+    return head, rows
+
+
+def text_table(head, rows) -> str:
+    width = [max(len(str(x)) for x in col) for col in zip(head, *rows)] if rows else [len(h) for h in head]
+    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, width)).rstrip() for line in [head, *rows]]
+    return "\n".join([lines[0], "  ".join("-" * w for w in width), *lines[1:]])
+
+
+def markdown_table(head, rows) -> str:
+    esc = lambda x: str(x).replace("|", "\\|")
+    out = ["| " + " | ".join(map(esc, head)) + " |", "|" + "---|" * len(head)]
+    out += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(out)
+
+
+METHOD = ("Intervals: Student t, 95 %. Comparisons: a − b paired by seed (paired t-test; exact sign-flip "
+          "permutation p beside it, whose floor is 2/2^n), Welch's t-test when the runs share no seeds; "
+          "verdict \"better\"/\"worse\" when the 95 % interval excludes 0; Holm-adjusted p over the "
+          "comparisons of each measure; seeds needed: smallest n for 80 % power at α = 0.05 if the "
+          "observed difference and spread were the truth. Equal wall-clock: both runs at the shorter "
+          "training time (evaluation excluded).")
+
+
+def render(summary, comps, title: str, markdown: bool = False) -> str:
+    table = markdown_table if markdown else text_table
+    parts = [f"## {title}" if markdown else title, ""]
+    parts += [table(*summary_rows(summary)), ""]
+    if len(comps):
+        parts += [("### " if markdown else "") + "comparisons (a − b; negative loss difference = a better)", ""]
+        parts += [table(*comparison_rows(comps)), ""]
+    parts.append(METHOD)
+    return "\n".join(parts) + "\n"
+
+
+# -- figures -----------------------------------------------------------------------------------------
+def figures(records, comps, folder: str, order=()) -> list[str]:
+    """validation_curves.png (mean over seeds, band = min-max, against step and against
+    training time) and differences.png (each comparison's difference with its 95 % interval)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = by_experiment(records)
+    names = [n for n in order if n in groups] + sorted(n for n in groups if n not in order)
+    paths = []
+    if names:
+        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+        for name in names:
+            recs = list(groups[name].values())
+            steps = sorted(set.intersection(*[{e[0] for e in r.evals} for r in recs]))
+            if not steps:
+                continue
+            loss = np.array([[dict((e[0], e[2]) for e in r.evals)[s] for s in steps] for r in recs])
+            tt = np.array([[dict((e[0], e[1]) for e in r.evals)[s] for s in steps] for r in recs])
+            mean = loss.mean(axis=0)
+            (line,) = axes[0].plot(steps, mean, label=f"{name} ({len(recs)} seeds)")
+            axes[0].fill_between(steps, loss.min(axis=0), loss.max(axis=0), color=line.get_color(), alpha=0.2)
+            if np.isfinite(tt).all():
+                axes[1].plot(tt.mean(axis=0), mean, color=line.get_color())
+                axes[1].fill_between(tt.mean(axis=0), loss.min(axis=0), loss.max(axis=0),
+                                     color=line.get_color(), alpha=0.2)
+        axes[0].set(xlabel="step", ylabel="validation loss (nats/char)", title="mean over seeds, band = min–max")
+        axes[1].set(xlabel="training time (s, mean over seeds)", ylabel="validation loss (nats/char)",
+                    title="against wall-clock")
+        axes[0].legend(fontsize=8)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        paths.append(_save(fig, folder, "validation_curves.png"))
+        plt.close(fig)
+    if len(comps):
+        metrics = [m for m, _, _ in COMPARED if m in set(comps["metric"])]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.5 * comps["comparison"].nunique() + 1.8),
+                                 squeeze=False)
+        for ax, metric in zip(axes[0], metrics):
+            sub = comps[comps["metric"] == metric].reset_index(drop=True)
+            y = np.arange(len(sub))[::-1]
+            colors = ["tab:green" if v == "better" else "tab:red" if v == "worse" else "tab:gray" for v in sub["verdict"]]
+            lo = (sub["diff"] - sub["ci_lo"]).fillna(0).clip(lower=0)
+            hi = (sub["ci_hi"] - sub["diff"]).fillna(0).clip(lower=0)
+            for yi, d, l, h, c in zip(y, sub["diff"], lo, hi, colors):
+                ax.errorbar([d], [yi], xerr=[[l], [h]], fmt="none", ecolor=c, capsize=3)
+            ax.scatter(sub["diff"], y, c=colors, zorder=3)
+            ax.axvline(0, color="black", lw=0.8)
+            ax.set_yticks(y, sub["comparison"] if metric == metrics[0] else [""] * len(sub), fontsize=8)
+            ax.set_title(dict((m, lab) for m, lab, _ in COMPARED)[metric], fontsize=9)
+            ax.grid(alpha=0.3, axis="x")
+        fig.suptitle("a − b with 95 % interval (green: a better, red: a worse, grey: no difference detectable)",
+                     fontsize=9)
+        fig.tight_layout()
+        paths.append(_save(fig, folder, "differences.png"))
+        plt.close(fig)
+    return paths
+
+
+def _save(fig, folder, name) -> str:
+    path = os.path.join(folder, name)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def records_frame(records):
+    import pandas as pd
+    rows = []
+    for r in records:
+        v = r.values()
+        rows.append({"run_id": r.run_id, "experiment": r.experiment, "seed": r.seed, "status": r.status,
+                     **v, "evaluations": json.dumps([list(e) for e in r.evals]), "error": r.error})
+    return pd.DataFrame(rows)
