@@ -269,7 +269,11 @@ def render(summary, comps, title: str, markdown: bool = False) -> str:
     if len(comps):
         parts += [("### " if markdown else "") + "comparisons (a − b; negative loss difference = a better)", ""]
         parts += [table(*comparison_rows(comps)), ""]
-    parts.append(METHOD)
+    if markdown:
+        parts.append(METHOD)
+    else:
+        import textwrap
+        parts.append(textwrap.fill(METHOD, 110))
     return "\n".join(parts) + "\n"
 
 
@@ -310,9 +314,12 @@ def figures(records, comps, folder: str, order=()) -> list[str]:
         plt.close(fig)
     if len(comps):
         metrics = [m for m, _, _ in COMPARED if m in set(comps["metric"])]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 0.5 * comps["comparison"].nunique() + 1.8),
-                                 squeeze=False)
-        for ax, metric in zip(axes[0], metrics):
+        cols = 2 if len(metrics) > 1 else 1
+        nrows = (len(metrics) + cols - 1) // cols
+        height = 0.45 * comps["comparison"].nunique() + 1.3
+        fig, axes = plt.subplots(nrows, cols, figsize=(6.5 * cols, height * nrows), squeeze=False)
+        for k, metric in enumerate(metrics):
+            ax = axes[k // cols][k % cols]
             sub = comps[comps["metric"] == metric].reset_index(drop=True)
             y = np.arange(len(sub))[::-1]
             colors = ["tab:green" if v == "better" else "tab:red" if v == "worse" else "tab:gray" for v in sub["verdict"]]
@@ -321,10 +328,15 @@ def figures(records, comps, folder: str, order=()) -> list[str]:
             for yi, d, l, h, c in zip(y, sub["diff"], lo, hi, colors):
                 ax.errorbar([d], [yi], xerr=[[l], [h]], fmt="none", ecolor=c, capsize=3)
             ax.scatter(sub["diff"], y, c=colors, zorder=3)
+            if not sub["diff"].notna().any():
+                ax.text(0.5, 0.5, "no pairs with a value", transform=ax.transAxes, ha="center", va="center")
             ax.axvline(0, color="black", lw=0.8)
-            ax.set_yticks(y, sub["comparison"] if metric == metrics[0] else [""] * len(sub), fontsize=8)
+            ax.set_yticks(y, sub["comparison"] if k % cols == 0 else [""] * len(sub), fontsize=8)
+            ax.set_ylim(-0.6, len(sub) - 0.4)
             ax.set_title(dict((m, lab) for m, lab, _ in COMPARED)[metric], fontsize=9)
             ax.grid(alpha=0.3, axis="x")
+        for k in range(len(metrics), nrows * cols):
+            axes[k // cols][k % cols].axis("off")
         fig.suptitle("a − b with 95 % interval (green: a better, red: a worse, grey: no difference detectable)",
                      fontsize=9)
         fig.tight_layout()

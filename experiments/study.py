@@ -260,7 +260,7 @@ class Coordinator:
         self.cl, self.uri, self.exp_name, self.exp_id = cl, uri, exp_name, exp_id
         self.parent_id, self.study, self.jobs, self.out_root, self.workers = parent_id, study, jobs, out_root, workers
         self.stop = False
-        self.counts = {"reused": 0, "trained": 0, "resumed": 0, "failed": 0, "diverged": 0}
+        self.counts = {"reused": 0, "trained": 0, "resumed": 0}
         self._print_lock = threading.Lock()
 
     def say(self, line: str):
@@ -271,7 +271,15 @@ class Coordinator:
         return {"study": self.study.name, "study_config": job.key, "study_job": job.label}
 
     def request_stop(self, signum=None, frame=None):
+        """--workers K: the signal handler; the loop stops its workers and starts no more."""
         self.stop = True
+
+    def interrupt(self, signum=None, frame=None):
+        """One worker (in-process): the handler outside training. Inside it, the runner's own
+        handler stops the run after the step, and passes on a signal that comes once the run's
+        loop has ended (its final writes) to this one: the study stops after that run."""
+        self.stop = True
+        raise KeyboardInterrupt
 
     def run(self) -> None:
         todo = []
@@ -280,14 +288,14 @@ class Coordinator:
             action, _ = decide(existing.get(job.key, []))
             if action == "reuse":
                 self.counts["reused"] += 1
-            elif action == "diverged":
-                self.counts["diverged"] += 1
-            else:
+            elif action != "diverged":
                 todo.append(job)
         n = len(self.jobs)
+        diverged = n - len(todo) - self.counts["reused"]
         self.say(f"study {self.study.name}: {len(self.study.experiments)} experiments × "
                  f"{n // max(len(self.study.experiments), 1)} seeds = {n} runs; {self.counts['reused']} finished "
-                 f"already (reused), {len(todo)} to train" + (f", {self.workers} at a time" if self.workers > 1 else ""))
+                 f"already (reused), " + (f"{diverged} diverged before (not retried), " if diverged else "")
+                 + f"{len(todo)} to train" + (f", {self.workers} at a time" if self.workers > 1 else ""))
         if self.workers <= 1:
             self._serial(todo)
         else:
@@ -314,8 +322,9 @@ class Coordinator:
                 self._wait_for(job, run)
             if self.stop:
                 return
+            if action == "reuse":
+                self.counts["reused"] += 1
             if action in ("reuse", "diverged"):
-                self.counts["reused" if action == "reuse" else "diverged"] += 1
                 continue
             self.say(f"[{i}/{len(todo)}] {job.label}: " + ("resuming run " + run.info.run_id if action == "resume"
                                                           else "training"))
@@ -342,8 +351,6 @@ class Coordinator:
     def _report_job(self, job, summary, seconds):
         final = summary.get("final") or {}
         status = summary.get("status", "?")
-        if status == "failed":
-            self.counts["failed"] += 1
         loss = f", val_loss {final['val_loss']:.4f}" if final.get("val_loss") is not None else ""
         err = f" ({summary['error']})" if summary.get("error") else ""
         self.say(f"{job.label}: {status}{loss} in {format_duration(seconds)}{err}")
@@ -369,8 +376,9 @@ class Coordinator:
                     break
                 pending.remove(job)
                 action, run = self._next_action(job)
+                if action == "reuse":
+                    self.counts["reused"] += 1
                 if action in ("reuse", "diverged"):
-                    self.counts["reused" if action == "reuse" else "diverged"] += 1
                     continue
                 if action == "wait":   # trained by a process this one did not start: look again later
                     if job.key not in waiting:
@@ -390,8 +398,6 @@ class Coordinator:
                 rc = p.returncode
                 status = {0: "finished", 130: "killed"}.get(rc, "failed" if rc > 0 else
                                                             f"killed by {signal.Signals(-rc).name}")
-                if rc not in (0, 130):
-                    self.counts["failed"] += 1
                 tail = out[-1] if out and rc not in (0, 130) else ""
                 self.say(f"{job.label}: {status} in {format_duration(time.monotonic() - t0)}"
                          + (f" ({tail})" if tail else ""))
@@ -569,8 +575,8 @@ def main(argv=None) -> int:
     status, error, text, outcome = "FINISHED", None, "", {"finished": 0, "missing": [j.label for j in jobs]}
     try:
         with liveness.Heartbeat(beat):
-            handlers = {s: signal.signal(s, coord.request_stop) for s in (signal.SIGINT, signal.SIGTERM)} \
-                if args.workers > 1 else {}
+            handler = coord.request_stop if args.workers > 1 else coord.interrupt
+            handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
                 coord.run()
             except KeyboardInterrupt:
@@ -599,8 +605,9 @@ def main(argv=None) -> int:
         print(text, flush=True)
     c = coord.counts
     line = (f"study {study.name}: {outcome['finished']}/{len(jobs)} runs finished ({c['reused']} reused, "
-            f"{c['trained']} trained, {c['resumed']} resumed" + (f", {c['failed']} failed" if c["failed"] else "")
+            f"{c['trained']} trained, {c['resumed']} resumed"
             + (f", {outcome.get('diverged', 0)} diverged" if outcome.get("diverged") else "")
+            + (f", {len(outcome['missing'])} not finished" if outcome["missing"] else "")
             + f") in {format_duration(time.monotonic() - t0)}; report: {runner.ui_hint(uri, parent_id)}")
     if status == "KILLED":
         line = "interrupted: " + line + "; run the same command again to resume"

@@ -724,15 +724,19 @@ def test_compare_tables_and_csv(shared, tmp_path):
         assert row["experiment"] == "smoke"
     assert {row["seed"] for row in rows if row["run_id"] in (shared.run_id, seed1)} == {"0", "1"}
 
-    # per experiment: finished runs that are not reproductions
-    done = [x.data.metrics["val_loss"] for x in runs.values()
-            if x.info.status == "FINISHED" and "reproduces" not in x.data.tags]
-    assert len(done) >= 2
-    header = [ln for ln in r.stdout.splitlines() if "val_loss_mean" in ln]
-    assert len(header) == 1 and header[0].split()[:4] == ["experiment", "val_loss_mean", "val_loss_std", "runs"]
-    smoke_line = [ln.split() for ln in r.stdout.splitlines() if ln.split()[:1] == ["smoke"]]
-    assert smoke_line, r.stdout
-    assert smoke_line[-1][:4] == ["smoke", f"{np.mean(done):.4f}", f"{np.std(done, ddof=1):.4f}", str(len(done))]
+    # per experiment (and config): the finished runs that are not reproductions, with a t interval
+    from scipy import stats as sps
+    from experiments.compare import group_labels
+    done = [x for x in runs.values() if x.info.status == "FINISHED" and "reproduces" not in x.data.tags]
+    labels = group_labels(done)
+    group = labels[shared.run_id]
+    vals = [x.data.metrics["val_loss"] for x in done if labels[x.info.run_id] == group]
+    assert len(vals) >= 2 and labels[seed1] == group   # the seed does not split a group
+    lo, hi = sps.t.interval(0.95, len(vals) - 1, loc=np.mean(vals), scale=sps.sem(vals))
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith(group + "  ")]
+    assert rows, r.stdout
+    assert rows[-1].split()[len(group.split()):][:3] == [str(len(vals)), f"{np.mean(vals):.4f}", f"[{lo:.4f},"]
+    assert f"{hi:.4f}]" in rows[-1] and f"{np.std(vals, ddof=1):.4f}" in rows[-1]
 
 
 def test_compare_without_runs_is_a_user_error(shared):
