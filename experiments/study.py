@@ -396,8 +396,8 @@ class Coordinator:
             for p in [p for p in live if p.poll() is not None]:
                 job, t0, out = live.pop(p)
                 rc = p.returncode
-                status = {0: "finished", 130: "killed"}.get(rc, "failed" if rc > 0 else
-                                                            f"killed by {signal.Signals(-rc).name}")
+                status = "finished" if rc == 0 else "killed" if rc == 130 else "failed" if rc > 0 else \
+                    f"killed by {_signal_name(-rc)}"
                 tail = out[-1] if out and rc not in (0, 130) else ""
                 self.say(f"{job.label}: {status} in {format_duration(time.monotonic() - t0)}"
                          + (f" ({tail})" if tail else ""))
@@ -422,6 +422,13 @@ class Coordinator:
                     self.say(f"[{job.label}] {line}")
         threading.Thread(target=pump, daemon=True).start()
         return proc, out
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _signal(proc, sig):
@@ -503,8 +510,28 @@ def report(cl, exp_id: str, parent_id: str, study: Study, jobs: list[Job], uri: 
             f.write(md)
         analysis.figures(records, comps, os.path.join(tmp, "figures"), study.experiments)
         cl.log_artifacts(parent_id, tmp, "report")
+    _log_comparisons(cl, parent_id, comps)
     verdicts = {(r["comparison"], r["metric"]): r["verdict"] for _, r in comps.iterrows()}
     return text, {"finished": len(chosen), "missing": missing, "diverged": len(diverged), "verdicts": verdicts}
+
+
+def _log_comparisons(cl, parent_id: str, comps) -> None:
+    """On the parent, for the MLflow UI: metrics `<a>_vs_<b>/<measure>/{diff,ci_lo,ci_hi,p}` at
+    step = the number of pairs (a study grown by seeds shows how its intervals narrowed), and a
+    tag `verdict.<a>_vs_<b>` with the final validation loss's verdict."""
+    import math
+    from mlflow.entities import Metric
+    now = liveness.now_ms()
+    metrics = []
+    for _, r in comps.iterrows():
+        base = f"{r['experiment']}_vs_{r['reference']}/{r['metric']}"
+        for field in ("diff", "ci_lo", "ci_hi", "p"):
+            if isinstance(r[field], float) and math.isfinite(r[field]):
+                metrics.append(Metric(f"{base}/{field}", float(r[field]), now, int(r["n"])))
+        if r["metric"] == "val_loss":
+            cl.set_tag(parent_id, f"verdict.{r['experiment']}_vs_{r['reference']}", r["verdict_text"])
+    for i in range(0, len(metrics), 900):
+        cl.log_batch(parent_id, metrics=metrics[i:i + 900])
 
 
 # -- command line ----------------------------------------------------------------------------------

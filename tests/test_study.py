@@ -99,6 +99,9 @@ def test_study_report_holds_the_statistics_of_the_logged_metrics(serial):
     assert final["test"] == "paired t-test" and int(final["n"]) == 2
     assert float(final["diff"]) == pytest.approx(np.mean(np.subtract(a, b)), rel=1e-9)
     assert float(final["p"]) == pytest.approx(sps.ttest_rel(a, b).pvalue, rel=1e-9)
+    parent = cl.get_run(serial.parent).data
+    assert parent.metrics["ablation_no_hebb_vs_hybrid/val_loss/diff"] == pytest.approx(np.mean(np.subtract(a, b)), rel=1e-9)
+    assert parent.tags["verdict.ablation_no_hebb_vs_hybrid"] == final["verdict_text"]
     assert final["verdict"] in ("better", "worse", "no difference")
     inside = float(final["ci_lo"]) <= 0 <= float(final["ci_hi"])
     assert (final["verdict"] == "no difference") == inside
