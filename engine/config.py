@@ -94,7 +94,8 @@ class ProtoConfig(_Section):
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
-    """AdamW, clipping and the learning-rate schedule (docs/model.md, Optimiser)."""
+    """The optimiser (AdamW or SGD with momentum), clipping and the learning-rate schedule
+    (docs/model.md, Optimiser; engine/optim.py)."""
     SECTION: ClassVar[str] = "optim"
     lr: float = _f(3e-3, gt=0)             # peak Adam learning rate (reached at the end of warm-up)
     beta1: float = _f(0.9, ge=0, lt=1)     # Adam first-moment EMA factor
@@ -107,6 +108,8 @@ class OptimConfig(_Section):
     # lr after warm-up: cosine decay to min_lr_ratio·lr at train.steps, or constant
     schedule: str = _f("cosine", choices=("cosine", "constant"))
     min_lr_ratio: float = _f(0.1, ge=0, le=1)  # final lr as a fraction of optim.lr (cosine only)
+    name: str = _f("adamw", choices=("adamw", "sgd"))  # adamw (decoupled decay) or sgd (momentum, L2 decay)
+    momentum: float = _f(0.9, ge=0, lt=1)  # SGD only: velocity v ← momentum·v + g
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,11 @@ whole model, and per-tensor norms come from per-chunk partial sums.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import ops
+from . import ops, optim
 from .config import Config
 
 CHUNK = 1024
@@ -101,13 +100,14 @@ class Workspace:
         self.post = self.s
 
 
-def model_buffers(V, E, H, T) -> dict[str, tuple[tuple, type]]:
+def model_buffers(V, E, H, T, optimizer: str = "adamw") -> dict[str, tuple[tuple, type]]:
     """{attribute: (shape, dtype)} of every buffer a Model allocates (flat parameters, gradients,
-    Adam moments and their chunk tables; Hebbian and prototype state)."""
+    the optimiser's state (engine.optim: Adam's moments or SGD's velocity) and the chunk tables;
+    Hebbian and prototype state)."""
     n = Layout.build(V, E, H).total
     f = np.float32
     flat, chunks = ((n,), f), ((n // CHUNK,), f)
-    return {"theta": flat, "grad": flat, "adam_m": flat, "adam_v": flat, "wd_mask": chunks,
+    return {"theta": flat, "grad": flat, **optim.optimizer_class(optimizer).buffers(n), "wd_mask": chunks,
             "partials": chunks, "gnorm": ((1,), f), "W_hebb": ((H, H), f), "P": ((T, H), f),
             "inv_p": ((T,), f), "psums": ((T, H), f), "usage": ((T,), f)}
 
@@ -144,7 +144,7 @@ def device_buffers(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") ->
     """{name: (shape, dtype)} of everything a Model of cfg and its (B,S) Workspace put on the
     device (model.*, workspace.*, the decay table, ops.* scratch): for Device.check_memory."""
     E, H, T = cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.model.num_prototypes
-    out = {f"model.{k}": v for k, v in model_buffers(V, E, H, T).items()}
+    out = {f"model.{k}": v for k, v in model_buffers(V, E, H, T, cfg.optim.name).items()}
     out.update({f"workspace.{k}": v for k, v in workspace_buffers(B, S, E, H, V, T).items()})
     if cfg.hebb.mode == "fast_weights":
         out["model.decay_table"] = ((S,), np.float32)
@@ -152,11 +152,12 @@ def device_buffers(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") ->
     return out
 
 
-def state_shapes(V, E, H, T) -> dict[str, tuple[tuple, type]]:
+def state_shapes(V, E, H, T, optimizer: str = "adamw") -> dict[str, tuple[tuple, type]]:
     """{name: (shape, dtype)} of what Model.state_arrays() returns (checkpoint sizes)."""
     f = np.float32
     shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, V), "b2": (V,)}
-    out = {f"{prefix}.{k}": (shapes[k], f) for prefix in ("param", "adam_m", "adam_v") for k in PARAM_NAMES}
+    prefixes = ("param", *optim.optimizer_class(optimizer).STATE)
+    out = {f"{prefix}.{k}": (shapes[k], f) for prefix in prefixes for k in PARAM_NAMES}
     out.update({"state.W_hebb": ((H, H), f), "state.P": ((T, H), f), "state.usage": ((T,), f)})
     return out
 
@@ -171,9 +172,9 @@ class Model:
         self.Vp = padded(self.V)
         self.layout = Layout.build(self.V, self.E, self.H)
         self.n_chunks = self.layout.total // CHUNK
-        buf = model_buffers(self.V, self.E, self.H, self.T)   # what the memory check sized
+        buf = model_buffers(self.V, self.E, self.H, self.T, cfg.optim.name)   # what the memory check sized
         self.theta, self.grad = dev.zeros(*buf["theta"]), dev.zeros(*buf["grad"])
-        self.adam_m, self.adam_v = dev.zeros(*buf["adam_m"]), dev.zeros(*buf["adam_v"])
+        self.opt = optim.optimizer_class(cfg.optim.name)(dev, cfg.optim, self.layout.total, CHUNK)
         owner = self.layout.chunk_owner()
         self.wd_mask = dev.to_device(np.array([name in DECAYED for name in owner], np.float32))
         self.partials, self.gnorm = dev.zeros(*buf["partials"]), dev.zeros(*buf["gnorm"])
@@ -242,15 +243,15 @@ class Model:
     def state_arrays(self) -> dict:
         """Everything a checkpoint needs from the device, as named host arrays."""
         out = {f"param.{k}": v for k, v in self.get_params().items()}
-        out.update({f"adam_m.{k}": v for k, v in self._unpack(self.adam_m.get()).items()})
-        out.update({f"adam_v.{k}": v for k, v in self._unpack(self.adam_v.get()).items()})
+        for name, buf in self.opt.state.items():   # adam_m.*, adam_v.* (or sgd_velocity.*)
+            out.update({f"{name}.{k}": v for k, v in self._unpack(buf.get()).items()})
         out["state.W_hebb"] = self.W_hebb.get()
         out["state.P"] = self.P.get()
         out["state.usage"] = self.usage.get()
         return out
 
     def load_state_arrays(self, arrays: dict):
-        for prefix, flat_dev in (("param", self.theta), ("adam_m", self.adam_m), ("adam_v", self.adam_v)):
+        for prefix, flat_dev in (("param", self.theta), *self.opt.state.items()):
             flat = np.zeros(self.layout.total, np.float32)
             self._pack(flat, {k: arrays[f"{prefix}.{k}"] for k in PARAM_NAMES})
             flat_dev.set(flat)
@@ -368,12 +369,7 @@ class Model:
 
     # -- updates ------------------------------------------------------------------------------
     def lr_at(self, step: int) -> float:
-        o, total = self.cfg.optim, self.cfg.train.steps
-        lr = o.lr * (min(1.0, step / o.warmup_steps) if o.warmup_steps else 1.0)
-        if o.schedule == "cosine" and step > o.warmup_steps:
-            frac = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
-            lr *= o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-        return lr
+        return optim.lr_at(self.cfg.optim, self.cfg.train.steps, step)
 
     def gradient_step(self, ws: Workspace) -> float:
         """Forward, backward and AdamW on the batch in ws (prototypes initialised
@@ -388,17 +384,11 @@ class Model:
         return lr
 
     def optimizer_step(self, lr: float):
-        """Global norm (before clipping), then one AdamW step over every parameter."""
-        dev, o = self.dev, self.cfg.optim
+        """Global norm (before clipping), then one step of the optimiser over every parameter."""
         self.step += 1
-        t = self.step
-        ops.sumsq_chunks(dev, self.grad, self.partials, self.n_chunks, CHUNK)
-        ops.global_norm(dev, self.partials, self.n_chunks, self.gnorm)
-        bc1 = 1.0 - o.beta1 ** t
-        bc2 = 1.0 - o.beta2 ** t
-        ops.adamw(dev, self.theta, self.grad, self.adam_m, self.adam_v, self.wd_mask, self.gnorm,
-                  self.layout.total, lr, o.beta1, o.beta2, o.eps, o.weight_decay, bc1, bc2,
-                  o.clip_norm, o.clip_value, CHUNK)
+        ops.sumsq_chunks(self.dev, self.grad, self.partials, self.n_chunks, CHUNK)
+        ops.global_norm(self.dev, self.partials, self.n_chunks, self.gnorm)
+        self.opt.step(self.theta, self.grad, self.wd_mask, self.gnorm, self.step, lr)
 
     def local_updates(self, ws: Workspace):
         """Hebbian and prototype rules on this step's forward pass (after AdamW)."""

@@ -256,6 +256,14 @@ def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weig
                f32(clip_norm), f32(clip_value))
 
 
+def sgd_momentum(dev, theta, grad, vel, wd_mask, gnorm, n, lr, momentum, weight_decay, clip_norm, clip_value,
+                 chunk):
+    """One SGD-with-momentum step over the flat buffers (n,), clipping with gnorm (1,)."""
+    dev.launch(dev.kernel("optim.cl", "sgd_momentum", (("CHUNK", chunk),)), (n,), None,
+               theta.data, grad.data, vel.data, wd_mask.data, gnorm.data,
+               f32(lr), f32(momentum), f32(weight_decay), f32(clip_norm), f32(clip_value))
+
+
 def accumulate_step_stats(dev, loss_out, gnorm, clip_norm, acc):
     """acc (3,) += [mean loss of this step, 1 if norm clipping acted, 1]."""
     dev.launch(dev.kernel("optim.cl", "accumulate_step_stats"), (1,), None,

@@ -229,6 +229,25 @@ def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, deca
     return float(gnorm)
 
 
+def sgd_step(params, grads, vel, lr, momentum, weight_decay, decay_mask, clip_norm, clip_value):
+    """SGD with momentum (heavy ball, no dampening, as torch.optim.SGD) on dicts of arrays;
+    params and vel in place. The same clipping as adamw_step, then L2 weight decay added to
+    the clipped gradient (coupled, masked): v ← μ·v + g + wd·θ; θ ← θ − lr·v. Returns gnorm."""
+    gnorm = np.sqrt(sum(np.sum(grads[name] * grads[name]) for name in params))
+    for name, p in params.items():
+        f = p.dtype.type
+        g = grads[name]
+        if clip_value > 0:
+            g = np.clip(g, -f(clip_value), f(clip_value))
+        if clip_norm > 0:
+            g = g * min(f(1), f(clip_norm) / (f(gnorm) + f(CLIP_EPS)))
+        if decay_mask[name]:
+            g = g + f(weight_decay) * p
+        vel[name][...] = f(momentum) * vel[name] + g
+        p[...] = p - f(lr) * vel[name]
+    return float(gnorm)
+
+
 # ----------------------------------------------------------------------------- local rules
 
 def hebbian_update(W_hebb, h, post, lr, decay):
@@ -399,12 +418,13 @@ def train_steps(params, state, batches, wiring, optim, seed, steps):
     """Run steps 1..steps on batches (a sequence of (x, y), cycled); params and state in place.
 
     optim: dict lr (float, or callable step -> lr), beta1, beta2, eps, weight_decay,
-    clip_norm, clip_value. Adam moments start at zero. Returns the per-step losses."""
+    clip_norm, clip_value; name "sgd" (with momentum) instead of the default AdamW. Adam
+    moments (SGD's velocity) start at zero. Returns the per-step losses."""
     if wiring.proto_mode != "off" and state["P"] is None:
         x0, y0 = batches[0]
         _, cache0 = model_forward(params, state, x0, y0, dataclasses.replace(wiring, proto_mode="off"))
         state["P"] = kmeanspp_init(cache0["ht"], state["usage"].shape[0], seed)
-    m = {name: np.zeros_like(p) for name, p in params.items()}
+    m = {name: np.zeros_like(p) for name, p in params.items()}   # Adam's moments, or SGD's velocity (m)
     v = {name: np.zeros_like(p) for name, p in params.items()}
     decay_mask = {name: name in DECAYED for name in params}
     losses = []
@@ -413,8 +433,12 @@ def train_steps(params, state, batches, wiring, optim, seed, steps):
         loss, cache = model_forward(params, state, x, y, wiring)
         grads = model_backward(params, state, cache, wiring)
         lr = optim["lr"](step) if callable(optim["lr"]) else optim["lr"]
-        adamw_step(params, grads, m, v, step, lr, optim["beta1"], optim["beta2"], optim["eps"],
-                   optim["weight_decay"], decay_mask, optim["clip_norm"], optim["clip_value"])
+        if optim.get("name", "adamw") == "sgd":
+            sgd_step(params, grads, m, lr, optim["momentum"], optim["weight_decay"], decay_mask,
+                     optim["clip_norm"], optim["clip_value"])
+        else:
+            adamw_step(params, grads, m, v, step, lr, optim["beta1"], optim["beta2"], optim["eps"],
+                       optim["weight_decay"], decay_mask, optim["clip_norm"], optim["clip_value"])
         local_updates(state, cache, wiring, seed, step)
         losses.append(float(loss))
     return losses

@@ -76,9 +76,9 @@ class TorchHybrid:
         return {k: v.detach().numpy().copy() for k, v in self.p.items()}
 
     def lr_at(self, step: int) -> float:
-        """The engine's schedule (engine.model.Model.lr_at)."""
-        from .model import Model
-        return Model.lr_at(self, step)
+        """The engine's schedule (engine.optim.lr_at)."""
+        from .optim import lr_at
+        return lr_at(self.cfg.optim, self.cfg.train.steps, step)
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x, y=None) -> tuple[torch.Tensor | None, dict]:

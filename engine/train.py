@@ -46,7 +46,7 @@ def fixed_on_resume(cfg: Config) -> dict:
     (the validation batches and the saved prototype assignments are per (B,S))."""
     d = cfg.to_dict()
     return {"model": d["model"], "data": d["data"], "hebb": {"mode": d["hebb"]["mode"]},
-            "proto": {"mode": d["proto"]["mode"]},
+            "proto": {"mode": d["proto"]["mode"]}, "optim": {"name": d["optim"]["name"]},
             "train": {"batch_size": d["train"]["batch_size"], "seq_len": d["train"]["seq_len"]}}
 
 
@@ -127,14 +127,18 @@ class Trainer:
                                                              ("vocab", str))):
             raise CheckpointError(f"checkpoint {path!r}: its meta lacks the config, step, vocabulary "
                                   f"or batch state (not written by engine.train)")
-        check_compatible(meta["config"], fixed_on_resume(self.cfg), path, note="it cannot change on resume")
+        try:   # keys added since the checkpoint was written take their defaults (the behaviour then)
+            saved = Config.from_dict(meta["config"]).to_dict()
+        except ConfigError as exc:
+            raise CheckpointError(f"checkpoint {path!r}: its config is not valid here ({exc})") from None
+        check_compatible(saved, fixed_on_resume(self.cfg), path, note="it cannot change on resume")
         check_resume_steps(self.cfg.train.steps, meta["step"], path, allow_equal=True)
 
     def _checkpoint_arrays(self) -> dict:
         """{name: (shape, dtype)} of the arrays save() writes."""
         cfg, V = self.cfg, self.vocab.size
         m = cfg.model
-        out = state_shapes(V, m.embedding_dim, m.hidden_dim, m.num_prototypes)
+        out = state_shapes(V, m.embedding_dim, m.hidden_dim, m.num_prototypes, cfg.optim.name)
         if cfg.proto.mode != "off":   # the first validation batch's assignments
             out["state.last_assign"] = ((cfg.train.batch_size * cfg.train.seq_len,), np.int32)
         out["state.step_acc"] = ((3,), np.float32)

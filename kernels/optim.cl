@@ -8,8 +8,10 @@
  *   global_norm   out[0] = sqrt(Σ_c partial[c])  (fixed order)              global (1)
  *   adamw         one AdamW step (Loshchilov & Hutter 2019) with value and
  *                 global-norm clipping; wd_mask[c] ∈ {0,1} per chunk         global (n)
+ *   sgd_momentum  one SGD step with momentum (heavy ball, no dampening), L2 weight
+ *                 decay added to the clipped gradient; same clipping     global (n)
  *   accumulate_step_stats  loss / clipping / step counters between logging points  global (1)
- * Reference: engine.reference.adamw_step.
+ * Reference: engine.reference.adamw_step, engine.reference.sgd_step.
  */
 #ifndef CHUNK
 #define CHUNK 1024
@@ -49,6 +51,21 @@ __kernel void adamw(__global float* theta, __global const float* grad,
     const float vhat = vi / bc2;
     const float wd = weight_decay * wd_mask[i / CHUNK];
     theta[i] -= lr * (mhat / (sqrt(vhat) + eps) + wd * theta[i]);
+}
+
+__kernel void sgd_momentum(__global float* theta, __global const float* grad, __global float* vel,
+                           __global const float* wd_mask, __global const float* gnorm,
+                           const float lr, const float momentum, const float weight_decay,
+                           const float clip_norm, const float clip_value)
+{
+    const int i = get_global_id(0);
+    float g = grad[i];
+    if (clip_value > 0.0f) g = clamp(g, -clip_value, clip_value);
+    if (clip_norm > 0.0f) g *= min(1.0f, clip_norm / (gnorm[0] + 1e-6f));
+    g += weight_decay * wd_mask[i / CHUNK] * theta[i];
+    const float vi = momentum * vel[i] + g;
+    vel[i] = vi;
+    theta[i] -= lr * vi;
 }
 
 /* Running per-step statistics between logging points (so the host need not

@@ -306,14 +306,19 @@ def arrays_of(obj, skip=()):
     return {k: (tuple(v.shape), v.dtype) for k, v in vars(obj).items() if isinstance(v, cla.Array) and k not in skip}
 
 
+def model_arrays(m):
+    """The model's buffers and its optimiser's (engine.optim: declared with the model's)."""
+    return {**arrays_of(m), **{k: (tuple(v.shape), v.dtype) for k, v in m.opt.state.items()}}
+
+
 def declared(d):
     return {k: (tuple(shape), np.dtype(dtype)) for k, (shape, dtype) in d.items()}
 
 
 @pytest.mark.opencl
-@pytest.mark.parametrize("hebb,batch,device", [("fast_weights", B, "dev"), ("shadow", 256, "dev"),
-                                               ("modulate", 256, "gpu_dev"), ("off", 2, "dev")])
-def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device):
+@pytest.mark.parametrize("hebb,batch,device,opt", [("fast_weights", B, "dev", "adamw"), ("shadow", 256, "dev", "adamw"),
+                                                   ("modulate", 256, "gpu_dev", "adamw"), ("off", 2, "dev", "sgd")])
+def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device, opt):
     """What the memory check sizes (engine.model.*_buffers, gemm_scratch) is what a training step,
     its local rules, telemetry and an evaluation allocate: N = 256·8 = 2048 takes the K-split
     products, batch 2 (N < V) the unfolded embedding."""
@@ -321,7 +326,7 @@ def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device):
     from engine.reference import init_params
     d = request.getfixturevalue(device)
     cfg = apply_overrides(Config(), [f"model.embedding_dim={E}", f"model.hidden_dim={H}",
-                                     f"model.num_prototypes={T}", f"hebb.mode={hebb}"])
+                                     f"model.num_prototypes={T}", f"hebb.mode={hebb}", f"optim.name={opt}"])
     vocab = Vocab.from_text(TEXT)
     V = vocab.size
     saved = d.__dict__.pop("_workspace", None)   # ops.gemm's scratch, as a fresh device has it
@@ -342,11 +347,11 @@ def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device):
         d.__dict__.pop("_workspace", None)
         if saved is not None:
             d._workspace = saved
-    assert arrays_of(m) == declared(model_buffers(V, E, H, T))
+    assert model_arrays(m) == declared(model_buffers(V, E, H, T, cfg.optim.name))
     assert arrays_of(ws, skip=("ht", "zz", "post")) == declared(workspace_buffers(batch, S, E, H, V, T))
     assert scratch == declared({f"ops.{k}": v for k, v in gemm_scratch(cfg, V, batch, S, d.variant).items()})
     assert ("ops.gemm_partial" in scratch) == (batch == 256)
-    allocated = {f"model.{k}": v for k, v in arrays_of(m).items()}
+    allocated = {f"model.{k}": v for k, v in model_arrays(m).items()}
     allocated.update({f"workspace.{k}": v for k, v in arrays_of(ws, skip=("ht", "zz", "post")).items()})
     for length, table in m._decay_w.items():    # fast_weights only
         allocated["model.decay_table"] = ((length,), table.dtype)

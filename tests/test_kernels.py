@@ -479,6 +479,45 @@ OPT_SHAPES = {"W_emb": (30, 16), "W1": (16, 24), "b1": (24,), "W2": (24, 30), "b
 
 
 @pytest.mark.parametrize("clip_norm,clip_value", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.3), (2.0, 0.3)])
+def test_sgd_momentum(dev, clip_norm, clip_value):
+    rng = np.random.default_rng([17, int(clip_norm * 10), int(clip_value * 10)])
+    offsets, pos, owner = {}, 0, []
+    for name, shape in OPT_SHAPES.items():
+        offsets[name] = pos
+        n_ch = -(-int(np.prod(shape)) // OPT_CHUNK)
+        pos += n_ch * OPT_CHUNK
+        owner += [name] * n_ch
+    n, n_chunks = pos, pos // OPT_CHUNK
+    params = {k: rand(rng, *s) for k, s in OPT_SHAPES.items()}
+    grads = {k: rand(rng, *s, scale=0.5) for k, s in OPT_SHAPES.items()}
+    vel = {k: rand(rng, *s, scale=0.1) for k, s in OPT_SHAPES.items()}
+
+    def flat(d):
+        out = np.zeros(n, f32)
+        for k, a in d.items():
+            out[offsets[k]:offsets[k] + a.size] = a.ravel()
+        return out
+
+    theta_d, grad_d, vel_d = (dev.to_device(flat(d)) for d in (params, grads, vel))
+    wd_mask = dev.to_device(np.array([o in ref.DECAYED for o in owner], f32))
+    partial, gnorm = dev.empty((n_chunks,)), dev.empty((1,))
+    lr, mu, wd = 0.05, 0.9, 0.5                                # large wd: a wrong mask is visible
+    ops.sumsq_chunks(dev, grad_d, partial, n_chunks, OPT_CHUNK)
+    ops.global_norm(dev, partial, n_chunks, gnorm)
+    ops.sgd_momentum(dev, theta_d, grad_d, vel_d, wd_mask, gnorm, n, lr, mu, wd, clip_norm, clip_value, OPT_CHUNK)
+    p64, v64 = ({k: as64(a) for k, a in d.items()} for d in (params, vel))
+    ref.sgd_step(p64, {k: as64(a) for k, a in grads.items()}, v64, lr, mu, wd,
+                 {k: k in ref.DECAYED for k in OPT_SHAPES}, clip_norm, clip_value)
+    # three float32 operations per element on O(1) values: 1e-6 absolute; a wrong clip or decay is ≥ 1e-3
+    np.testing.assert_allclose(theta_d.get(), flat(p64), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(vel_d.get(), flat(v64), rtol=0, atol=1e-6)
+    gaps = np.ones(n, bool)
+    for k, a in params.items():
+        gaps[offsets[k]:offsets[k] + a.size] = False
+    assert not theta_d.get()[gaps].any() and not vel_d.get()[gaps].any()   # gaps stay zero
+
+
+@pytest.mark.parametrize("clip_norm,clip_value", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.3), (2.0, 0.3)])
 def test_sumsq_global_norm_adamw(dev, clip_norm, clip_value):
     rng = np.random.default_rng([13, int(clip_norm * 10), int(clip_value * 10)])
     offsets, pos, owner = {}, 0, []

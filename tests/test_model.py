@@ -18,7 +18,7 @@ import pytest
 from conftest import B, E, H, S, T, TEXT, wiring_of  # shared tiny sizes and text
 
 from engine import reference as ref
-from engine.checkpoint import CheckpointError
+from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import Config, apply_overrides
 from engine.data import Batches, Vocab
 from engine.model import Model
@@ -44,7 +44,7 @@ def as64(d):
 def optim_of(cfg, lr):
     o = cfg.optim
     return dict(lr=lr, beta1=o.beta1, beta2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
-                clip_norm=o.clip_norm, clip_value=o.clip_value)
+                clip_norm=o.clip_norm, clip_value=o.clip_value, name=o.name, momentum=o.momentum)
 
 
 # ----------------------------------------------------------------------------- one step: loss and gradients
@@ -145,6 +145,9 @@ TRAIN_CONFIGS = {
     # fast usage decay and a high threshold: dead prototypes are re-seeded within ten steps
     "modulate": ["hebb.mode=modulate", "proto.mode=shadow", "proto.usage_decay=0.6",
                  "proto.reseed_threshold=0.5"],
+    # the other optimiser (engine.optim.SGD): momentum, coupled weight decay, clipping by value too
+    "hybrid_sgd": ["hebb.mode=fast_weights", "proto.mode=feature", "optim.name=sgd", "optim.lr=0.3",
+                   "optim.momentum=0.9", "optim.weight_decay=0.05", "optim.clip_value=0.05"],
 }
 
 
@@ -223,7 +226,7 @@ def test_ten_steps_match_reference_train_steps(dev, name, monkeypatch):
     np.testing.assert_allclose(model.W_hebb.get(), state["W_hebb"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.P.get(), state["P"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(model.usage.get(), state["usage"], rtol=1e-5, atol=1e-7)
-    if name != "hybrid":
+    if not name.startswith("hybrid"):
         assert np.abs(state["W_hebb"]).max() > 0.1                 # the Hebbian rule ran
 
 
@@ -339,6 +342,29 @@ def test_trainer_resume_equals_uninterrupted(corpus, dev, full_run, tmp_path, st
     assert summary["history"][-1]["train_time_s"] > summary["history"][0]["train_time_s"]  # carried on
     for k, v in trainer.model.state_arrays().items():
         np.testing.assert_array_equal(resumed.model.state_arrays()[k], v, err_msg=k)
+
+
+SGD = ("optim.name=sgd", "optim.lr=0.3", "optim.momentum=0.9")
+
+
+def test_sgd_training_is_deterministic_and_resumes_bit_for_bit(corpus, dev, tmp_path):
+    cfg = trainer_config(corpus, *SGD)
+    full = Trainer(cfg, device=dev).train()
+    again = Trainer(cfg, device=dev).train()
+    assert maths(full["history"]) == maths(again["history"])
+    stopped = stop_after(Trainer(cfg, str(tmp_path), device=dev), 7).train()
+    resumed = Trainer(cfg, str(tmp_path), resume=stopped["checkpoint"], device=dev)
+    assert set(load_checkpoint(stopped["checkpoint"])[0]) >= {f"sgd_velocity.{k}" for k in ("W_emb", "W1", "b1", "W2", "b2")}
+    assert maths(resumed.train()["history"]) == maths(full["history"])   # the velocity is checkpointed
+    adam = Trainer(trainer_config(corpus), device=dev).train()
+    assert maths(adam["history"]) != maths(full["history"])               # it is another optimiser
+
+
+def test_resume_with_another_optimiser_is_one_clear_error(corpus, dev, tmp_path):
+    stopped = stop_after(Trainer(trainer_config(corpus), str(tmp_path), device=dev), 6).train()
+    with pytest.raises(CheckpointError, match=r"is incompatible: 'optim.name' is 'adamw' in the checkpoint but 'sgd' "
+                                              r"in this run; it cannot change on resume"):
+        Trainer(trainer_config(corpus, *SGD), str(tmp_path), resume=stopped["checkpoint"], device=dev)
 
 
 def test_non_finite_training_raises(corpus, dev):

@@ -233,6 +233,28 @@ def test_adamw_step_matches_hand_computation():
     assert abs(p["w"][0] + 0.1) <= 1e-12
 
 
+def test_sgd_step_matches_hand_computation():
+    lr, mu, wd, clip_norm, clip_value = 0.1, 0.9, 0.01, 1.0, 2.0
+    params = {"w": np.array([1.5]), "b": np.array([-0.5])}
+    grads = {"w": np.array([3.0]), "b": np.array([-4.0])}
+    vel = {k: np.zeros(1) for k in params}
+    mask = {"w": True, "b": False}
+    hand, hvel = {"w": 1.5, "b": -0.5}, {"w": 0.0, "b": 0.0}
+    for _ in range(3):
+        gn = ref.sgd_step(params, grads, vel, lr, mu, wd, mask, clip_norm, clip_value)
+        assert abs(gn - 5.0) <= 1e-12                          # before clipping
+        for name, g_raw, decay in (("w", 3.0, wd), ("b", -4.0, 0.0)):
+            g = max(-2.0, min(2.0, g_raw)) * min(1.0, 1.0 / (5.0 + 1e-6)) + decay * hand[name]
+            hvel[name] = mu * hvel[name] + g
+            hand[name] -= lr * hvel[name]
+            assert abs(params[name][0] - hand[name]) <= 1e-14 and abs(vel[name][0] - hvel[name]) <= 1e-14
+    np.testing.assert_array_equal(grads["w"], [3.0])
+    # no momentum, no clipping, no decay: plain gradient descent
+    p = {"w": np.array([1.0])}
+    ref.sgd_step(p, {"w": np.array([7.0])}, {"w": np.zeros(1)}, 0.1, 0.0, 0.0, {"w": True}, 0.0, 0.0)
+    assert abs(p["w"][0] - (1.0 - 0.7)) <= 1e-12
+
+
 # ----------------------------------------------------------------------------- hash and local rules
 
 def hash_numpy_u32(seed, step, t):
