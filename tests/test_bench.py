@@ -1,5 +1,5 @@
-"""The PyTorch baseline (engine/torch_model.py) against the engine and the numpy
-reference, and the benchmark command line (engine/bench.py).
+"""The PyTorch baseline (benchmarks/torch_model.py) against the engine and the numpy
+reference, and the benchmark command line (benchmarks/speed.py).
 
     python -m pytest tests/test_bench.py -q
 
@@ -83,7 +83,7 @@ CASES = {"hybrid": {}, "seed": {}, "control_modulate": {},
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_torch_matches_engine_and_reference(dev, case):
-    tm = pytest.importorskip("engine.torch_model", reason="torch is optional")
+    tm = pytest.importorskip("benchmarks.torch_model", reason="torch is optional")
     name = "hybrid" if case == "reseed" else case
     cfg, V, batches = setup(name, **CASES[case])
     model, eng = engine_losses(dev, cfg, V, batches)
@@ -108,7 +108,7 @@ def test_torch_matches_engine_and_reference(dev, case):
 
 def test_five_step_tolerance_is_discriminating(dev):
     """Backs the 1e-4 above: dropping one rule of the torch step moves some loss by more than 2e-4."""
-    tm = pytest.importorskip("engine.torch_model", reason="torch is optional")
+    tm = pytest.importorskip("benchmarks.torch_model", reason="torch is optional")
     cfg, V, batches = setup("hybrid")
     model, eng = engine_losses(dev, cfg, V, batches)
     variants = {"no prototype rule": lambda m: setattr(m, "local_updates", lambda cache: None),
@@ -129,7 +129,7 @@ QUICK = ["--json", "--steps", "2", "--repeats", "1", "--set", "model.hidden_dim=
 
 
 def test_bench_cli_quick_json(dev):      # dev: skip/fail like the others without OpenCL
-    proc = subprocess.run([sys.executable, "-m", "engine.bench", *QUICK], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", *QUICK], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout)
@@ -153,7 +153,7 @@ def test_bench_cli_quick_json(dev):      # dev: skip/fail like the others withou
 def test_bench_without_torch(dev):
     """torch missing (or broken): the engine is still measured and the JSON says why torch is not."""
     code = ("import sys; sys.modules['torch'] = None\n"
-            "from engine.bench import main\n"
+            "from benchmarks.speed import main\n"
             f"sys.exit(main({QUICK!r}))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -163,12 +163,12 @@ def test_bench_without_torch(dev):
 
 
 def test_bench_rejects_unknown_wiring():
-    proc = subprocess.run([sys.executable, "-m", "engine.bench", "--wirings", "hybrd", "--quick"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.speed", "--wirings", "hybrd", "--quick"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "did you mean 'hybrid'" in proc.stderr, proc.stderr
 
 
 def test_bench_does_not_import_torch():
     """torch stays optional: importing the benchmark module must not import it."""
-    code = "import sys, engine.bench; assert 'torch' not in sys.modules"
+    code = "import sys, benchmarks.speed; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True).returncode == 0

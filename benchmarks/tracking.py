@@ -1,6 +1,6 @@
 """Cost of full MLflow tracking: the same training with and without it, side by side.
 
-    python -m experiments.bench_tracking [--steps 200] [--repeats 3] [--set key=value ...]
+    python -m benchmarks.tracking [--steps 200] [--repeats 3] [--set key=value ...]
 
 Each repeat trains the same config twice in this process, once with no
 callbacks and once with the MLflow logger of a real run in a temporary
@@ -21,8 +21,8 @@ import time
 from engine.config import apply_overrides
 from engine.train import Trainer
 
-from . import presets
-from .tracking import MlflowLogger, client, experiment_id
+from experiments import presets
+from experiments.tracking import MlflowLogger, client, experiment_id
 
 
 def _timed(cfg, tracked: bool, store: str) -> float:
@@ -41,7 +41,7 @@ def _timed(cfg, tracked: bool, store: str) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_tracking", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tracking", description=__doc__.splitlines()[0])
     ap.add_argument("--experiment", default="hybrid")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=3)

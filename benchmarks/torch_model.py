@@ -1,7 +1,7 @@
 """The hybrid character model of docs/model.md in PyTorch (float32, CPU): the baseline
-the OpenCL engine is benchmarked against (engine/bench.py).
+the OpenCL engine is benchmarked against (benchmarks/speed.py).
 
-    python -c "from engine.torch_model import TorchHybrid"      # needs torch (optional)
+    python -c "from benchmarks.torch_model import TorchHybrid"      # needs torch (optional)
 
 Same parameters (engine.reference.init_params), same wirings, same AdamW with
 clipping, same Hebbian and prototype rules as engine/model.py, so the first
@@ -19,8 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config
-from .reference import DECAYED, NORM_EPS, PAD, hash_u32, init_params, kmeanspp_init
+from engine.config import Config
+from engine.reference import DECAYED, NORM_EPS, PAD, hash_u32, init_params, kmeanspp_init
 
 PARAM_NAMES = ("W_emb", "W1", "b1", "W2", "b2")
 
@@ -77,7 +77,7 @@ class TorchHybrid:
 
     def lr_at(self, step: int) -> float:
         """The engine's schedule (engine.optim.lr_at)."""
-        from .optim import lr_at
+        from engine.optim import lr_at
         return lr_at(self.cfg.optim, self.cfg.train.steps, step)
 
     # -- forward ------------------------------------------------------------------------

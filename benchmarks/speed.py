@@ -1,14 +1,14 @@
 """Benchmark the engine against the numpy reference and PyTorch (CPU), side by side.
 
-    python -m engine.bench                                # reference size, seed and hybrid (~3-4 min)
-    python -m engine.bench --wirings all --json           # every preset but smoke, one JSON object
-    python -m engine.bench --quick --steps 2 --repeats 1 --set model.hidden_dim=32
+    python -m benchmarks.speed                                # reference size, seed and hybrid (~3-4 min)
+    python -m benchmarks.speed --wirings all --json           # every preset but smoke, one JSON object
+    python -m benchmarks.speed --quick --steps 2 --repeats 1 --set model.hidden_dim=32
 
 One run measures, at the size of the config (defaults: E=128, H=384, T=72, B=64,
 S=64, V from the corpus):
 
 - training throughput of each wiring (experiments/presets.py) on the engine and,
-  when torch imports, on engine/torch_model.py's TorchHybrid: fixed pre-drawn
+  when torch imports, on benchmarks/torch_model.py's TorchHybrid: fixed pre-drawn
   batches, 3 warm-up steps, then `--repeats` timings of `--steps` steps each; the
   engine's clock stops after `dev.finish()`. Repeats are interleaved across
   wirings and implementations so that the machine's drift hits them alike;
@@ -46,12 +46,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import ops
-from . import reference as ref
-from .config import ConfigError, apply_overrides
-from .data import Batches, DataError, Vocab, load_text, split_text
-from .device import Device, DeviceError
-from .model import Model
+from engine import ops
+from engine import reference as ref
+from engine.config import ConfigError, apply_overrides
+from engine.data import Batches, DataError, Vocab, load_text, split_text
+from engine.device import Device, DeviceError
+from engine.model import Model
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WIRINGS = ("seed", "hybrid")
@@ -102,7 +102,7 @@ def wiring_of(cfg) -> ref.Wiring:
 
 
 def try_torch():
-    """(engine.torch_model module, None) or (None, why torch is unusable)."""
+    """(benchmarks.torch_model module, None) or (None, why torch is unusable)."""
     try:
         from . import torch_model
     except Exception as exc:  # ImportError, or a broken install (OSError from a missing .so)
@@ -371,7 +371,7 @@ def bench_gemm(dev, cfg, V, repeats) -> list:
 
 # -- generation and warm start ------------------------------------------------------------------------------
 def bench_generation(model, vocab, repeats) -> dict:
-    from .generate import Generator
+    from engine.generate import Generator
     gen = Generator(model, vocab)
     gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, 0)          # warm-up: builds the B = S = 1 kernels
     times = []
@@ -622,7 +622,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.bench", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.speed", description=__doc__.splitlines()[0])
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied to every wiring (repeatable)")
