@@ -17,20 +17,19 @@ import numpy as np
 
 from . import ops, optim
 from .config import Config
+from .params import char_lm_params, padded
 
 CHUNK = 1024
-PARAM_NAMES = ("W_emb", "W1", "b1", "W2", "b2")
-DECAYED = {"W_emb", "W1", "W2"}  # AdamW weight decay: weights only, not biases
-
-
-def padded(V: int) -> int:
-    return -(-V // 8) * 8
+PARAM_NAMES = tuple(p.name for p in char_lm_params(1, 1, 1))
+DECAYED = {p.name for p in char_lm_params(1, 1, 1) if p.decay}  # weight decay: weights only, not biases
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each parameter sits in the flat buffers (element offsets)."""
-    shapes: dict
+    """Where each declared parameter (engine.params.ParamSpec) sits in the flat buffers
+    (element offsets; every tensor starts at a multiple of CHUNK)."""
+    specs: tuple
+    shapes: dict      # as stored
     offsets: dict
     total: int
 
@@ -39,13 +38,19 @@ class Layout:
         """W2 and b2 are stored with Vp = V rounded up to 8 columns (zero padding,
         which stays zero: its gradient is zero), so every product takes the
         vector GEMM path; get_params() and checkpoints show the (H,V), (V,) views."""
-        Vp = padded(V)
-        shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, Vp), "b2": (Vp,)}
-        offsets, pos = {}, 0
-        for name in PARAM_NAMES:
-            offsets[name] = pos
-            pos += -(-int(np.prod(shapes[name])) // CHUNK) * CHUNK
-        return cls(shapes, offsets, pos)
+        return cls.of(char_lm_params(V, E, H))
+
+    @classmethod
+    def of(cls, specs) -> Layout:
+        shapes, offsets, pos = {}, {}, 0
+        for p in specs:
+            shapes[p.name], offsets[p.name] = tuple(p.stored), pos
+            pos += -(-int(np.prod(p.stored)) // CHUNK) * CHUNK
+        return cls(tuple(specs), shapes, offsets, pos)
+
+    @property
+    def names(self) -> tuple:
+        return tuple(p.name for p in self.specs)
 
     def size(self, name) -> int:
         return int(np.prod(self.shapes[name]))
@@ -53,9 +58,14 @@ class Layout:
     def chunk_owner(self) -> list[str]:
         """Parameter name of each CHUNK-sized piece of the flat buffer."""
         owner = []
-        for name in PARAM_NAMES:
+        for name in self.names:
             owner += [name] * (-(-self.size(name) // CHUNK))
         return owner
+
+    def decay_mask(self) -> np.ndarray:
+        """1 for each chunk of a parameter that weight decay applies to, else 0."""
+        decayed = {p.name for p in self.specs if p.decay}
+        return np.array([name in decayed for name in self.chunk_owner()], np.float32)
 
 
 def workspace_buffers(B, S, E, H, V, T) -> dict[str, tuple[tuple, type]]:
@@ -155,9 +165,8 @@ def device_buffers(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") ->
 def state_shapes(V, E, H, T, optimizer: str = "adamw") -> dict[str, tuple[tuple, type]]:
     """{name: (shape, dtype)} of what Model.state_arrays() returns (checkpoint sizes)."""
     f = np.float32
-    shapes = {"W_emb": (V, E), "W1": (E, H), "b1": (H,), "W2": (H, V), "b2": (V,)}
     prefixes = ("param", *optim.optimizer_class(optimizer).STATE)
-    out = {f"{prefix}.{k}": (shapes[k], f) for prefix in prefixes for k in PARAM_NAMES}
+    out = {f"{prefix}.{p.name}": (tuple(p.shape), f) for prefix in prefixes for p in char_lm_params(V, E, H)}
     out.update({"state.W_hebb": ((H, H), f), "state.P": ((T, H), f), "state.usage": ((T,), f)})
     return out
 
@@ -175,11 +184,10 @@ class Model:
         buf = model_buffers(self.V, self.E, self.H, self.T, cfg.optim.name)   # what the memory check sized
         self.theta, self.grad = dev.zeros(*buf["theta"]), dev.zeros(*buf["grad"])
         self.opt = optim.optimizer_class(cfg.optim.name)(dev, cfg.optim, self.layout.total, CHUNK)
-        owner = self.layout.chunk_owner()
-        self.wd_mask = dev.to_device(np.array([name in DECAYED for name in owner], np.float32))
+        self.wd_mask = dev.to_device(self.layout.decay_mask())
         self.partials, self.gnorm = dev.zeros(*buf["partials"]), dev.zeros(*buf["gnorm"])
-        self.p = {name: self._view(self.theta, name) for name in PARAM_NAMES}
-        self.g = {name: self._view(self.grad, name) for name in PARAM_NAMES}
+        self.p = {name: self._view(self.theta, name) for name in self.layout.names}
+        self.g = {name: self._view(self.grad, name) for name in self.layout.names}
         self.W_hebb = dev.zeros(*buf["W_hebb"])
         self.P = dev.zeros(*buf["P"])
         self.inv_p = dev.zeros(*buf["inv_p"])
@@ -219,7 +227,7 @@ class Model:
         self.theta.set(flat)
 
     def _pack(self, flat, arrays):
-        for name in PARAM_NAMES:
+        for name in self.layout.names:
             o = self.layout.offsets[name]
             stored = np.zeros(self.layout.shapes[name], np.float32)
             a = np.asarray(arrays[name], np.float32)
@@ -228,10 +236,10 @@ class Model:
 
     def _unpack(self, flat) -> dict:
         out = {}
-        for name in PARAM_NAMES:
-            o = self.layout.offsets[name]
-            a = flat[o:o + self.layout.size(name)].reshape(self.layout.shapes[name])
-            out[name] = (a[..., :self.V] if name in ("W2", "b2") else a).copy()
+        for p in self.layout.specs:   # the stored array, cut to the shape as seen (W2, b2: padding)
+            o = self.layout.offsets[p.name]
+            a = flat[o:o + self.layout.size(p.name)].reshape(p.stored)
+            out[p.name] = a[tuple(slice(0, n) for n in p.shape)].copy()
         return out
 
     def get_params(self) -> dict:
@@ -253,7 +261,7 @@ class Model:
     def load_state_arrays(self, arrays: dict):
         for prefix, flat_dev in (("param", self.theta), *self.opt.state.items()):
             flat = np.zeros(self.layout.total, np.float32)
-            self._pack(flat, {k: arrays[f"{prefix}.{k}"] for k in PARAM_NAMES})
+            self._pack(flat, {k: arrays[f"{prefix}.{k}"] for k in self.layout.names})
             flat_dev.set(flat)
         self.W_hebb.set(np.ascontiguousarray(arrays["state.W_hebb"], np.float32))
         self.P.set(np.ascontiguousarray(arrays["state.P"], np.float32))
@@ -410,7 +418,7 @@ class Model:
         out = {}
         partials = self.partials.get().astype(np.float64)
         owner = self.layout.chunk_owner()
-        for name in PARAM_NAMES:
+        for name in self.layout.names:
             out[f"grad_norm/{name}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o == name)))
         out["grad_norm"] = float(self.gnorm.get()[0])
         ops.colsum(dev, ws.s, ws.spike_cols, N, H)

@@ -15,10 +15,13 @@ import math
 
 import numpy as np
 
+from . import params as params_mod
+
 PAD = -1                                # target id ignored by the loss
 NORM_EPS = 1e-6                         # the 1e-6 inside sqrt(|x|^2 + 1e-6) (keys, cosine)
 CLIP_EPS = 1e-6                         # the 1e-6 in clip_norm / (gnorm + 1e-6)
-DECAYED = ("W_emb", "W1", "W2")         # AdamW weight decay applies to these, not to biases
+# weight decay applies to these, not to biases (from the declarations; sizes do not matter)
+DECAYED = tuple(p.name for p in params_mod.char_lm_params(1, 1, 1) if p.decay)
 
 HEBB_MODES = ("off", "shadow", "modulate", "fast_weights")
 HEBB_POSTS = ("spikes", "activity")
@@ -335,13 +338,9 @@ class Wiring:
 
 
 def init_params(V, E, H, seed, dtype=np.float32):
-    """Parameters as in docs/model.md: drawn in float64 in the order W_emb, W1, W2, then cast."""
-    rng = np.random.default_rng(seed)
-    W_emb = rng.standard_normal((V, E)) * 1.0
-    W1 = rng.standard_normal((E, H)) / math.sqrt(E)
-    W2 = rng.standard_normal((H, V)) / math.sqrt(H)
-    return {"W_emb": W_emb.astype(dtype), "W1": W1.astype(dtype), "b1": np.zeros(H, dtype),
-            "W2": W2.astype(dtype), "b2": np.zeros(V, dtype)}
+    """Parameters as in docs/model.md: drawn in float64 in the order W_emb, W1, W2, then cast
+    (engine.params.char_lm_params: the declarations the device model is built from)."""
+    return params_mod.init_params(params_mod.char_lm_params(V, E, H), seed, dtype)
 
 
 def init_state(H, T, dtype=np.float32):
