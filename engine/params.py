@@ -35,8 +35,9 @@ class ParamSpec:
         """The initial value in float64 (None for zeros: no draw, the generator does not move)."""
         if self.init == "zeros":
             return None
-        std = self.scale if self.init == "normal" else 1.0 / math.sqrt(self.shape[0])
-        return rng.standard_normal(self.shape) * std
+        if self.init == "normal":
+            return rng.standard_normal(self.shape) * self.scale
+        return rng.standard_normal(self.shape) / math.sqrt(self.shape[0])   # divided, as before: same bits
 
 
 def padded(V: int) -> int:
