@@ -158,7 +158,7 @@ class Device:
             try:
                 prg = self.cl.Program(self.ctx, src).build(options=opts)
             except self.cl.Error as exc:
-                log = getattr(exc, "what", lambda: str(exc))()
+                log = str(exc)   # the build log (exc.what is an error record, not a string)
                 raise DeviceError(f"building kernels/{filename} failed: {_first_error_lines(str(log))}") from exc
             self._programs[key] = prg
         return prg

@@ -305,3 +305,30 @@ def proto_usage_update(dev, usage, starts, rho, threshold, N, T):
 
 def proto_qerr_rows(dev, v, P, k, q, N, H):
     dev.launch(dev.kernel("proto.cl", "proto_qerr_rows"), (N,), None, v.data, P.data, k.data, i32(H), q.data)
+
+
+# -- LayerNorm (kernels/norm.cl) -----------------------------------------------------------------
+LN_WG = 64   # work-group of the GPU variant: one group per row
+
+
+def layernorm_forward(dev, x, gamma, beta, y, mean, rstd, N, C, eps=1e-5):
+    """y (N,C) = LayerNorm(x) with γ, β (C,); mean and rstd (N,) kept for the backward pass."""
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("norm.cl", "layernorm_forward_wg", (("WG", LN_WG),)), (N * LN_WG,), (LN_WG,),
+                   x.data, gamma.data, beta.data, i32(C), f32(eps), y.data, mean.data, rstd.data)
+    else:
+        dev.launch(dev.kernel("norm.cl", "layernorm_forward_rows"), (N,), None,
+                   x.data, gamma.data, beta.data, i32(C), f32(eps), y.data, mean.data, rstd.data)
+
+
+def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C):
+    """dx (N,C), dγ and dβ (C,) of LayerNorm from dy (N,C) and the forward's mean and rstd."""
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("norm.cl", "layernorm_backward_wg", (("WG", LN_WG),)), (N * LN_WG,), (LN_WG,),
+                   dy.data, x.data, gamma.data, mean.data, rstd.data, i32(C), dx.data)
+    else:
+        dev.launch(dev.kernel("norm.cl", "layernorm_backward_rows"), (N,), None,
+                   dy.data, x.data, gamma.data, mean.data, rstd.data, i32(C), dx.data)
+    dev.launch(dev.kernel("norm.cl", "layernorm_param_grads"), (C,), None,
+               dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
+

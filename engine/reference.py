@@ -206,6 +206,25 @@ def softmax_xent_forward(logits, y):
     return dtype.type(loss_mean), loss_rows, dlogits, n_valid
 
 
+# ----------------------------------------------------------------------------- LayerNorm
+
+def layernorm_forward(x, gamma, beta, eps=1e-5):
+    """x (N,C) -> (y, cache): y = (x − μ)·r·γ + β per row, r = 1/sqrt(var + eps) (biased variance)."""
+    mean = x.mean(axis=1, keepdims=True)
+    d = x - mean
+    rstd = 1.0 / np.sqrt((d * d).mean(axis=1, keepdims=True) + x.dtype.type(eps))
+    xhat = d * rstd
+    return xhat * gamma + beta, {"xhat": xhat, "rstd": rstd, "gamma": gamma}
+
+
+def layernorm_backward(dy, cache):
+    """-> (dx, dγ, dβ): dx = r·(dŷ − mean dŷ − x̂·mean(dŷ·x̂)) with dŷ = dy·γ."""
+    xhat, rstd, gamma = cache["xhat"], cache["rstd"], cache["gamma"]
+    dxh = dy * gamma
+    dx = rstd * (dxh - dxh.mean(axis=1, keepdims=True) - xhat * (dxh * xhat).mean(axis=1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, decay_mask,

@@ -404,3 +404,16 @@ def test_cli_ends_with_one_summary_line(text_file, dev, tmp_path, capsys):
     assert re.fullmatch(rf"finished at step 12/12 in 0:0\d  val_loss {last['val_loss']:.4f}  "
                         rf"val_bpc {last['val_bpc']:.4f}  checkpoint {re.escape(path)}",
                         out.err.strip().splitlines()[-1]), out.err
+
+
+@pytest.mark.opencl
+def test_a_kernel_that_does_not_build_is_one_line_naming_the_file_and_the_error(dev, tmp_path, monkeypatch):
+    """Was: a TypeError from the error path itself (pyopencl's exc.what is a record, not callable)."""
+    from engine import device as device_mod
+    from engine.device import DeviceError
+    (tmp_path / "broken.cl").write_text("__kernel void k(__global float* x) { float half = 1.0f; x[0] = half; }\n")
+    monkeypatch.setattr(device_mod, "KERNEL_DIR", tmp_path)
+    with pytest.raises(DeviceError) as exc:
+        dev.program("broken.cl")
+    msg = str(exc.value)
+    assert msg.startswith("building kernels/broken.cl failed: ") and "\n" not in msg, msg

@@ -693,3 +693,33 @@ def test_proto_sums_update_usage_with_reseed(dev):
     np.testing.assert_array_equal(got_P[4], v[ref.hash_u32(seed, step, 4) % N])   # same hash ⇒ same row
     assert got_u[4] == f32(1) / f32(T)
     assert not np.allclose(got_P[4], P[4])                    # the re-seed actually moved it
+
+
+# -- LayerNorm (kernels/norm.cl) ------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["dev", "gpu_dev"])
+@pytest.mark.parametrize("N,C", [(7, 24), (5, 130), (3, 1)])
+def test_layernorm_forward_backward(request, variant, N, C):
+    d = request.getfixturevalue(variant)
+    rng = np.random.default_rng([31, N, C])
+    x, gamma, beta, dy = rand(rng, N, C, scale=2.0) + f32(0.3), rand(rng, C), rand(rng, C), rand(rng, N, C)
+    want_y, cache = ref.layernorm_forward(as64(x), as64(gamma), as64(beta))
+    want_dx, want_dg, want_db = ref.layernorm_backward(as64(dy), cache)
+
+    def run():
+        xd, gd, bd, dyd = (d.to_device(a) for a in (x, gamma, beta, dy))
+        y, dx = d.empty((N, C)), d.empty((N, C))
+        mean, rstd, dg, db = d.empty((N,)), d.empty((N,)), d.empty((C,)), d.empty((C,))
+        ops.layernorm_forward(d, xd, gd, bd, y, mean, rstd, N, C)
+        ops.layernorm_backward(d, dyd, xd, gd, mean, rstd, dx, dg, db, N, C)
+        return [a.get() for a in (y, dx, dg, db, rstd)]
+
+    y, dx, dg, db, rstd = run()
+    # float32 sums of C terms and a few operations per element on O(1) values: observed ≤ 2e-6
+    np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(rstd, cache["rstd"].ravel(), rtol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=1e-4 if C > 1 else 1e-2)
+    np.testing.assert_allclose(dg, want_dg, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-6)
+    for a, b in zip(run(), (y, dx, dg, db, rstd)):   # a fixed summation order: the same bits again
+        np.testing.assert_array_equal(a, b)
+

