@@ -172,3 +172,19 @@ def test_bench_does_not_import_torch():
     """torch stays optional: importing the benchmark module must not import it."""
     code = "import sys, benchmarks.speed; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True).returncode == 0
+
+
+def test_versus_runs_both_trees_and_reports_paired_ratios():
+    """benchmarks.versus against this very commit: both sides run the same code, so each
+    round's ratio is a real measurement of two runs, and the JSON carries both sides."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.versus", head, "--rounds", "1", "--steps", "2",
+                           "--repeats", "1", "--wirings", "seed", "--json", "--set", "model.hidden_dim=32",
+                           "--set", "model.embedding_dim=16", "--set", "model.num_prototypes=8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(proc.stdout)["wirings"]["seed"]
+    assert res["new_tokens_per_s"] > 0 and res["old_tokens_per_s"] > 0
+    assert res["ratio_min"] <= res["ratio_median"] <= res["ratio_max"]
+    assert proc.stderr.count("round 1/1: seed ") == 1
+
