@@ -332,3 +332,18 @@ def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C):
     dev.launch(dev.kernel("norm.cl", "layernorm_param_grads"), (C,), None,
                dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
 
+
+# -- dropout (kernels/dropout.cl) ---------------------------------------------------------------------
+def dropout_key(seed: int, layer: int) -> int:
+    """The per-layer stream of dropout masks (engine.reference.dropout_key)."""
+    from .reference import dropout_key as key
+    return key(seed, layer)
+
+
+def dropout(dev, x, y, n, p, key, step):
+    """y (n,) = x masked by keep = hash(key, step, i) ≥ ⌊p·2³²⌋, kept values scaled by 1/(1−p).
+    The backward pass is the same call on the gradients (same key and step: the same mask)."""
+    from .reference import dropout_threshold
+    dev.launch(dev.kernel("dropout.cl", "dropout"), (n,), None, x.data, y.data, u32(key), u32(step),
+               u32(dropout_threshold(p)), f32(1.0 / (1.0 - p)))
+

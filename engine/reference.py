@@ -291,6 +291,38 @@ def hash_u32(seed, step, t):
     return h
 
 
+def dropout_key(seed, layer):
+    """One stream of dropout masks per layer: hash_u32(seed, layer, 0x5BD1E995)."""
+    return hash_u32(seed, layer, 0x5BD1E995)
+
+
+def dropout_threshold(p):
+    """keep = hash ≥ ⌊p·2³²⌋: exactly a fraction p of the 2³² hash values is dropped (p < 1)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return min(int(p * 2 ** 32), 2 ** 32 - 1)
+
+
+def dropout_mask(n, p, key, step):
+    """keep (n,) bool of dropout.cl, on numpy uint32 arithmetic (wraps modulo 2³² like the device)."""
+    i = np.arange(n, dtype=np.uint64)
+    M = np.uint64(0xFFFFFFFF)
+    h = (np.uint64(key) * np.uint64(0x9E3779B1) + np.uint64(step) * np.uint64(0x85EBCA77)
+         + i * np.uint64(0xC2B2AE3D) + np.uint64(0x27D4EB2F)) & M
+    h ^= h >> np.uint64(16)
+    h = (h * np.uint64(0x85EBCA6B)) & M
+    h ^= h >> np.uint64(13)
+    h = (h * np.uint64(0xC2B2AE35)) & M
+    h ^= h >> np.uint64(16)
+    return h >= np.uint64(dropout_threshold(p))
+
+
+def dropout_forward(x, p, key, step):
+    """Inverted dropout: x·keep/(1−p); its backward is the same function of the gradient."""
+    keep = dropout_mask(x.size, p, key, step).reshape(x.shape)
+    return np.where(keep, x * x.dtype.type(1.0 / (1.0 - p)), x.dtype.type(0))
+
+
 def proto_update(P, usage, v, k, lr, usage_decay, reseed_threshold, seed, step):
     """Online k-means step on P (T,H) and usage EMA (T,), in place; v (N,H) are h~, k int32 (N,) assignments.
 

@@ -54,13 +54,7 @@ __kernel void proto_feature_forward(__global const float* ht, __global const flo
     z[n * H + j] = ht[n * H + j] + beta * P[k[n] * H + j];
 }
 
-/* Counter-based hash (same bits on every device): docs/model.md. */
-uint hash_u32(uint seed, uint step, uint t)
-{
-    uint h = seed * 0x9E3779B1u + step * 0x85EBCA77u + t * 0xC2B2AE3Du + 0x27D4EB2Fu;
-    h ^= h >> 16; h *= 0x85EBCA6Bu; h ^= h >> 13; h *= 0xC2B2AE35u; h ^= h >> 16;
-    return h;
-}
+#include "hash.cl"
 
 float usage_next(float u, int c, int N, float rho)
 {

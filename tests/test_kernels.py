@@ -723,3 +723,20 @@ def test_layernorm_forward_backward(request, variant, N, C):
     for a, b in zip(run(), (y, dx, dg, db, rstd)):   # a fixed summation order: the same bits again
         np.testing.assert_array_equal(a, b)
 
+
+# -- dropout (kernels/dropout.cl) --------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dropout_mask_equals_the_reference_bit_for_bit(dev, p):
+    rng = np.random.default_rng(41)
+    n = 5000
+    x = rand(rng, n)
+    key = ops.dropout_key(3, 1)
+    xd, yd = dev.to_device(x), dev.empty((n,))
+    ops.dropout(dev, xd, yd, n, p, key, 17)
+    want = ref.dropout_forward(x, p, key, 17)          # float32 x·(1/(1−p)) on both sides
+    np.testing.assert_array_equal(yd.get(), want)
+    # the backward pass is the same call on the gradient: the same positions are zero
+    gd = dev.empty((n,))
+    ops.dropout(dev, dev.to_device(np.ones(n, f32)), gd, n, p, key, 17)
+    np.testing.assert_array_equal(gd.get() == 0, want == 0 if p else np.zeros(n, bool))
+

@@ -216,6 +216,25 @@ def test_layernorm_backward_matches_finite_differences():
     np.testing.assert_allclose(dbeta, numerical_grad(loss, beta), rtol=1e-6, atol=1e-8)
 
 
+def test_dropout_mask_is_the_counter_hash_and_drops_a_fraction_p():
+    key = ref.dropout_key(7, 2)
+    assert key == ref.hash_u32(7, 2, 0x5BD1E995) and key != ref.dropout_key(7, 3)
+    keep = ref.dropout_mask(1000, 0.25, key, 11)
+    thr = ref.dropout_threshold(0.25)
+    assert thr == 2 ** 30
+    assert [bool(k) for k in keep[:50]] == [ref.hash_u32(key, 11, i) >= thr for i in range(50)]  # scalar hash
+    assert abs(1 - keep.mean() - 0.25) < 0.04                       # binomial sd ≈ 0.014
+    assert (keep != ref.dropout_mask(1000, 0.25, key, 12)).any()    # another step, another mask
+    assert ref.dropout_mask(100, 0.0, key, 11).all()
+    x = rng_(3).standard_normal((10, 100))
+    y = ref.dropout_forward(x, 0.25, key, 11)
+    kept = ref.dropout_mask(1000, 0.25, key, 11).reshape(10, 100)
+    np.testing.assert_array_equal(y[kept], x[kept] * (1.0 / 0.75))   # inverted dropout: scaled by 1/(1−p)
+    assert not y[~kept].any()
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        ref.dropout_threshold(1.0)
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 def test_adamw_step_matches_hand_computation():
