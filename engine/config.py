@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     hidden_dim: int = _f(384, ge=1)        # H: width of the GELU hidden layer (= W_hebb side, P rows)
     num_prototypes: int = _f(72, ge=1)     # T: number of prototype vectors P
     spike_threshold: float = 0.5           # θ: s = 1[h > θ], in units of the GELU activation
+    # initialisation of W1 and W2 (engine/params.py): lecun N(0,1/fan_in) (the engine's always),
+    # xavier N(0,2/(fan_in+fan_out)), kaiming N(0,2/fan_in); the embedding is N(0,1)
+    init: str = _f("lecun", choices=("lecun", "xavier", "kaiming"))
 
 
 @dataclass(frozen=True)

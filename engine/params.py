@@ -13,7 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INITS = ("normal", "fan_in", "zeros")   # N(0, scale²); N(0, 1/shape[0]) (LeCun); zeros
+# N(0, scale²); LeCun N(0, 1/fan_in); Glorot/Xavier N(0, 2/(fan_in + fan_out)); He/Kaiming N(0, 2/fan_in);
+# zeros. fan_in = shape[0], fan_out = shape[1] (weights are stored (in, out): y = x·W).
+INITS = ("normal", "lecun", "xavier", "kaiming", "zeros")
+WEIGHT_INITS = ("lecun", "xavier", "kaiming")   # what model.init may choose for the linear layers
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class ParamSpec:
     name: str
     shape: tuple                  # as seen: checkpoints, get_params, the reference
     stored: tuple = ()            # as stored on the device (default: shape)
-    init: str = "fan_in"
+    init: str = "lecun"
     scale: float = 1.0            # for init = normal
     decay: bool = True            # weight decay applies (weights yes, biases no)
 
@@ -35,22 +38,29 @@ class ParamSpec:
         """The initial value in float64 (None for zeros: no draw, the generator does not move)."""
         if self.init == "zeros":
             return None
+        z = rng.standard_normal(self.shape)
+        fan_in, fan_out = self.shape[0], (self.shape[1] if len(self.shape) > 1 else 1)
         if self.init == "normal":
-            return rng.standard_normal(self.shape) * self.scale
-        return rng.standard_normal(self.shape) / math.sqrt(self.shape[0])   # divided, as before: same bits
+            return z * self.scale
+        if self.init == "xavier":
+            return z * math.sqrt(2.0 / (fan_in + fan_out))
+        if self.init == "kaiming":
+            return z * math.sqrt(2.0 / fan_in)
+        return z / math.sqrt(fan_in)   # lecun: divided, as the engine always did (the same bits)
 
 
 def padded(V: int) -> int:
     return -(-V // 8) * 8
 
 
-def char_lm_params(V: int, E: int, H: int) -> list[ParamSpec]:
-    """The hybrid character model's parameters, in buffer and draw order (docs/model.md)."""
+def char_lm_params(V: int, E: int, H: int, init: str = "lecun") -> list[ParamSpec]:
+    """The hybrid character model's parameters, in buffer and draw order (docs/model.md);
+    `init` (model.init) for the two linear layers, the embedding N(0, 1)."""
     Vp = padded(V)
     return [ParamSpec("W_emb", (V, E), init="normal", scale=1.0),
-            ParamSpec("W1", (E, H)),
+            ParamSpec("W1", (E, H), init=init),
             ParamSpec("b1", (H,), init="zeros", decay=False),
-            ParamSpec("W2", (H, V), (H, Vp)),
+            ParamSpec("W2", (H, V), (H, Vp), init=init),
             ParamSpec("b2", (V,), (Vp,), init="zeros", decay=False)]
 
 

@@ -388,10 +388,10 @@ class Wiring:
                 raise ValueError(f"{field} must be one of {allowed}, got {getattr(self, field)!r}")
 
 
-def init_params(V, E, H, seed, dtype=np.float32):
+def init_params(V, E, H, seed, dtype=np.float32, init="lecun"):
     """Parameters as in docs/model.md: drawn in float64 in the order W_emb, W1, W2, then cast
     (engine.params.char_lm_params: the declarations the device model is built from)."""
-    return params_mod.init_params(params_mod.char_lm_params(V, E, H), seed, dtype)
+    return params_mod.init_params(params_mod.char_lm_params(V, E, H, init), seed, dtype)
 
 
 def init_state(H, T, dtype=np.float32):

@@ -110,7 +110,7 @@ class Trainer:
             self._restore(resume, *ckpt)
         else:
             E, H = cfg.model.embedding_dim, cfg.model.hidden_dim
-            self.model.set_params(init_params(self.vocab.size, E, H, cfg.seed))
+            self.model.set_params(init_params(self.vocab.size, E, H, cfg.seed, init=cfg.model.init))
 
     @property
     def remaining_steps(self) -> int:
