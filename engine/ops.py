@@ -333,6 +333,34 @@ def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C):
                dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
 
 
+def batchnorm_forward(dev, x, gamma, beta, y, mean, rstd, run_mean, run_var, N, C, eps=1e-5, momentum=0.1,
+                      training=True):
+    """y (N,C) = BatchNorm(x) per column. Training: batch statistics (kept in mean, rstd for the
+    backward) and the running ones updated with `momentum` (0: not updated); evaluation: the
+    running statistics."""
+    if training:
+        if dev.variant == "gpu":
+            dev.launch(dev.kernel("norm.cl", "batchnorm_stats_wg", (("WG", LN_WG),)), (C * LN_WG,), (LN_WG,),
+                       x.data, i32(N), i32(C), f32(eps), f32(momentum), mean.data, rstd.data,
+                       run_mean.data, run_var.data)
+        else:
+            dev.launch(dev.kernel("norm.cl", "batchnorm_stats_cols"), (C,), None, x.data, i32(N), i32(C),
+                       f32(eps), f32(momentum), mean.data, rstd.data, run_mean.data, run_var.data)
+    else:
+        dev.launch(dev.kernel("norm.cl", "batchnorm_eval_stats"), (C,), None, run_mean.data, run_var.data,
+                   f32(eps), mean.data, rstd.data)
+    dev.launch(dev.kernel("norm.cl", "batchnorm_apply"), (C, N), None, x.data, mean.data, rstd.data,
+               gamma.data, beta.data, y.data)
+
+
+def batchnorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C):
+    """dx (N,C), dγ and dβ (C,) of training-mode BatchNorm (batch statistics in mean, rstd)."""
+    name, g, loc, defs = (("batchnorm_backward_wg", (C * LN_WG,), (LN_WG,), (("WG", LN_WG),))
+                          if dev.variant == "gpu" else ("batchnorm_backward_cols", (C,), None, ()))
+    dev.launch(dev.kernel("norm.cl", name, defs), g, loc, dy.data, x.data, gamma.data, mean.data, rstd.data,
+               i32(N), i32(C), dx.data, dgamma.data, dbeta.data)
+
+
 # -- dropout (kernels/dropout.cl) ---------------------------------------------------------------------
 def dropout_key(seed: int, layer: int) -> int:
     """The per-layer stream of dropout masks (engine.reference.dropout_key)."""

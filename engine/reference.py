@@ -225,6 +225,34 @@ def layernorm_backward(dy, cache):
     return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
 
 
+def batchnorm_forward(x, gamma, beta, eps=1e-5):
+    """Training mode, x (N,C) -> (y, cache): per column y = (x − μ)·r·γ + β, r = 1/sqrt(var + eps)
+    with the batch's biased variance; cache["mean"], cache["var"] feed batchnorm_running."""
+    mean = x.mean(axis=0)
+    d = x - mean
+    var = (d * d).mean(axis=0)
+    rstd = 1.0 / np.sqrt(var + x.dtype.type(eps))
+    xhat = d * rstd
+    return xhat * gamma + beta, {"xhat": xhat, "rstd": rstd, "gamma": gamma, "mean": mean, "var": var}
+
+
+def batchnorm_running(run_mean, run_var, cache, n, momentum):
+    """In place: rμ ← (1−m)·rμ + m·μ, rv ← (1−m)·rv + m·var·n/(n−1) (the unbiased variance, as torch)."""
+    run_mean[...] = (1 - momentum) * run_mean + momentum * cache["mean"]
+    run_var[...] = (1 - momentum) * run_var + momentum * cache["var"] * (n / max(n - 1, 1))
+
+
+def batchnorm_eval(x, gamma, beta, run_mean, run_var, eps=1e-5):
+    return (x - run_mean) / np.sqrt(run_var + x.dtype.type(eps)) * gamma + beta
+
+
+def batchnorm_backward(dy, cache):
+    """-> (dx, dγ, dβ) of training mode: dx = γ·r·(dy − mean dy − x̂·mean(dy·x̂)) per column."""
+    xhat, rstd, gamma = cache["xhat"], cache["rstd"], cache["gamma"]
+    dx = gamma * rstd * (dy - dy.mean(axis=0) - xhat * (dy * xhat).mean(axis=0))
+    return dx, (dy * xhat).sum(axis=0), dy.sum(axis=0)
+
+
 # ----------------------------------------------------------------------------- optimiser
 
 def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, decay_mask,

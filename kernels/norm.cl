@@ -125,3 +125,119 @@ __kernel void layernorm_param_grads(__global const float* dy, __global const flo
     dgamma[c] = g;
     dbeta[c] = b;
 }
+
+/* BatchNorm over the rows of an (N, C) buffer, per column c (Ioffe & Szegedy 2015):
+ *   μ_c = mean_n x[n,c], r_c = 1/sqrt(mean_n (x[n,c] − μ_c)² + eps),  y = (x − μ)·r·γ + β
+ *   running (training only): rμ ← (1−m)·rμ + m·μ,  rv ← (1−m)·rv + m·var·N/(N−1)  (unbiased, as torch)
+ *   evaluation: μ = rμ, r = 1/sqrt(rv + eps)   (batchnorm_eval_stats)
+ * Backward, with x̂ = (x − μ)·r:  dx = γ·r·(dy − mean_n dy − x̂·mean_n(dy·x̂)),
+ *   dγ = Σ_n dy·x̂, dβ = Σ_n dy.
+ *   batchnorm_stats_cols / _wg        μ, r and the running update     global (C) / (C·WG), local (WG)
+ *   batchnorm_apply                   y from μ, r                      global (C, N)
+ *   batchnorm_backward_cols / _wg     dx, dγ, dβ                       global (C) / (C·WG), local (WG)
+ * Reference: engine.reference.batchnorm_forward / batchnorm_backward / batchnorm_running. */
+inline void bn_running(const int c, const float mu, const float var, const int N, const float momentum,
+                       __global float* run_mean, __global float* run_var)
+{
+    if (momentum > 0.0f) {
+        run_mean[c] = (1.0f - momentum) * run_mean[c] + momentum * mu;
+        run_var[c] = (1.0f - momentum) * run_var[c] + momentum * var * ((float)N / (float)max(N - 1, 1));
+    }
+}
+
+__kernel void batchnorm_stats_cols(__global const float* x, const int N, const int C, const float eps,
+                                   const float momentum, __global float* mean, __global float* rstd,
+                                   __global float* run_mean, __global float* run_var)
+{
+    const int c = get_global_id(0);
+    float s = 0.0f;
+    for (int n = 0; n < N; n++) s += x[(size_t)n * C + c];
+    const float mu = s / N;
+    float v = 0.0f;
+    for (int n = 0; n < N; n++) { const float d = x[(size_t)n * C + c] - mu; v += d * d; }
+    v /= N;
+    mean[c] = mu;
+    rstd[c] = 1.0f / sqrt(v + eps);
+    bn_running(c, mu, v, N, momentum, run_mean, run_var);
+}
+
+__kernel void batchnorm_stats_wg(__global const float* x, const int N, const int C, const float eps,
+                                 const float momentum, __global float* mean, __global float* rstd,
+                                 __global float* run_mean, __global float* run_var)
+{
+    __local float red[WG];
+    const int c = get_group_id(0), l = get_local_id(0);
+    float s = 0.0f;
+    for (int n = l; n < N; n += WG) s += x[(size_t)n * C + c];
+    const float mu = wg_sum(s, red) / N;
+    float v = 0.0f;
+    for (int n = l; n < N; n += WG) { const float d = x[(size_t)n * C + c] - mu; v += d * d; }
+    v = wg_sum(v, red) / N;
+    if (l == 0) {
+        mean[c] = mu;
+        rstd[c] = 1.0f / sqrt(v + eps);
+        bn_running(c, mu, v, N, momentum, run_mean, run_var);
+    }
+}
+
+__kernel void batchnorm_eval_stats(__global const float* run_mean, __global const float* run_var,
+                                   const float eps, __global float* mean, __global float* rstd)
+{
+    const int c = get_global_id(0);
+    mean[c] = run_mean[c];
+    rstd[c] = 1.0f / sqrt(run_var[c] + eps);
+}
+
+__kernel void batchnorm_apply(__global const float* x, __global const float* mean, __global const float* rstd,
+                              __global const float* gamma, __global const float* beta, __global float* y)
+{
+    const int c = get_global_id(0), n = get_global_id(1), C = get_global_size(0);
+    const size_t i = (size_t)n * C + c;
+    y[i] = (x[i] - mean[c]) * rstd[c] * gamma[c] + beta[c];
+}
+
+__kernel void batchnorm_backward_cols(__global const float* dy, __global const float* x,
+                                      __global const float* gamma, __global const float* mean,
+                                      __global const float* rstd, const int N, const int C,
+                                      __global float* dx, __global float* dgamma, __global float* dbeta)
+{
+    const int c = get_global_id(0);
+    const float mu = mean[c], r = rstd[c];
+    float a = 0.0f, b = 0.0f;   // Σ dy, Σ dy·x̂
+    for (int n = 0; n < N; n++) {
+        const size_t i = (size_t)n * C + c;
+        a += dy[i];
+        b += dy[i] * (x[i] - mu) * r;
+    }
+    dgamma[c] = b;
+    dbeta[c] = a;
+    const float am = a / N, bm = b / N, k = gamma[c] * r;
+    for (int n = 0; n < N; n++) {
+        const size_t i = (size_t)n * C + c;
+        dx[i] = k * (dy[i] - am - (x[i] - mu) * r * bm);
+    }
+}
+
+__kernel void batchnorm_backward_wg(__global const float* dy, __global const float* x,
+                                    __global const float* gamma, __global const float* mean,
+                                    __global const float* rstd, const int N, const int C,
+                                    __global float* dx, __global float* dgamma, __global float* dbeta)
+{
+    __local float red[WG];
+    const int c = get_group_id(0), l = get_local_id(0);
+    const float mu = mean[c], r = rstd[c];
+    float a = 0.0f, b = 0.0f;
+    for (int n = l; n < N; n += WG) {
+        const size_t i = (size_t)n * C + c;
+        a += dy[i];
+        b += dy[i] * (x[i] - mu) * r;
+    }
+    a = wg_sum(a, red);
+    b = wg_sum(b, red);
+    if (l == 0) { dgamma[c] = b; dbeta[c] = a; }
+    const float am = a / N, bm = b / N, k = gamma[c] * r;
+    for (int n = l; n < N; n += WG) {
+        const size_t i = (size_t)n * C + c;
+        dx[i] = k * (dy[i] - am - (x[i] - mu) * r * bm);
+    }
+}

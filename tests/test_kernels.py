@@ -724,6 +724,42 @@ def test_layernorm_forward_backward(request, variant, N, C):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("variant", ["dev", "gpu_dev"])
+@pytest.mark.parametrize("N,C", [(40, 24), (130, 5), (2, 3)])
+def test_batchnorm_train_eval_backward(request, variant, N, C):
+    d = request.getfixturevalue(variant)
+    rng = np.random.default_rng([37, N, C])
+    x, gamma, beta, dy = rand(rng, N, C, scale=2.0) + f32(0.4), rand(rng, C), rand(rng, C), rand(rng, N, C)
+    rm0, rv0 = rand(rng, C, scale=0.1), (rng.random(C) + 0.5).astype(f32)
+    want_y, cache = ref.batchnorm_forward(as64(x), as64(gamma), as64(beta))
+    want_dx, want_dg, want_db = ref.batchnorm_backward(as64(dy), cache)
+    want_rm, want_rv = as64(rm0), as64(rv0)
+    ref.batchnorm_running(want_rm, want_rv, cache, N, 0.1)
+
+    def run():
+        xd, gd, bd, dyd, rm, rv = (d.to_device(a) for a in (x, gamma, beta, dy, rm0, rv0))
+        y, dx, ye = d.empty((N, C)), d.empty((N, C)), d.empty((N, C))
+        mean, rstd, dg, db, me, re = (d.empty((C,)) for _ in range(6))
+        ops.batchnorm_forward(d, xd, gd, bd, y, mean, rstd, rm, rv, N, C, momentum=0.1)
+        ops.batchnorm_backward(d, dyd, xd, gd, mean, rstd, dx, dg, db, N, C)
+        ops.batchnorm_forward(d, xd, gd, bd, ye, me, re, rm, rv, N, C, training=False)
+        return [a.get() for a in (y, dx, dg, db, rm, rv, ye)]
+
+    y, dx, dg, db, rm, rv, ye = run()
+    # float32 column sums of N terms, a few operations per element on O(1) values
+    np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dx, want_dx, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(dg, want_dg, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(rm, want_rm, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(rv, want_rv, rtol=1e-5)
+    # evaluation uses the running statistics (the updated ones), not the batch's
+    np.testing.assert_allclose(ye, ref.batchnorm_eval(as64(x), as64(gamma), as64(beta), want_rm, want_rv),
+                               rtol=1e-4, atol=1e-5)
+    for a, b in zip(run(), (y, dx, dg, db, rm, rv, ye)):   # a fixed summation order: the same bits again
+        np.testing.assert_array_equal(a, b)
+
+
 # -- dropout (kernels/dropout.cl) --------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
 def test_dropout_mask_equals_the_reference_bit_for_bit(dev, p):

@@ -216,6 +216,26 @@ def test_layernorm_backward_matches_finite_differences():
     np.testing.assert_allclose(dbeta, numerical_grad(loss, beta), rtol=1e-6, atol=1e-8)
 
 
+def test_batchnorm_backward_matches_finite_differences_and_keeps_running_statistics():
+    rng = rng_(22)
+    x = rng.standard_normal((N, H)) * 1.5 - 0.7
+    gamma, beta = rng.standard_normal(H), rng.standard_normal(H)
+    w = rng.standard_normal((N, H))
+    loss = lambda: float(np.sum(w * ref.batchnorm_forward(x, gamma, beta)[0]))
+    y, cache = ref.batchnorm_forward(x, gamma, beta)
+    np.testing.assert_allclose(cache["xhat"].mean(axis=0), 0, atol=1e-12)              # normalised columns
+    dx, dgamma, dbeta = ref.batchnorm_backward(w, cache)
+    # central differences in float64: observed agreement ~1e-9 on O(1) gradients
+    np.testing.assert_allclose(dx, numerical_grad(loss, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dgamma, numerical_grad(loss, gamma), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dbeta, numerical_grad(loss, beta), rtol=1e-6, atol=1e-8)
+    rm, rv = np.zeros(H), np.ones(H)
+    ref.batchnorm_running(rm, rv, cache, N, 0.1)
+    np.testing.assert_allclose(rm, 0.1 * x.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(rv, 0.9 + 0.1 * x.var(axis=0, ddof=1), rtol=1e-12)       # unbiased, as torch
+    np.testing.assert_allclose(ref.batchnorm_eval(x, gamma, beta, x.mean(axis=0), x.var(axis=0)), y, rtol=1e-12)
+
+
 def test_dropout_mask_is_the_counter_hash_and_drops_a_fraction_p():
     key = ref.dropout_key(7, 2)
     assert key == ref.hash_u32(7, 2, 0x5BD1E995) and key != ref.dropout_key(7, 3)
