@@ -130,6 +130,44 @@ def fast_weights_backward(dm, k, post, B, S, eta, lam):
     return dk
 
 
+def fast_weights_delta_forward(k, post, B, S, eta, lam):
+    """The delta rule (Schlag et al. 2021; issue 11's hebb.rule=delta), same interface as
+    fast_weights_forward: per sequence m_t = A_{t-1} k_t with
+    A_t = lam A_{t-1} + eta (post_t - A_{t-1} k_t) k_t^T, A_{-1} = 0: a write replaces what the
+    key already retrieves instead of adding to it. Sequential in t (not a causal product)."""
+    H = k.shape[1]
+    m = np.zeros_like(k)
+    for b in range(B):
+        A = np.zeros((H, H), k.dtype)
+        for t in range(b * S, (b + 1) * S):
+            r = A @ k[t]
+            m[t] = r
+            A = lam * A + eta * np.outer(post[t] - r, k[t])
+    return m
+
+
+def fast_weights_delta_backward(dm, k, post, B, S, eta, lam):
+    """dm, k, post (N,H) -> dk (N,H) of fast_weights_delta_forward (post constant), by
+    back-propagation through time: with G = dL/dA_t from the steps after t,
+    dA_{t-1} = lam G - eta G k_t k_t^T + dm_t k_t^T and
+    dk_t = A_{t-1}^T dm_t + eta G^T (post_t - A_{t-1} k_t) - eta A_{t-1}^T G k_t."""
+    H = k.shape[1]
+    dk = np.zeros_like(k)
+    for b in range(B):
+        rows = range(b * S, (b + 1) * S)
+        As, A = [], np.zeros((H, H), k.dtype)
+        for t in rows:                      # the states A_{t-1} each step read
+            As.append(A)
+            A = lam * A + eta * np.outer(post[t] - A @ k[t], k[t])
+        G = np.zeros((H, H), k.dtype)
+        for i, t in reversed(list(enumerate(rows))):
+            A, kt = As[i], k[t]
+            r = A @ kt
+            dk[t] = A.T @ dm[t] + eta * (G.T @ (post[t] - r)) - eta * (A.T @ (G @ kt))
+            G = lam * G - eta * np.outer(G @ kt, kt) + np.outer(dm[t], kt)
+    return dk
+
+
 def fast_weights_state_norm(k, post, B, S, eta, lam):
     """Mean over sequences of |A_{S-1}|_F, A_{S-1} = eta sum_tau lam^(S-1-tau) post_tau k_tau^T (H,H).
 

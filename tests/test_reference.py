@@ -216,6 +216,31 @@ def test_layernorm_backward_matches_finite_differences():
     np.testing.assert_allclose(dbeta, numerical_grad(loss, beta), rtol=1e-6, atol=1e-8)
 
 
+def test_delta_rule_overwrites_where_the_sum_rule_adds():
+    e1, e2 = np.eye(3)[0], np.eye(3)[1]
+    k = np.stack([e1, e1, e1, e2])                         # the same key written twice, then read
+    post = np.array([[1.0, 0, 0], [0, 2.0, 0], [0, 0, 0], [0, 0, 0]])
+    delta = ref.fast_weights_delta_forward(k, post, 1, 4, 1.0, 1.0)
+    summ = ref.fast_weights_forward(k, post, 1, 4, 1.0, 1.0)
+    np.testing.assert_array_equal(delta[0], 0)              # nothing written before the first step
+    np.testing.assert_allclose(delta[1], summ[1])          # after one write the two rules agree
+    np.testing.assert_allclose(delta[2], [0, 2.0, 0])      # the second write replaced the first
+    np.testing.assert_allclose(summ[2], [1.0, 2.0, 0])     # ... which the sum rule keeps adding to
+    np.testing.assert_allclose(delta[3], 0)                # an orthogonal key retrieves nothing
+
+
+def test_delta_rule_backward_matches_finite_differences():
+    rng = rng_(23)
+    k = rng.standard_normal((N, H)) * 0.5
+    post = (rng.random((N, H)) > 0.5).astype(np.float64)
+    w = rng.standard_normal((N, H))
+    eta, lam = 0.7, 0.6
+    loss = lambda: float(np.sum(w * ref.fast_weights_delta_forward(k, post, B, S, eta, lam)))
+    dk = ref.fast_weights_delta_backward(w, k, post, B, S, eta, lam)
+    # central differences in float64 through S = 5 recurrent steps: observed ~1e-9
+    np.testing.assert_allclose(dk, numerical_grad(loss, k), rtol=1e-6, atol=1e-8)
+
+
 def test_batchnorm_backward_matches_finite_differences_and_keeps_running_statistics():
     rng = rng_(22)
     x = rng.standard_normal((N, H)) * 1.5 - 0.7
