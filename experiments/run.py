@@ -125,6 +125,21 @@ def resume(run_id: str, uri: str, out_root: str = "runs", callbacks=(), progress
     trainer = Trainer(cfg, out_dir, list(callbacks), resume=ckpt)
     if cfg.train.steps < trainer.model.step:
         raise ConfigError(f"train.steps={cfg.train.steps} is below the checkpoint's step {trainer.model.step}")
+    # from here on a signal asks the loop to stop (as in launch), and one that comes after the
+    # loop (while the run writes its artifacts) is passed on to the caller's handler
+    stopper = _Stopper(trainer)
+    before = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = _resume_run(cl, run, run_id, trainer, overrides, progress)
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
+    if stopper.signals and summary["status"] == "finished":
+        stopper.pass_on(before)
+    return summary
+
+
+def _resume_run(cl, run, run_id, trainer, overrides, progress) -> dict:
     for key, value in owner_tags().items():   # claim the run before it is RUNNING again
         cl.set_tag(run_id, key, value)
     cl.update_run(run_id, status="RUNNING")

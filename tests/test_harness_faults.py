@@ -424,3 +424,44 @@ def test_ctrl_c_while_loading_is_one_line(store, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "interrupted" in err
     assert statuses(store.client) == []
+
+
+def test_a_signal_during_a_runs_final_writes_reaches_the_callers_handler(store, monkeypatch):
+    """A signal that comes after the loop (while the run writes its artifacts) can no longer stop
+    the run; the runner keeps it and passes it on to the handler that was there before (a study's
+    or a sweep's stop request), for a new run and for a resumed one. Was: lost on resume."""
+    import engine.train
+    from experiments import presets
+    from experiments import run as runner
+    from experiments.tracking import MlflowLogger
+    cfg = presets.get("smoke").config({"train.steps": 20, "train.eval_every": 10, "train.checkpoint_every": 10})
+    out = str(store.dir / "runs")
+
+    class StopAt10(engine.train.Callback):
+        def on_start(self, trainer):
+            self.trainer = trainer
+
+        def on_log(self, rec):
+            if rec["step"] == 10:
+                self.trainer.request_stop()
+
+    killed_id, summary = runner.launch(cfg, "smoke", [], store.uri, out_root=out, progress=False, callbacks=[StopAt10()])
+    assert summary["status"] == "killed"
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    finish = MlflowLogger.finish
+
+    def finish_with_a_signal(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)          # arrives while the run writes its artifacts
+        time.sleep(0.05)
+        return finish(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowLogger, "finish", finish_with_a_signal)
+    try:
+        new_id, summary = runner.launch(cfg, "smoke", [], store.uri, out_root=out, progress=False)
+        assert summary["status"] == "finished" and got == [signal.SIGTERM]
+        summary = runner.resume(killed_id, store.uri, out, progress=False)
+        assert summary["status"] == "finished" and got == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert {store.client.get_run(i).info.status for i in (new_id, killed_id)} == {"FINISHED"}
