@@ -27,6 +27,7 @@ from . import ops
 from .checkpoint import CheckpointError, check_compatible, check_out_dir, checkpoint_size, load_checkpoint, \
     save_checkpoint
 from .config import Config, ConfigError, apply_overrides
+from .tasks import task_of
 from .data import Batches, DataError, Vocab, load_text, split_text, text_digest, val_batches
 from .device import Device, DeviceError, kernel_source_hash
 from .model import Model, device_buffers, state_shapes
@@ -80,6 +81,7 @@ class Trainer:
         """Everything that can be refused is checked before the device allocates anything: the
         checkpoint against cfg, the data, the output folder (check_out_dir), the memory."""
         self.cfg, self.out_dir, self.callbacks = cfg, out_dir, list(callbacks)
+        self.task = task_of(cfg)   # its metrics name the evaluation record's values
         ckpt = load_checkpoint(resume) if resume else None
         if ckpt:
             self._check_resumable(resume, ckpt[1])

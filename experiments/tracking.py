@@ -658,12 +658,18 @@ class MlflowLogger(Callback):
         self._flush()
         self._bg.drain()
 
+    @staticmethod
+    def _scalars(rec) -> dict:
+        """Every number of a record (not the step, not lists or tables): what the trainer, the
+        model's telemetry and the task put there is logged under its own name, none listed here.
+        grad_norm/<param> becomes grad_norm.<param> (MLflow shows '/' as a folder)."""
+        return {k.replace("grad_norm/", "grad_norm.", 1): float(v) for k, v in rec.items()
+                if k != "step" and isinstance(v, (int, float, np.floating, np.integer)) and not isinstance(v, bool)}
+
     def on_log(self, rec):
         step = rec["step"]
-        vals = {k: rec[k] for k in ("train_loss", "lr", "grad_norm", "clipped_frac", "spike_rate", "hebb_norm",
-                                    "proto_perplexity", "proto_dead", "proto_used", "proto_qerr", "tokens_per_s")
-                if k in rec}
-        vals.update({k.replace("grad_norm/", "grad_norm.", 1): v for k, v in rec.items() if k.startswith("grad_norm/")})
+        vals = self._scalars(rec)
+        self._sent = (step, set(vals))
         win = self._window
         win["steps"] += step - self._last_step
         self._last_step = step
@@ -690,7 +696,8 @@ class MlflowLogger(Callback):
         step = rec["step"]
         if self.sample_chars and self.trainer is not None:
             self._sample(step)   # first: while the store writes below run, its 200 launches waited for the GIL
-        vals = {k: rec[k] for k in ("val_loss", "val_acc", "val_bpc", "proto_changed", "train_time_s") if k in rec}
+        sent_step, sent = getattr(self, "_sent", (None, set()))
+        vals = {k: v for k, v in self._scalars(rec).items() if not (step == sent_step and k in sent)}  # once a step
         self._send(step, {**vals, **self._kernel_metrics()}, flush=True)
         self.curves["val"].append((step, rec["val_loss"]))
         if "proto_counts" in rec:

@@ -34,7 +34,8 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from experiments import liveness
+from engine.tasks import task_of
+from experiments import liveness, presets
 from experiments.run import ui_hint
 from experiments.tracking import TrackingError, check_store, client, experiment_id, resolve_tracking_uri
 
@@ -94,7 +95,8 @@ def open_study(args, space, pruner, storage_url: str, uri: str):
     sampler = make_sampler(seed)
     try:
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
-                                    direction="minimize", load_if_exists=True)
+                                    direction=task_of(presets.get(space.base).config()).optuna_direction,
+                                    load_if_exists=True)
     except Exception as exc:
         raise SweepError(f"cannot open study {name!r} in {redact(storage_url)} ({exc})") from None
     existing = len(study.get_trials(deepcopy=False))

@@ -16,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from engine.config import ConfigError, apply_overrides, with_overrides
+from engine.tasks import task_of
 from experiments import liveness, presets
 from experiments import run as runner
 from experiments.tracking import TrackingError, client, experiment_id, sql_driver_url
@@ -242,8 +243,8 @@ class StaleTrialHandler:
 
 # -- the objective -------------------------------------------------------------------------------------
 class _Report(Callback):
-    """Hands every evaluation's validation loss to the trial; asks the trainer
-    to stop when the pruner says so."""
+    """Hands every evaluation's objective (the task's: validation loss for character LMs) to
+    the trial; asks the trainer to stop when the pruner says so."""
 
     def __init__(self, trial, offset: int):
         self.trial, self.offset, self.trainer = trial, offset, None
@@ -258,7 +259,7 @@ class _Report(Callback):
             self.trainer.request_stop()
 
     def on_eval(self, rec):
-        self.trial.report(rec["val_loss"], step=self.offset + rec["step"])
+        self.trial.report(rec[self.trainer.task.objective], step=self.offset + rec["step"])
         if self.trial.should_prune():
             self.trainer.request_stop("pruned")
 
@@ -340,9 +341,10 @@ class Objective:
             if summary["status"] != "finished":
                 raise RepeatFailed(f"{summary.get('error') or 'ended ' + summary['status']} "
                                    f"(repeat {r}, run {summary.get('run_id')})")
-            best = min(h["val_loss"] for h in summary["history"])
+            task = task_of(self.base_cfg)
+            best = task.metric(task.objective).best(h[task.objective] for h in summary["history"])
             bests.append(best)
-            cl.log_metric(child, "best_val_loss", best, step=r)
+            cl.log_metric(child, f"best_{task.objective}", best, step=r)
         return statistics.fmean(bests)
 
     def _repeat(self, trial, params, r: int, child) -> dict:

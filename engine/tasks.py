@@ -1,0 +1,49 @@
+"""Tasks: what a model is trained and judged on. A task declares its evaluation metrics (name,
+direction, meaning) and the objective a sweep or a study optimises; the trainer's evaluation
+records carry those names, and the MLflow logger, the sweeps and the studies read them from
+here instead of listing them by hand.
+
+Character language modelling is the one task today (the data, batches and loss head still
+live in engine/data.py and the model; docs/layers.md says where they move).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    direction: str       # "min" or "max": which way is better
+    meaning: str
+
+    def better(self, a: float, b: float) -> bool:
+        return a < b if self.direction == "min" else a > b
+
+    def best(self, values):
+        return min(values) if self.direction == "min" else max(values)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    metrics: tuple       # Metric, in the order reports show them
+    objective: str       # the metric a sweep optimises
+
+    def metric(self, name: str) -> Metric:
+        return next(m for m in self.metrics if m.name == name)
+
+    @property
+    def optuna_direction(self) -> str:
+        return "minimize" if self.metric(self.objective).direction == "min" else "maximize"
+
+
+CHAR_LM = Task("char_lm", (Metric("val_loss", "min", "validation cross-entropy, nats per character"),
+                           Metric("val_acc", "max", "validation next-character accuracy"),
+                           Metric("val_bpc", "min", "validation bits per character")), objective="val_loss")
+TASKS = {t.name: t for t in (CHAR_LM,)}
+
+
+def task_of(cfg) -> Task:
+    """The task a config trains (one today: character language modelling)."""
+    return CHAR_LM
