@@ -293,6 +293,21 @@ def batchnorm_backward(dy, cache):
 
 # ----------------------------------------------------------------------------- optimiser
 
+def clip_grads(params, grads, clip_norm, clip_value):
+    """(gnorm, clipped grads): the global norm before any clipping, then element-wise clamp
+    (clip_value > 0), then scaling by min(1, clip_norm/(gnorm+1e-6)) (clip_norm > 0)."""
+    gnorm = np.sqrt(sum(np.sum(grads[name] * grads[name]) for name in params))
+    out = {}
+    for name, p in params.items():
+        f, g = p.dtype.type, grads[name]
+        if clip_value > 0:
+            g = np.clip(g, -f(clip_value), f(clip_value))
+        if clip_norm > 0:
+            g = g * min(f(1), f(clip_norm) / (f(gnorm) + f(CLIP_EPS)))
+        out[name] = g
+    return gnorm, out
+
+
 def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, decay_mask,
                clip_norm, clip_value):
     """AdamW (Loshchilov & Hutter 2019) step t (1-based) on dicts of arrays; params, m, v in place.
@@ -300,14 +315,9 @@ def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, deca
     Clipping as docs/model.md: the global norm is taken before any clipping, then
     element-wise clamp (clip_value > 0), then scaling by min(1, clip_norm/(gnorm+1e-6))
     (clip_norm > 0). Weight decay is decoupled and scaled by lr. Returns gnorm."""
-    gnorm = np.sqrt(sum(np.sum(grads[name] * grads[name]) for name in params))
+    gnorm, clipped = clip_grads(params, grads, clip_norm, clip_value)
     for name, p in params.items():
-        f = p.dtype.type
-        g = grads[name]
-        if clip_value > 0:
-            g = np.clip(g, -f(clip_value), f(clip_value))
-        if clip_norm > 0:
-            g = g * min(f(1), f(clip_norm) / (f(gnorm) + f(CLIP_EPS)))
+        f, g = p.dtype.type, clipped[name]
         wd = f(weight_decay) if decay_mask[name] else f(0)
         m[name][...] = f(beta1) * m[name] + f(1 - beta1) * g
         v[name][...] = f(beta2) * v[name] + f(1 - beta2) * g * g
@@ -321,14 +331,9 @@ def sgd_step(params, grads, vel, lr, momentum, weight_decay, decay_mask, clip_no
     """SGD with momentum (heavy ball, no dampening, as torch.optim.SGD) on dicts of arrays;
     params and vel in place. The same clipping as adamw_step, then L2 weight decay added to
     the clipped gradient (coupled, masked): v ← μ·v + g + wd·θ; θ ← θ − lr·v. Returns gnorm."""
-    gnorm = np.sqrt(sum(np.sum(grads[name] * grads[name]) for name in params))
+    gnorm, clipped = clip_grads(params, grads, clip_norm, clip_value)
     for name, p in params.items():
-        f = p.dtype.type
-        g = grads[name]
-        if clip_value > 0:
-            g = np.clip(g, -f(clip_value), f(clip_value))
-        if clip_norm > 0:
-            g = g * min(f(1), f(clip_norm) / (f(gnorm) + f(CLIP_EPS)))
+        f, g = p.dtype.type, clipped[name]
         if decay_mask[name]:
             g = g + f(weight_decay) * p
         vel[name][...] = f(momentum) * vel[name] + g
@@ -346,7 +351,8 @@ def hebbian_update(W_hebb, h, post, lr, decay):
 
 
 def hash_u32(seed, step, t):
-    """Counter-based uint32 hash of docs/model.md (murmur3-style finaliser), same bits on every device."""
+    """Counter-based uint32 hash of docs/model.md (murmur3-style finaliser), same bits on every device.
+    Python ints, or t a numpy uint64 array (the sums wrap modulo 2⁶⁴, which keeps them modulo 2³²)."""
     M = 0xFFFFFFFF
     h = (seed * 0x9E3779B1 + step * 0x85EBCA77 + t * 0xC2B2AE3D + 0x27D4EB2F) & M
     h ^= h >> 16
@@ -370,17 +376,9 @@ def dropout_threshold(p):
 
 
 def dropout_mask(n, p, key, step):
-    """keep (n,) bool of dropout.cl, on numpy uint32 arithmetic (wraps modulo 2³² like the device)."""
-    i = np.arange(n, dtype=np.uint64)
-    M = np.uint64(0xFFFFFFFF)
-    h = (np.uint64(key) * np.uint64(0x9E3779B1) + np.uint64(step) * np.uint64(0x85EBCA77)
-         + i * np.uint64(0xC2B2AE3D) + np.uint64(0x27D4EB2F)) & M
-    h ^= h >> np.uint64(16)
-    h = (h * np.uint64(0x85EBCA6B)) & M
-    h ^= h >> np.uint64(13)
-    h = (h * np.uint64(0xC2B2AE35)) & M
-    h ^= h >> np.uint64(16)
-    return h >= np.uint64(dropout_threshold(p))
+    """keep (n,) bool of dropout.cl: hash_u32 over the indices as a uint64 array (wraps modulo
+    2³² after the masks, like the device)."""
+    return hash_u32(key, step, np.arange(n, dtype=np.uint64)) >= np.uint64(dropout_threshold(p))
 
 
 def dropout_forward(x, p, key, step):

@@ -32,6 +32,14 @@ __kernel void global_norm(__global const float* partial, const int n_chunks, __g
     out[0] = sqrt(acc);
 }
 
+/* clamp by value (clip_value > 0), then scale by the global norm taken before clipping */
+inline float clipped(float g, const float gnorm, const float clip_norm, const float clip_value)
+{
+    if (clip_value > 0.0f) g = clamp(g, -clip_value, clip_value);
+    if (clip_norm > 0.0f) g *= min(1.0f, clip_norm / (gnorm + 1e-6f));
+    return g;
+}
+
 __kernel void adamw(__global float* theta, __global const float* grad,
                     __global float* m, __global float* v,
                     __global const float* wd_mask, __global const float* gnorm,
@@ -40,9 +48,7 @@ __kernel void adamw(__global float* theta, __global const float* grad,
                     const float clip_norm, const float clip_value)
 {
     const int i = get_global_id(0);
-    float g = grad[i];
-    if (clip_value > 0.0f) g = clamp(g, -clip_value, clip_value);
-    if (clip_norm > 0.0f) g *= min(1.0f, clip_norm / (gnorm[0] + 1e-6f));
+    float g = clipped(grad[i], gnorm[0], clip_norm, clip_value);
     const float mi = beta1 * m[i] + (1.0f - beta1) * g;
     const float vi = beta2 * v[i] + (1.0f - beta2) * g * g;
     m[i] = mi;
@@ -59,9 +65,7 @@ __kernel void sgd_momentum(__global float* theta, __global const float* grad, __
                            const float clip_norm, const float clip_value)
 {
     const int i = get_global_id(0);
-    float g = grad[i];
-    if (clip_value > 0.0f) g = clamp(g, -clip_value, clip_value);
-    if (clip_norm > 0.0f) g *= min(1.0f, clip_norm / (gnorm[0] + 1e-6f));
+    float g = clipped(grad[i], gnorm[0], clip_norm, clip_value);
     g += weight_decay * wd_mask[i / CHUNK] * theta[i];
     const float vi = momentum * vel[i] + g;
     vel[i] = vi;

@@ -478,28 +478,43 @@ OPT_CHUNK = 64          # small chunks so each tensor spans several (the engine 
 OPT_SHAPES = {"W_emb": (30, 16), "W1": (16, 24), "b1": (24,), "W2": (24, 30), "b2": (30,)}
 
 
+class OptLayout:
+    """The optimiser tests' flat buffer: OPT_SHAPES, each starting at a multiple of OPT_CHUNK
+    (gaps are zero and must stay zero), as the engine's Layout with small chunks."""
+
+    def __init__(self):
+        self.offsets, pos, self.owner = {}, 0, []
+        for name, shape in OPT_SHAPES.items():
+            self.offsets[name] = pos
+            n_ch = -(-int(np.prod(shape)) // OPT_CHUNK)
+            pos += n_ch * OPT_CHUNK
+            self.owner += [name] * n_ch
+        self.n, self.n_chunks = pos, pos // OPT_CHUNK
+
+    def flat(self, d):
+        out = np.zeros(self.n, f32)
+        for k, a in d.items():
+            out[self.offsets[k]:self.offsets[k] + a.size] = a.ravel()
+        return out
+
+    def unflat(self, a):
+        return {k: a[self.offsets[k]:self.offsets[k] + int(np.prod(s))].reshape(s) for k, s in OPT_SHAPES.items()}
+
+    def decay_mask(self):
+        return np.array([o in ref.DECAYED for o in self.owner], f32)
+
+
 @pytest.mark.parametrize("clip_norm,clip_value", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.3), (2.0, 0.3)])
 def test_sgd_momentum(dev, clip_norm, clip_value):
     rng = np.random.default_rng([17, int(clip_norm * 10), int(clip_value * 10)])
-    offsets, pos, owner = {}, 0, []
-    for name, shape in OPT_SHAPES.items():
-        offsets[name] = pos
-        n_ch = -(-int(np.prod(shape)) // OPT_CHUNK)
-        pos += n_ch * OPT_CHUNK
-        owner += [name] * n_ch
-    n, n_chunks = pos, pos // OPT_CHUNK
+    lay = OptLayout()
+    offsets, n, n_chunks, flat = lay.offsets, lay.n, lay.n_chunks, lay.flat
     params = {k: rand(rng, *s) for k, s in OPT_SHAPES.items()}
     grads = {k: rand(rng, *s, scale=0.5) for k, s in OPT_SHAPES.items()}
     vel = {k: rand(rng, *s, scale=0.1) for k, s in OPT_SHAPES.items()}
 
-    def flat(d):
-        out = np.zeros(n, f32)
-        for k, a in d.items():
-            out[offsets[k]:offsets[k] + a.size] = a.ravel()
-        return out
-
     theta_d, grad_d, vel_d = (dev.to_device(flat(d)) for d in (params, grads, vel))
-    wd_mask = dev.to_device(np.array([o in ref.DECAYED for o in owner], f32))
+    wd_mask = dev.to_device(lay.decay_mask())
     partial, gnorm = dev.empty((n_chunks,)), dev.empty((1,))
     lr, mu, wd = 0.05, 0.9, 0.5                                # large wd: a wrong mask is visible
     ops.sumsq_chunks(dev, grad_d, partial, n_chunks, OPT_CHUNK)
@@ -520,29 +535,15 @@ def test_sgd_momentum(dev, clip_norm, clip_value):
 @pytest.mark.parametrize("clip_norm,clip_value", [(0.0, 0.0), (1.0, 0.0), (0.0, 0.3), (2.0, 0.3)])
 def test_sumsq_global_norm_adamw(dev, clip_norm, clip_value):
     rng = np.random.default_rng([13, int(clip_norm * 10), int(clip_value * 10)])
-    offsets, pos, owner = {}, 0, []
-    for name, shape in OPT_SHAPES.items():
-        offsets[name] = pos
-        n_ch = -(-int(np.prod(shape)) // OPT_CHUNK)
-        pos += n_ch * OPT_CHUNK
-        owner += [name] * n_ch
-    n, n_chunks = pos, pos // OPT_CHUNK
+    lay = OptLayout()
+    offsets, n, n_chunks, flat = lay.offsets, lay.n, lay.n_chunks, lay.flat
     params = {k: rand(rng, *s) for k, s in OPT_SHAPES.items()}
     grads = {k: rand(rng, *s, scale=0.5) for k, s in OPT_SHAPES.items()}
     m = {k: rand(rng, *s, scale=0.1) for k, s in OPT_SHAPES.items()}
     v = {k: (rng.random(s) * 0.2).astype(f32) for k, s in OPT_SHAPES.items()}
 
-    def flat(d):
-        out = np.zeros(n, f32)                                 # gaps are zero and must stay zero
-        for k, a in d.items():
-            out[offsets[k]:offsets[k] + a.size] = a.ravel()
-        return out
-
-    def unflat(a):
-        return {k: a[offsets[k]:offsets[k] + int(np.prod(s))].reshape(s) for k, s in OPT_SHAPES.items()}
-
     theta_d, grad_d, m_d, v_d = (dev.to_device(flat(d)) for d in (params, grads, m, v))
-    wd_mask = dev.to_device(np.array([o in ref.DECAYED for o in owner], f32))
+    wd_mask = dev.to_device(lay.decay_mask())
     partial, gnorm = dev.empty((n_chunks,)), dev.empty((1,))
     t, lr, b1, b2, eps, wd = 3, 0.05, 0.9, 0.99, 1e-8, 0.5    # large wd: a wrong mask is visible
     ops.sumsq_chunks(dev, grad_d, partial, n_chunks, OPT_CHUNK)
@@ -564,7 +565,7 @@ def test_sumsq_global_norm_adamw(dev, clip_norm, clip_value):
         assert np.abs(g_flat).max() > clip_value
     got = {"theta": theta_d.get(), "m": m_d.get(), "v": v_d.get()}
     for what, want in (("theta", p64), ("m", m64), ("v", v64)):
-        for k, a in unflat(got[what]).items():
+        for k, a in lay.unflat(got[what]).items():
             # a handful of float32 operations per element, O(1) values; the update itself is
             # ~lr = 0.05, so an error in clipping or decay (≥ 1e-3) cannot hide in 1e-5
             np.testing.assert_allclose(a, want[k], rtol=1e-5, atol=1e-6, err_msg=f"{what}.{k}")
