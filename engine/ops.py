@@ -375,3 +375,69 @@ def dropout(dev, x, y, n, p, key, step):
     dev.launch(dev.kernel("dropout.cl", "dropout"), (n,), None, x.data, y.data, u32(key), u32(step),
                u32(dropout_threshold(p)), f32(1.0 / (1.0 - p)))
 
+
+# -- delta rule of the fast-weight memory (kernels/delta.cl) --------------------------------------------
+DELTA_WG = 64   # work-group of the GPU variant: WG columns of one sequence
+DELTA_NB = (4, 2, 1)   # float8 column blocks per work-item of the CPU variant, the first that divides H/8
+
+
+def delta_scratch(B: int, S: int, H: int, variant: str = "cpu") -> dict[str, tuple[tuple, type]]:
+    """{name: (shape, dtype)} of the scratch of fast_weights_delta_forward / _backward, the same for
+    both variants: gm, the forward's masked decayed Gram matrix, and u = post − m, both read by the
+    backward; dgm, the backward's P = decay(V·Uᵀ). 2·B·S² + N·H floats (8 MiB at B=64, S=64,
+    H=384; one H×H matrix per sequence would be B·H² floats, 36 MiB). Not listed: when S % 4 or
+    H % 8 is not 0 the Gram products go through gemm(trans_b), whose ops workspace "gemm_bt" holds
+    B·S·H floats (model.gemm_scratch's (S, S, H, B) entry)."""
+    if variant not in ("cpu", "gpu"):
+        raise ValueError(f"unknown kernel variant {variant!r}: cpu or gpu")
+    f = np.float32
+    return {"gm": ((B, S, S), f), "dgm": ((B, S, S), f), "u": ((B * S, H), f)}
+
+
+def _delta_decay(dev, eta, lam, S):
+    """w (S,) = η·λ^d on the device, computed in float64 as Model.decay_table (the same bits);
+    uploaded once per (η, λ, S) and kept (a few recent tables)."""
+    tables = dev.__dict__.setdefault("_delta_decay", {})
+    key = (float(eta), float(lam), int(S))
+    w = tables.get(key)
+    if w is None:
+        if len(tables) >= 8:
+            tables.clear()
+        w = tables[key] = dev.to_device((key[0] * key[1] ** np.arange(S, dtype=np.float64)).astype(f32))
+    return w
+
+
+def _delta_solve(dev, name, gm, rhs, outs, S, H, B):
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("delta.cl", name + "_wg", (("WG", DELTA_WG),)), (-(-H // DELTA_WG) * DELTA_WG, B),
+                   (DELTA_WG, 1), gm.data, rhs.data, i32(S), i32(H), *(o.data for o in outs))
+    elif _rows8(H, rhs, *outs):
+        nb = next(n for n in DELTA_NB if H // 8 % n == 0)
+        # work-groups of one item: PoCL's choice for this grid (NULL) ran ~2x slower here
+        dev.launch(dev.kernel("delta.cl", name + "8", (("NB", nb),)), (H // 8 // nb, B), (1, 1),
+                   gm.data, rhs.data, i32(S), i32(H), *(o.data for o in outs))
+    else:
+        dev.launch(dev.kernel("delta.cl", name), (H, B), None, gm.data, rhs.data, i32(S), i32(H),
+                   *(o.data for o in outs))
+
+
+def fast_weights_delta_forward(dev, k, post, eta, lam, m, B, S, H, scratch):
+    """m (N,H) = A_{t−1}·k_t of the delta rule A_t = λ·A_{t−1} + η·(post_t − A_{t−1}k_t)·k_tᵀ,
+    A_{−1} = 0, per sequence of S rows; k, post (N,H), N = B·S; m overwritten. As a triangular
+    solve with Gm = decay(K·Kᵀ) (kernels/delta.cl). scratch: buffers of delta_scratch(B, S, H);
+    leaves Gm in scratch["gm"] and u = post − m in scratch["u"] for the backward."""
+    w, gm = _delta_decay(dev, eta, lam, S), scratch["gm"]
+    causal_dots_decay(dev, k, k, w, gm, B, S, H, tmp=gm)   # the mask is element-wise: in place is safe
+    _delta_solve(dev, "fast_weights_delta_forward", gm, post, (m, scratch["u"]), S, H, B)
+
+
+def fast_weights_delta_backward(dev, dm, k, eta, lam, dk, B, S, H, scratch):
+    """dk (N,H) = ∂(Σ dm·m)/∂k of fast_weights_delta_forward (post constant), overwritten; dm (N,H).
+    Reads the forward's scratch["gm"] and scratch["u"] (call it after the forward on the same k and
+    post; post itself is not needed again), leaves them intact (a second call gives the same dk).
+    v = (I + Gm)⁻ᵀ·dm is solved into dk, then dk = P·K + Pᵀ·K with P = decay(V·Uᵀ)."""
+    w, dgm = _delta_decay(dev, eta, lam, S), scratch["dgm"]
+    _delta_solve(dev, "fast_weights_delta_backward", scratch["gm"], dm, (dk,), S, H, B)
+    causal_dots_decay(dev, dk, scratch["u"], w, dgm, B, S, H, tmp=dgm)
+    gemm(dev, dgm, k, dk, S, H, S, batch=B)
+    gemm(dev, dgm, k, dk, S, H, S, beta=1.0, trans_a=True, batch=B)
