@@ -62,6 +62,10 @@ class ModelConfig(_Section):
     # initialisation of W1 and W2 (engine/params.py): lecun N(0,1/fan_in) (the engine's always),
     # xavier N(0,2/(fan_in+fan_out)), kaiming N(0,2/fan_in); the embedding is N(0,1)
     init: str = _f("lecun", choices=("lecun", "xavier", "kaiming"))
+    family: str = _f("hybrid", choices=("hybrid",))   # the model family (engine/models/)
+    # bio-associative layers (hybrid family): each after the first reads the previous one
+    # through h = x + GELU(x·W + b) and has its own memory, spikes and prototypes
+    num_layers: int = _f(1, ge=1)
 
 
 @dataclass(frozen=True)
@@ -77,14 +81,21 @@ class HebbConfig(_Section):
     strength: float = 1.0                  # α: gain of h·W_hebb added to h (modulate only)
     # post-synaptic signal: s (spikes) or h (activity: the ablation without spikes)
     post: str = _f("spikes", choices=("spikes", "activity"))
+    # fast_weights: the write rule. sum: A_t = λA_{t−1} + η·post_t k_tᵀ; delta (Schlag et al.
+    # 2021): A_t = λA_{t−1} + η(post_t − A_{t−1}k_t)k_tᵀ, a write replaces what k retrieves
+    rule: str = _f("sum", choices=("sum", "delta"))
+    # h̃ = LayerNorm(h + memory) (γ, β learned), or none
+    norm: str = _f("none", choices=("none", "layernorm"))
 
 
 @dataclass(frozen=True)
 class ProtoConfig(_Section):
     """The prototype wiring and its online k-means rule (docs/model.md, Prototype wiring)."""
     SECTION: ClassVar[str] = "proto"
-    # shadow: P updated, never read; feature: z = h̃ + β·P_k
-    mode: str = _f("feature", choices=("off", "shadow", "feature"))
+    # shadow: P updated, never read; feature: z = h̃ + β·P_k; token: z = h̃ + U_k with U a
+    # learned embedding of the assigned prototype's index; key: the fast-weight memory is
+    # addressed by the assigned prototype (k = P_k/|P_k|, assigned on h), needs fast_weights
+    mode: str = _f("feature", choices=("off", "shadow", "feature", "token", "key"))
     lr: float = _f(0.05, ge=0, le=1)       # fraction of the way P_t moves to its members' mean, per step
     strength: float = 1.0                  # β: gain of the assigned prototype added to h̃ (feature only)
     # assignment score; dot is the seed's (it favours large-norm prototypes)
@@ -142,6 +153,12 @@ class Config(_Section):
     proto: ProtoConfig = field(default_factory=ProtoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.proto.mode == "key" and self.hebb.mode != "fast_weights":
+            raise ConfigError(f"proto.mode='key' addresses the fast-weight memory: it needs "
+                              f"hebb.mode='fast_weights', got hebb.mode={self.hebb.mode!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Config:

@@ -38,16 +38,25 @@ class Generator:
     (kernels/generate.cl); fused=False chains the training kernels, which is
     the reference the fused kernel is tested against."""
 
-    def __init__(self, model: Model, vocab: Vocab, fused: bool = True):
+    def __init__(self, model: Model, vocab: Vocab, fused: bool | None = None):
         self.model, self.vocab, self.dev = model, vocab, model.dev
-        self.ws = model.workspace(1, 1)
+        cfg = model.cfg
         H = model.H
-        self.fast = model.cfg.hebb.mode == "fast_weights"
+        # the carried-state paths know the one-layer hybrid with the sum rule; every other
+        # character model runs the generic path (the window of the last seq_len characters)
+        self.carried = carried_state_supported(cfg)
+        self.fused = self.carried if fused is None else fused
+        if self.fused and not self.carried:
+            raise ValueError("the fused generation kernel covers the one-layer hybrid with the sum rule "
+                             "and no norm (proto.mode off/shadow/feature)")
+        self.window = cfg.train.seq_len
+        self.history: list[int] = []
+        self.fast = cfg.hebb.mode == "fast_weights" and self.carried
         self.At = self.dev.zeros((H, H)) if self.fast else None
         self._row = np.zeros((1, model.Vp), np.float32)  # W2 is stored with V padded to 8
-        self.fused = fused
-        if fused:
-            cfg = model.cfg
+        if self.carried:
+            self.ws = model.workspace(1, 1)
+        if self.fused:
             defines = (("WG", GEN_WG),
                        ("HEBB", {"modulate": 1, "fast_weights": 2}.get(cfg.hebb.mode, 0)),
                        ("PROTO", int(cfg.proto.mode == "feature")),
@@ -59,6 +68,7 @@ class Generator:
             self._At = self.At if self.fast else self.dev.zeros((1,))
 
     def reset(self):
+        self.history = []
         if self.fast:
             self.dev.cl.enqueue_fill_buffer(self.dev.queue, self.At.data, np.zeros(1, np.float32), 0, self.At.nbytes)
 
@@ -66,14 +76,28 @@ class Generator:
         """Run one character through the model, update the memory, return its logits (V,)."""
         if self.fused:
             return self._feed_fused(token)
+        if not self.carried:
+            return self._feed_window(token)
         m, ws, dev = self.model, self.ws, self.dev
         ws.x.set(np.array([token], np.int32))
         m.forward(ws, fw_state=self.At, loss=False)
         if self.fast:  # Aᵀ ← λ·Aᵀ + η·k ⊗ post  (outer product as a K = 1 product)
-            hc = m.cfg.hebb
-            ops.gemm(dev, ws.k, ws.post, self.At, m.H, m.H, 1, alpha=hc.lr, beta=1.0 - hc.decay, trans_a=True)
+            hc, c = m.cfg.hebb, ws.ctx["bio0"]
+            ops.gemm(dev, c.b.k, c.post, self.At, m.H, m.H, 1, alpha=hc.lr, beta=1.0 - hc.decay, trans_a=True)
         ws.logits.get(ary=self._row)
         return self._row[0, :m.V]
+
+    def _feed_window(self, token: int) -> np.ndarray:
+        """Any character model: the forward pass over the last seq_len characters (one
+        sequence, as in training, where every memory starts empty at a window's start),
+        the logits of its last position."""
+        m = self.model
+        self.history = (self.history + [int(token)])[-self.window:]
+        ws = m.workspace(1, len(self.history))
+        ws.x.set(np.array(self.history, np.int32))
+        m.forward(ws, loss=False)
+        row = ws.logits.get()[-1]
+        return row[:m.V]
 
     def _feed_fused(self, token: int) -> np.ndarray:
         m, cfg, p = self.model, self.model.cfg, self.model.p
@@ -102,6 +126,13 @@ class Generator:
         return self.vocab.decode(np.array(out, np.int32))
 
 
+def carried_state_supported(cfg) -> bool:
+    """Whether the carried-state generation (fused kernel, or chained kernels with Aᵀ carried)
+    computes this model: the one-layer hybrid with the sum rule, no norm, proto off/shadow/feature."""
+    return (cfg.model.family == "hybrid" and cfg.model.num_layers == 1 and cfg.hebb.rule == "sum"
+            and cfg.hebb.norm == "none" and cfg.proto.mode in ("off", "shadow", "feature"))
+
+
 def pick(logits: np.ndarray, temperature: float, top_k: int, rng) -> int:
     """Sample an id from logits (V,): p ∝ exp((z − max z)/temperature) over the top_k largest
     logits (0 = all). temperature 0 = argmax. Subtracting the maximum first keeps every
@@ -128,7 +159,8 @@ def load_generator(path: str, device: str | None = None) -> Generator:
         raise CheckpointError(f"checkpoint {path!r}: no usable config/vocabulary ({exc})") from exc
     dev = Device(cfg.device if device is None else device)
     H = cfg.model.hidden_dim
-    dev.check_memory({**device_buffers(cfg, vocab.size, 1, 1, dev.variant),
+    shape = (1, 1) if carried_state_supported(cfg) else (1, cfg.train.seq_len)
+    dev.check_memory({**device_buffers(cfg, vocab.size, *shape, dev.variant),
                       "generate.At": ((H, H), np.float32)})
     model = Model(dev, cfg, vocab.size)
     try:

@@ -173,6 +173,11 @@ def add_bias(dev, X, bias, N, C):
     dev.launch(dev.kernel("layers.cl", "add_bias"), (C, N), None, X.data, bias.data, i32(C))
 
 
+def add_inplace(dev, x, y, n):
+    """y (n,) += x (n,)."""
+    dev.launch(dev.kernel("layers.cl", "add_inplace"), (n,), None, x.data, y.data)
+
+
 def colsum(dev, X, out, N, C):
     """out (C,) = Σ_n X (N,C)[n]."""
     if _rows8(C, X, out):

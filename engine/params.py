@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 
 # N(0, scale²); LeCun N(0, 1/fan_in); Glorot/Xavier N(0, 2/(fan_in + fan_out)); He/Kaiming N(0, 2/fan_in);
-# zeros. fan_in = shape[0], fan_out = shape[1] (weights are stored (in, out): y = x·W).
-INITS = ("normal", "lecun", "xavier", "kaiming", "zeros")
+# zeros; ones. fan_in = shape[0], fan_out = shape[1] (weights are stored (in, out): y = x·W).
+INITS = ("normal", "lecun", "xavier", "kaiming", "zeros", "ones")
 WEIGHT_INITS = ("lecun", "xavier", "kaiming")   # what model.init may choose for the linear layers
 
 
@@ -35,9 +35,11 @@ class ParamSpec:
             object.__setattr__(self, "stored", tuple(self.shape))
 
     def draw(self, rng) -> np.ndarray | None:
-        """The initial value in float64 (None for zeros: no draw, the generator does not move)."""
+        """The initial value in float64 (None for zeros; zeros and ones do not move the generator)."""
         if self.init == "zeros":
             return None
+        if self.init == "ones":
+            return np.ones(self.shape)
         z = rng.standard_normal(self.shape)
         fan_in, fan_out = self.shape[0], (self.shape[1] if len(self.shape) > 1 else 1)
         if self.init == "normal":

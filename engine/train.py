@@ -30,8 +30,8 @@ from .config import Config, ConfigError, apply_overrides
 from .tasks import task_of
 from .data import Batches, DataError, Vocab, load_text, split_text, text_digest, val_batches
 from .device import Device, DeviceError, kernel_source_hash
-from .model import Model, device_buffers, state_shapes
-from .reference import init_params
+from .model import Model, device_buffers, param_specs, state_shapes
+from .params import init_params
 
 CHECKPOINT_FORMAT = 1
 LN2 = math.log(2.0)
@@ -46,7 +46,7 @@ def fixed_on_resume(cfg: Config) -> dict:
     arrays and vocabulary), the wirings that decide which state exists, and the batch shape
     (the validation batches and the saved prototype assignments are per (B,S))."""
     d = cfg.to_dict()
-    return {"model": d["model"], "data": d["data"], "hebb": {"mode": d["hebb"]["mode"]},
+    return {"model": d["model"], "data": d["data"], "hebb": {k: d["hebb"][k] for k in ("mode", "norm", "rule")},
             "proto": {"mode": d["proto"]["mode"]}, "optim": {"name": d["optim"]["name"]},
             "train": {"batch_size": d["train"]["batch_size"], "seq_len": d["train"]["seq_len"]}}
 
@@ -111,8 +111,7 @@ class Trainer:
         if ckpt:
             self._restore(resume, *ckpt)
         else:
-            E, H = cfg.model.embedding_dim, cfg.model.hidden_dim
-            self.model.set_params(init_params(self.vocab.size, E, H, cfg.seed, init=cfg.model.init))
+            self.model.set_params(init_params(param_specs(self.model.layers), cfg.seed))
 
     @property
     def remaining_steps(self) -> int:
@@ -138,9 +137,8 @@ class Trainer:
 
     def _checkpoint_arrays(self) -> dict:
         """{name: (shape, dtype)} of the arrays save() writes."""
-        cfg, V = self.cfg, self.vocab.size
-        m = cfg.model
-        out = state_shapes(V, m.embedding_dim, m.hidden_dim, m.num_prototypes, cfg.optim.name)
+        cfg = self.cfg
+        out = state_shapes(cfg, self.vocab.size)
         if cfg.proto.mode != "off":   # the first validation batch's assignments
             out["state.last_assign"] = ((cfg.train.batch_size * cfg.train.seq_len,), np.int32)
         out["state.step_acc"] = ((3,), np.float32)
@@ -302,11 +300,11 @@ class Trainer:
         for x, y in self.val:
             ws.x.set(np.ascontiguousarray(x.ravel(), np.int32))
             ws.y.set(np.ascontiguousarray(y.ravel(), np.int32))
-            m.forward(ws)
+            m.forward(ws, training=False)
             out = ws.loss_out.get().astype(np.float64)
             total, hits, count = total + out[3], hits + out[1], count + out[2]
             if first_assign is None and self.cfg.proto.mode != "off":
-                first_assign = ws.assign.get()
+                first_assign = m.assignments(ws).get()
         val_loss = total / max(count, 1.0)
         rec = {"step": step, "train_loss": log_rec["train_loss"] if log_rec else float("nan"),
                "val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2,

@@ -13,6 +13,7 @@
  *   embed_bias_gelu     a = EW[x] + b, h = GELU(a)  (EW = W_emb·W1)          global (H, N)
  *   gelu_backward       da = dh · GELU'(a)                                  global (N·H)
  *   add_bias            X (N,C) += b                                        global (C, N)
+ *   add_inplace         y (n,) += x (n,)                                    global (n)
  *   colsum(8)           out (C,) = Σ_n X[n]                                 global (C) / (C/8)
  *   spikes_forward      s = 1[h > θ]                                        global (H, N)
  *   row_normalize_forward / _backward(8)   k = h/sqrt(|h|²+1e-6) and dh += … global (N)
@@ -268,4 +269,11 @@ __kernel void fw_state_norm(__global const float* G, __global const float* Q,
             acc += w[S - 1 - t] * w[S - 1 - u] * G[i] * Q[i];
         }
     out[b] = sqrt(max(acc, 0.0f));
+}
+
+/* add_inplace: y (n,) += x (n,)   global (n)   reference: add_inplace */
+__kernel void add_inplace(__global const float* x, __global float* y)
+{
+    const int i = get_global_id(0);
+    y[i] += x[i];
 }

@@ -277,7 +277,7 @@ def test_huge_batch_is_refused_before_any_large_allocation(text_file, dev, monke
     cfg = apply_overrides(Config(), [f"data.path={text_file}", "train.batch_size=1000000"])
     with pytest.raises(DeviceError) as exc:
         Trainer(cfg, device=dev)
-    assert str(exc.value).startswith("buffer 'workspace.a' (64000000, 384) needs 91.6 GiB, more than one "
+    assert str(exc.value).startswith("buffer 'workspace.embed.a' (64000000, 384) needs 91.6 GiB, more than one "
                                      f"buffer may hold on {dev.name} (CL_DEVICE_MAX_MEM_ALLOC_SIZE")
     monkeypatch.undo()
     assert main(["--set", f"data.path={text_file}", "--set", "train.batch_size=1000000"]) == 2
@@ -307,8 +307,18 @@ def arrays_of(obj, skip=()):
 
 
 def model_arrays(m):
-    """The model's buffers and its optimiser's (engine.optim: declared with the model's)."""
-    return {**arrays_of(m), **{k: (tuple(v.shape), v.dtype) for k, v in m.opt.state.items()}}
+    """The model's buffers, its optimiser's (engine.optim: declared with the model's) and its
+    layers' state."""
+    return {**arrays_of(m), **{k: (tuple(v.shape), v.dtype) for k, v in m.opt.state.items()},
+            **{k: (tuple(v.shape), v.dtype) for k, v in m.st.items()}}
+
+
+def workspace_arrays(ws):
+    """The batch's buffers and every layer's, as `<layer>.<buffer>`."""
+    out = arrays_of(ws)
+    for layer, ns in ws.buf.items():
+        out.update({f"{layer}.{k}": v for k, v in arrays_of(ns).items()})
+    return out
 
 
 def declared(d):
@@ -316,23 +326,28 @@ def declared(d):
 
 
 @pytest.mark.opencl
-@pytest.mark.parametrize("hebb,batch,device,opt", [("fast_weights", B, "dev", "adamw"), ("shadow", 256, "dev", "adamw"),
-                                                   ("modulate", 256, "gpu_dev", "adamw"), ("off", 2, "dev", "sgd")])
-def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device, opt):
+@pytest.mark.parametrize("hebb,batch,device,opt,extra", [
+    ("fast_weights", B, "dev", "adamw", ()), ("shadow", 256, "dev", "adamw", ()),
+    ("modulate", 256, "gpu_dev", "adamw", ()), ("off", 2, "dev", "sgd", ()),
+    ("fast_weights", B, "dev", "adamw", ("model.num_layers=2", "hebb.norm=layernorm", "proto.mode=token")),
+    ("fast_weights", 256, "dev", "adamw", ("model.num_layers=3", "proto.mode=key"))])
+def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device, opt, extra):
     """What the memory check sizes (engine.model.*_buffers, gemm_scratch) is what a training step,
     its local rules, telemetry and an evaluation allocate: N = 256·8 = 2048 takes the K-split
     products, batch 2 (N < V) the unfolded embedding."""
     from engine.data import Vocab
-    from engine.reference import init_params
+    from engine.model import param_specs
+    from engine.params import init_params
     d = request.getfixturevalue(device)
     cfg = apply_overrides(Config(), [f"model.embedding_dim={E}", f"model.hidden_dim={H}",
-                                     f"model.num_prototypes={T}", f"hebb.mode={hebb}", f"optim.name={opt}"])
+                                     f"model.num_prototypes={T}", f"hebb.mode={hebb}", f"optim.name={opt}",
+                                     *extra])
     vocab = Vocab.from_text(TEXT)
     V = vocab.size
     saved = d.__dict__.pop("_workspace", None)   # ops.gemm's scratch, as a fresh device has it
     try:
         m = train_mod.Model(d, cfg, V)
-        m.set_params(init_params(V, E, H, 0))
+        m.set_params(init_params(param_specs(m.layers), 0))
         ws = m.workspace(batch, S)
         ids = vocab.encode(TEXT)[:batch * S + 1]
         ws.x.set(np.resize(ids[:-1], batch * S))
@@ -347,14 +362,12 @@ def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device, op
         d.__dict__.pop("_workspace", None)
         if saved is not None:
             d._workspace = saved
-    assert model_arrays(m) == declared(model_buffers(V, E, H, T, cfg.optim.name))
-    assert arrays_of(ws, skip=("ht", "zz", "post")) == declared(workspace_buffers(batch, S, E, H, V, T))
+    assert model_arrays(m) == declared(model_buffers(cfg, V))
+    assert workspace_arrays(ws) == declared(workspace_buffers(cfg, V, batch, S))
     assert scratch == declared({f"ops.{k}": v for k, v in gemm_scratch(cfg, V, batch, S, d.variant).items()})
     assert ("ops.gemm_partial" in scratch) == (batch == 256)
     allocated = {f"model.{k}": v for k, v in model_arrays(m).items()}
-    allocated.update({f"workspace.{k}": v for k, v in arrays_of(ws, skip=("ht", "zz", "post")).items()})
-    for length, table in m._decay_w.items():    # fast_weights only
-        allocated["model.decay_table"] = ((length,), table.dtype)
+    allocated.update({f"workspace.{k}": v for k, v in workspace_arrays(ws).items()})
     assert {**allocated, **scratch} == declared(device_buffers(cfg, V, batch, S, d.variant))
 
 

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.opencl
 TEXT = "the quick brown fox jumps over the lazy dog. " * 4
 
 
-def _model(dev, hebb_mode, proto_mode="feature", H=24):
-    cfg = apply_overrides(Config(), [f"hebb.mode={hebb_mode}", f"proto.mode={proto_mode}",
+def _model(dev, hebb_mode, proto_mode="feature", H=24, post="spikes"):
+    cfg = apply_overrides(Config(), [f"hebb.mode={hebb_mode}", f"proto.mode={proto_mode}", f"hebb.post={post}",
                                      "model.embedding_dim=16", f"model.hidden_dim={H}",
                                      "model.num_prototypes=5", "hebb.decay=0.3", "hebb.lr=0.7"])
     vocab = Vocab.from_text(TEXT)
@@ -60,10 +60,7 @@ def test_stepwise_logits_equal_sequence_forward(dev, hebb_mode):
 def test_fused_generation_kernel_equals_the_unfused_path(dev, hebb_mode, proto_mode, post, H):
     """kernels/generate.cl (one launch per character) against the training kernels
     chained step by step, through 40 characters of carried state."""
-    m, vocab = _model(dev, hebb_mode, proto_mode, H)
-    if post != "spikes":
-        from engine.config import with_overrides
-        m.cfg = with_overrides(m.cfg, {"hebb.post": post})
+    m, vocab = _model(dev, hebb_mode, proto_mode, H, post)
     ids = vocab.encode(TEXT[:40])
     fused, plain = Generator(m, vocab, fused=True), Generator(m, vocab, fused=False)
     a = np.stack([fused.feed(int(t)).copy() for t in ids])

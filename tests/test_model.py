@@ -107,9 +107,9 @@ def check_loss_and_gradients(dev, hebb_mode, proto_mode, post, batch=B):
 
     # discontinuities first: the spikes and the assignments must not flip between float32 and
     # float64, or the comparison below would be meaningless (and flaky)
-    np.testing.assert_array_equal(ws.s.get(), cache["s"])
+    np.testing.assert_array_equal(ws.buf["bio0"].s.get(), cache["s"])
     if proto_mode != "off":
-        np.testing.assert_array_equal(ws.assign.get(), cache["assign"])
+        np.testing.assert_array_equal(ws.buf["bio0"].assign.get(), cache["assign"])
     # mean of N = 24 log-sum-exps over V ~ 25 logits in float32: observed 3e-7 relative
     np.testing.assert_allclose(loss[0], want_loss, rtol=1e-5)
     assert loss[2] == cache["n_valid"] == B * S - 2
@@ -175,8 +175,8 @@ def run_engine(dev, cfg, V, batches):
         lr = model.lr_at(model.step + 1)
         model.forward(ws)
         losses.append(ws.loss_out.get()[0])
-        spikes.append(ws.s.get())
-        assigns.append(ws.assign.get() if cfg.proto.mode != "off" else None)
+        spikes.append(ws.buf["bio0"].s.get())
+        assigns.append(ws.buf["bio0"].assign.get() if cfg.proto.mode != "off" else None)
         model.backward(ws)
         model.optimizer_step(lr)
         gnorms.append(float(model.gnorm.get()[0]))

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from . import params as params_mod
+from .. import params as params_mod
 
 PAD = -1                                # target id ignored by the loss
 NORM_EPS = 1e-6                         # the 1e-6 inside sqrt(|x|^2 + 1e-6) (keys, cosine)

@@ -1,0 +1,83 @@
+"""Layers: the units every model family is built from (docs/layers.md).
+
+A layer declares what it owns and the model lays it out:
+  params()          learned tensors (engine.params.ParamSpec), in the model's flat buffers
+  state()           non-learned tensors (StateSpec): checkpointed unless scratch (Hebbian
+                    matrix, prototypes and their usage, running statistics)
+  buffers(B, S)     activations and their gradients at batch shape (B,S)
+  products(B, S)    the matrix products it runs (the memory check sizes ops.gemm's scratch)
+and runs on a Ctx (its views of those, see engine.model.Workspace):
+  forward(c, x) -> y        backward(c, dy) -> dx (accumulating into its gradient views)
+  local_update(c)           optional: Hebbian, prototype, memory writes, plasticity
+  warm_start(c)             optional: data-dependent initialisation (k-means++), after forward
+  telemetry(c) -> dict      optional, at logging points only (reads the device)
+
+Every layer's kernels are in kernels/ and its numpy reference in engine/reference/layers.py
+under the same class name; tests/test_layer_contract.py holds every layer to both.
+Letters: B batch, S sequence, N = B·S, E embedding, H hidden, V vocab, T prototypes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    name: str
+    shape: tuple
+    dtype: type = np.float32
+    fill: float = 0.0             # initial value of every element
+    checkpoint: bool = True       # False: scratch kept with the model (recomputed each use)
+
+
+class Layer:
+    """Base: a layer with nothing to learn, keep or record. `name` is unique in the model
+    (its buffers and telemetry); `prefix` is put before its parameter and state names
+    ("" keeps the names checkpoints have always had for the first layers)."""
+    kind = "layer"
+
+    def __init__(self, name: str, prefix: str = ""):
+        self.name, self.prefix = name, prefix
+
+    def params(self) -> list:
+        return []
+
+    def state(self) -> list[StateSpec]:
+        return []
+
+    def buffers(self, B: int, S: int) -> dict:
+        return {}
+
+    def products(self, B: int, S: int) -> tuple[list, list]:
+        """([(M, N, K, batch) of trans_b products], [(M, N, K) of trans_a products])."""
+        return [], []
+
+    def forward(self, c, x):
+        return x
+
+    def backward(self, c, dy):
+        return dy
+
+    def local_update(self, c):
+        pass
+
+    needs_warm_start = False
+
+    def warm_start(self, c):
+        pass
+
+    def telemetry(self, c) -> dict:
+        return {}
+
+
+f32, i32 = np.float32, np.int32
+
+
+def build(decl):
+    """The device layer of a declaration (engine.models.LayerDecl)."""
+    from . import bio, embed, head, norm, residual
+    classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
+                                   norm.LayerNorm, norm.BatchNorm, norm.Dropout)}
+    return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)

@@ -1,0 +1,27 @@
+"""Model families: each declares its layers from the config (`model.family`).
+
+A family is a function cfg, V -> [LayerDecl]: the device model (engine.model.Model) and the
+numpy reference model (engine.reference.model.RefModel) are both built from that one list,
+so they cannot drift. The list order is the order of the forward pass and of the flat
+parameter buffer (and so of the global gradient norm's sum).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerDecl:
+    kind: str                      # engine.layers kind: embed_gelu, bio, residual_gelu, char_head
+    name: str                      # unique in the model: buffers, telemetry
+    prefix: str = ""               # before its parameter and state names
+    args: dict = field(default_factory=dict)
+
+
+def families() -> dict:
+    from . import hybrid
+    return {"hybrid": hybrid.layers}
+
+
+def layers_of(cfg, V: int) -> list[LayerDecl]:
+    return families()[cfg.model.family](cfg, V)
