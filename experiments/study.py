@@ -91,6 +91,16 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
            ("prototypes: hybrid vs ablation_no_proto", "hybrid", "ablation_no_proto"),
            ("spikes: hybrid vs ablation_no_spikes", "hybrid", "ablation_no_spikes"),
            ("the seed's wiring: seed vs gradient_only", "seed", "gradient_only"))),
+    Study("layers", "the composable layers: stacked bio layers and the new memory and prototype wirings "
+          "against hybrid, and each prototype wiring against the same model without prototypes",
+          ("hybrid", "stack2", "stack3", "hebb_layernorm", "hebb_delta", "proto_token", "proto_key",
+           "ablation_no_proto"), "hybrid",
+          (("2 layers: stack2 vs hybrid", "stack2", "hybrid"), ("3 layers: stack3 vs hybrid", "stack3", "hybrid"),
+           ("layernorm: hebb_layernorm vs hybrid", "hebb_layernorm", "hybrid"),
+           ("delta rule: hebb_delta vs hybrid", "hebb_delta", "hybrid"),
+           ("token prototypes: proto_token vs ablation_no_proto", "proto_token", "ablation_no_proto"),
+           ("key prototypes: proto_key vs ablation_no_proto", "proto_key", "ablation_no_proto"),
+           ("feature prototypes: hybrid vs ablation_no_proto", "hybrid", "ablation_no_proto"))),
 ]}
 
 
