@@ -28,13 +28,12 @@ from .checkpoint import CheckpointError, check_compatible, check_out_dir, checkp
     save_checkpoint
 from .config import Config, ConfigError, apply_overrides
 from .tasks import task_of
-from .data import Batches, DataError, Vocab, load_text, split_text, text_digest, val_batches
+from .data import DataError
 from .device import Device, DeviceError, kernel_source_hash
 from .model import Model, device_buffers, param_specs, state_shapes
 from .params import init_params
 
 CHECKPOINT_FORMAT = 1
-LN2 = math.log(2.0)
 
 
 class TrainingError(RuntimeError):
@@ -85,24 +84,15 @@ class Trainer:
         ckpt = load_checkpoint(resume) if resume else None
         if ckpt:
             self._check_resumable(resume, ckpt[1])
-        text = load_text(cfg.data.path)
-        train_text, val_text = split_text(text, cfg.data.val_fraction)
-        self.vocab = Vocab.from_json(ckpt[1]["vocab"]) if ckpt else Vocab.from_text(train_text)
-        self.train_ids = self.vocab.encode(train_text)
-        self.val_ids = self.vocab.encode(val_text)
-        self.n_chars = len(text)
-        self.data_sha256 = text_digest(cfg.data.path, text)
-        B, S = cfg.train.batch_size, cfg.train.seq_len
-        self.batches = Batches(self.train_ids, B, S, cfg.seed)
+        self.data = self.task.make(cfg, vocab_json=ckpt[1]["vocab"] if ckpt else None)
         self.checkpoint_nbytes = checkpoint_size(self._checkpoint_arrays(), self._meta_bytes())
         if out_dir:
             self.check_out_dir(out_dir)
         self.dev = device or Device(cfg.device, profile=cfg.train.profile)
         self.dev.check_memory(self.device_buffers(self.dev.variant))
-        self.val = val_batches(self.val_ids, B, S, cfg.train.eval_batches)
-        self.model = Model(self.dev, cfg, self.vocab.size)
-        self.ws = self.model.workspace(B, S)
-        self.ids_dev = self.dev.to_device(self.train_ids)
+        self.model = Model(self.dev, cfg, self.data.output_size)
+        self.ws = self.model.workspace(cfg.train.batch_size, cfg.train.seq_len)
+        self.data.to_device(self.dev)
         self.step_acc = self.dev.zeros((3,))  # loss sum, clipped steps, steps since the last log
         self.last_assign = None
         self.history: list[dict] = []
@@ -112,6 +102,16 @@ class Trainer:
             self._restore(resume, *ckpt)
         else:
             self.model.set_params(init_params(param_specs(self.model.layers), cfg.seed))
+
+    # the task's data, under the names the harness has always read
+    vocab = property(lambda self: self.data.vocab)
+    train_ids = property(lambda self: self.data.train_ids)
+    val_ids = property(lambda self: self.data.val_ids)
+    n_chars = property(lambda self: self.data.n_chars)
+    data_sha256 = property(lambda self: self.data.data_sha256)
+    batches = property(lambda self: self.data.batches)
+    val = property(lambda self: self.data.val)
+    ids_dev = property(lambda self: self.data.ids_dev)
 
     @property
     def remaining_steps(self) -> int:
@@ -138,7 +138,7 @@ class Trainer:
     def _checkpoint_arrays(self) -> dict:
         """{name: (shape, dtype)} of the arrays save() writes."""
         cfg = self.cfg
-        out = state_shapes(cfg, self.vocab.size)
+        out = state_shapes(cfg, self.data.output_size)
         if cfg.proto.mode != "off":   # the first validation batch's assignments
             out["state.last_assign"] = ((cfg.train.batch_size * cfg.train.seq_len,), np.int32)
         out["state.step_acc"] = ((3,), np.float32)
@@ -162,8 +162,8 @@ class Trainer:
     def device_buffers(self, variant: str = "cpu") -> dict:
         """{name: (shape, dtype)} of every buffer this run puts on the device."""
         cfg = self.cfg
-        out = device_buffers(cfg, self.vocab.size, cfg.train.batch_size, cfg.train.seq_len, variant)
-        out["train.ids"] = ((len(self.train_ids),), np.int32)
+        out = device_buffers(cfg, self.data.output_size, cfg.train.batch_size, cfg.train.seq_len, variant)
+        out.update(self.data.device_buffers())
         out["train.step_acc"] = ((3,), np.float32)
         return out
 
@@ -180,7 +180,7 @@ class Trainer:
             arrays["state.last_assign"] = self.last_assign
         arrays["state.step_acc"] = self.step_acc.get()
         meta = {"format": CHECKPOINT_FORMAT, "step": self.model.step, "config": self.cfg.to_dict(),
-                "vocab": self.vocab.to_json(), "batches": self.batches.state(),
+                **self.data.state(),
                 "proto_ready": self.model.proto_ready, "kernel_hash": kernel_source_hash(),
                 "device": self.dev.name, "history": self.history, "train_time_s": self.train_time_s}
         for cb in self.callbacks:   # e.g. the tracker makes what it logged so far durable first
@@ -202,7 +202,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint {path}: arrays do not fit this model ({exc})") from exc
         self.model.step = int(meta["step"])
         self.model.proto_ready = bool(meta.get("proto_ready", True))
-        self.batches.set_state(meta["batches"])
+        self.data.set_state(meta)
         self.last_assign = arrays.get("state.last_assign")
         if "state.step_acc" in arrays:
             self.step_acc.set(np.ascontiguousarray(arrays["state.step_acc"], np.float32))
@@ -227,9 +227,7 @@ class Trainer:
             if self._stop:
                 status = self._stop
                 break
-            offsets = self.batches.next_offsets()
-            ws.offsets.set(offsets)
-            ops.gather_windows(dev, self.ids_dev, ws.offsets, ws.S, ws.x, ws.y)
+            self.data.next_batch(dev, ws)
             lr = m.gradient_step(ws)
             ops.accumulate_step_stats(dev, ws.loss_out, m.gnorm, cfg.optim.clip_norm, self.step_acc)
             step = m.step
@@ -293,21 +291,10 @@ class Trainer:
         raise TrainingError(f"non-finite value at step {step} in {bad or 'gradient norm'}{kept}")
 
     def evaluate(self, step: int, log_rec: dict | None = None) -> dict:
-        """Validation loss (nats), accuracy and bits per character over the split."""
-        m, ws, dev = self.model, self.ws, self.dev
-        total, hits, count = 0.0, 0.0, 0.0
-        first_assign = None
-        for x, y in self.val:
-            ws.x.set(np.ascontiguousarray(x.ravel(), np.int32))
-            ws.y.set(np.ascontiguousarray(y.ravel(), np.int32))
-            m.forward(ws, training=False)
-            out = ws.loss_out.get().astype(np.float64)
-            total, hits, count = total + out[3], hits + out[1], count + out[2]
-            if first_assign is None and self.cfg.proto.mode != "off":
-                first_assign = m.assignments(ws).get()
-        val_loss = total / max(count, 1.0)
-        rec = {"step": step, "train_loss": log_rec["train_loss"] if log_rec else float("nan"),
-               "val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2,
+        """The task's metrics over the validation split (character LM: loss in nats, accuracy,
+        bits per character), the prototype assignments' change since the last evaluation."""
+        metrics, first_assign = self.data.evaluate(self.model, self.ws)
+        rec = {"step": step, "train_loss": log_rec["train_loss"] if log_rec else float("nan"), **metrics,
                "train_time_s": self.train_time_s}
         if first_assign is not None:
             if self.last_assign is not None:

@@ -437,13 +437,14 @@ _CODE_VERSION: list[str] = []
 
 
 def code_version() -> str:
-    """16 hex digits of sha256 over the code that decides a run's numbers: engine/*.py and
-    kernels/*.cl (names and bytes, in name order). Documentation and harness changes keep it."""
+    """16 hex digits of sha256 over the code that decides a run's numbers: engine/**/*.py (the
+    layers, model families and reference packages with it) and kernels/*.cl (paths and bytes,
+    in path order). Documentation and harness changes keep it."""
     if not _CODE_VERSION:
         import hashlib
         h = hashlib.sha256()
-        for path in sorted([*(REPO / "engine").glob("*.py"), *(REPO / "kernels").glob("*.cl")]):
-            h.update(f"{path.parent.name}/{path.name}".encode())
+        for path in sorted([*(REPO / "engine").rglob("*.py"), *(REPO / "kernels").glob("*.cl")]):
+            h.update(path.relative_to(REPO).as_posix().encode())
             h.update(path.read_bytes())
         _CODE_VERSION.append(h.hexdigest()[:16])
     return _CODE_VERSION[0]

@@ -24,6 +24,7 @@ import engine.train as train_mod
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import Config, apply_overrides
 from engine.device import Device, DeviceError, format_bytes
+from engine.tasks import char_lm
 from engine.model import device_buffers, gemm_scratch, model_buffers, workspace_buffers
 from engine.train import Trainer, TrainingError, check_resume_steps, format_duration, main, make_progress
 
@@ -258,7 +259,7 @@ def test_huge_hidden_dim_is_refused_before_allocation(text_file, dev, monkeypatc
     if not is_pocl_sized(dev):
         pytest.skip("this device could hold a 37 GiB buffer")
     monkeypatch.setattr(train_mod, "Model", no_model)
-    monkeypatch.setattr(train_mod, "val_batches", no_model)
+    monkeypatch.setattr(char_lm, "val_batches", no_model)
     t0 = time.perf_counter()
     with pytest.raises(DeviceError) as exc:
         Trainer(config(text_file, "model.hidden_dim=100000"), device=dev)
@@ -273,7 +274,7 @@ def test_huge_batch_is_refused_before_any_large_allocation(text_file, dev, monke
     if not is_pocl_sized(dev):
         pytest.skip("this device could hold a 92 GiB buffer")
     monkeypatch.setattr(train_mod, "Model", no_model)
-    monkeypatch.setattr(train_mod, "val_batches", no_model)   # (B,S) host arrays come after the check
+    monkeypatch.setattr(char_lm, "val_batches", no_model)   # (B,S) host arrays come after the check
     cfg = apply_overrides(Config(), [f"data.path={text_file}", "train.batch_size=1000000"])
     with pytest.raises(DeviceError) as exc:
         Trainer(cfg, device=dev)

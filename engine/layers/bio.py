@@ -224,7 +224,7 @@ class BioAssociative(Layer):
 
     # -- telemetry (logging points only: these read the device) -----------------------------
     def telemetry(self, c) -> dict:
-        dev, b, st, N, H, T = c.dev, c.b, c.st, c.N, self.H, self.T
+        dev, b, st, N, H = c.dev, c.b, c.st, c.N, self.H
         out = {}
         ops.colsum(dev, b.s, b.spike_cols, N, H)
         out["spike_rate"] = float(b.spike_cols.get().astype(np.float64).sum() / (N * H))

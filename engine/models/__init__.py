@@ -24,4 +24,6 @@ def families() -> dict:
 
 
 def layers_of(cfg, V: int) -> list[LayerDecl]:
-    return families()[cfg.model.family](cfg, V)
+    """The family's body, then the task's head (engine.tasks: the loss it is trained on)."""
+    from ..tasks import task_of
+    return families()[cfg.model.family](cfg, V) + task_of(cfg).head_layers(cfg, V)

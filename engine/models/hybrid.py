@@ -1,6 +1,8 @@
 """The hybrid bio-inspired character model (docs/model.md):
 
-    EmbedGelu → BioAssociative → [ResidualGelu → BioAssociative] × (num_layers − 1) → CharHead
+    EmbedGelu → BioAssociative → [ResidualGelu → BioAssociative] × (num_layers − 1)
+
+and the task's head after it (character LM: CharHead).
 
 With model.num_layers = 1 (the default) this is the model the engine has always trained,
 with the same parameter, state and telemetry names. Layer l ≥ 1 has its own fast-weight
@@ -25,5 +27,4 @@ def layers(cfg, V: int) -> list[LayerDecl]:
                                                          spike_threshold=m.spike_threshold,
                                                          seed=(cfg.seed + 1000003 * i) % 2**32,
                                                          tprefix=f"bio{i}/" if i else "")))
-    out.append(LayerDecl("char_head", "head", "", dict(V=V, H=H, init=m.init)))
     return out

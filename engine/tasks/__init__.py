@@ -3,8 +3,9 @@ direction, meaning) and the objective a sweep or a study optimises; the trainer'
 records carry those names, and the MLflow logger, the sweeps and the studies read them from
 here instead of listing them by hand.
 
-Character language modelling is the one task today (the data, batches and loss head still
-live in engine/data.py and the model; docs/layers.md says where they move).
+A task is its declaration here (Task: metrics, objective) and its runtime class, which owns
+the data, the batches, the loss head (the layers after the family's body), the evaluation and
+sampling: engine/tasks/char_lm.py is character language modelling, the one task today.
 """
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ class Task:
     name: str
     metrics: tuple       # Metric, in the order reports show them
     objective: str       # the metric a sweep optimises
+    module: str = ""     # engine.tasks.<module>: head_layers(cfg, V) and the runtime class
+    runtime: str = ""
+
+    def head_layers(self, cfg, V: int) -> list:
+        return self._module().head_layers(cfg, V)
+
+    def make(self, cfg, **kwargs):
+        """The runtime task of a run: its data, batches and evaluation."""
+        return getattr(self._module(), self.runtime)(cfg, **kwargs)
+
+    def _module(self):
+        import importlib
+        return importlib.import_module(f"{__name__}.{self.module}")
 
     def metric(self, name: str) -> Metric:
         return next(m for m in self.metrics if m.name == name)
@@ -40,7 +54,8 @@ class Task:
 
 CHAR_LM = Task("char_lm", (Metric("val_loss", "min", "validation cross-entropy, nats per character"),
                            Metric("val_acc", "max", "validation next-character accuracy"),
-                           Metric("val_bpc", "min", "validation bits per character")), objective="val_loss")
+                           Metric("val_bpc", "min", "validation bits per character")), objective="val_loss",
+               module="char_lm", runtime="CharLM")
 TASKS = {t.name: t for t in (CHAR_LM,)}
 
 

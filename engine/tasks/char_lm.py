@@ -1,0 +1,89 @@
+"""Character language modelling: the task the hybrid model is trained and judged on.
+
+The task owns the data (the corpus, its train/validation split, the vocabulary), the
+batches (random windows of the training ids gathered on the device, the validation split
+in fixed windows), the loss head (engine.layers.head.CharHead: softmax cross-entropy on the
+next character), the evaluation (validation loss in nats, accuracy, bits per character) and
+sampling (engine.generate). The trainer (engine.train) only calls these.
+Letters: B batch, S sequence length, V vocabulary, H the body's output width.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import ops
+from ..data import Batches, Vocab, load_text, split_text, text_digest, val_batches
+from ..models import LayerDecl
+
+LN2 = math.log(2.0)
+
+
+def head_layers(cfg, V: int) -> list:
+    """The loss head after the family's body (whose output is (N, model.hidden_dim))."""
+    return [LayerDecl("char_head", "head", "", dict(V=V, H=cfg.model.hidden_dim, init=cfg.model.init))]
+
+
+class CharLM:
+    """The data, batches and evaluation of one run (nothing on the device until to_device)."""
+
+    def __init__(self, cfg, vocab_json: str | None = None):
+        self.cfg = cfg
+        text = load_text(cfg.data.path)
+        train_text, val_text = split_text(text, cfg.data.val_fraction)
+        self.vocab = Vocab.from_json(vocab_json) if vocab_json else Vocab.from_text(train_text)
+        self.train_ids = self.vocab.encode(train_text)
+        self.val_ids = self.vocab.encode(val_text)
+        self.n_chars = len(text)
+        self.data_sha256 = text_digest(cfg.data.path, text)
+        B, S = cfg.train.batch_size, cfg.train.seq_len
+        self.batches = Batches(self.train_ids, B, S, cfg.seed)
+        self.val = self.ids_dev = None   # to_device: after the memory check (a huge batch is refused first)
+
+    @property
+    def output_size(self) -> int:   # V: what the model's embedding and head are sized by
+        return self.vocab.size
+
+    def device_buffers(self) -> dict:
+        return {"train.ids": ((len(self.train_ids),), np.int32)}
+
+    def to_device(self, dev):
+        cfg = self.cfg
+        self.val = val_batches(self.val_ids, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches)
+        self.ids_dev = dev.to_device(self.train_ids)
+
+    # -- batches ----------------------------------------------------------------------
+    def next_batch(self, dev, ws):
+        """The next training batch into ws.x, ws.y (window starts from the seeded generator)."""
+        ws.offsets.set(self.batches.next_offsets())
+        ops.gather_windows(dev, self.ids_dev, ws.offsets, ws.S, ws.x, ws.y)
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the task: the vocabulary and the batch generator."""
+        return {"vocab": self.vocab.to_json(), "batches": self.batches.state()}
+
+    def set_state(self, meta: dict):
+        self.batches.set_state(meta["batches"])
+
+    # -- evaluation ----------------------------------------------------------------------
+    def evaluate(self, model, ws) -> tuple[dict, np.ndarray | None]:
+        """({val_loss, val_acc, val_bpc}, the first batch's prototype assignments or None):
+        the summed loss over every valid target of the split, in evaluation mode."""
+        total, hits, count = 0.0, 0.0, 0.0
+        first_assign = None
+        for x, y in self.val:
+            ws.x.set(np.ascontiguousarray(x.ravel(), np.int32))
+            ws.y.set(np.ascontiguousarray(y.ravel(), np.int32))
+            model.forward(ws, training=False)
+            out = ws.loss_out.get().astype(np.float64)
+            total, hits, count = total + out[3], hits + out[1], count + out[2]
+            if first_assign is None and self.cfg.proto.mode != "off":
+                first_assign = model.assignments(ws).get()
+        val_loss = total / max(count, 1.0)
+        return {"val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2}, first_assign
+
+    # -- sampling --------------------------------------------------------------------------
+    def generator(self, model):
+        from ..generate import Generator
+        return Generator(model, self.vocab)
