@@ -52,6 +52,8 @@ from engine.config import ConfigError, apply_overrides
 from engine.data import Batches, DataError, Vocab, load_text, split_text
 from engine.device import Device, DeviceError
 from engine.model import Model
+from engine.optim import make_optimizer
+from engine.train import train_step
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WIRINGS = ("seed", "hybrid")
@@ -118,6 +120,7 @@ class EngineRunner:
         self.dev, self.cfg = dev, cfg
         self.model = Model(dev, cfg, V)
         self.model.set_params(ref.init_params(V, cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.seed))
+        self.opt = make_optimizer(dev, cfg, self.model)
         self.ws = self.model.workspace(cfg.train.batch_size, cfg.train.seq_len)
         self.batches = [(np.ascontiguousarray(x.ravel(), np.int32), np.ascontiguousarray(y.ravel(), np.int32))
                         for x, y in batches]
@@ -129,7 +132,7 @@ class EngineRunner:
         self.i += 1
         ws.x.set(x)
         ws.y.set(y)
-        m.gradient_step(ws)
+        train_step(m, self.opt, ws)
         m.local_updates(ws)
 
     def run(self, n: int) -> float:
@@ -398,8 +401,8 @@ ws.offsets.set(tr.batches.next_offsets())
 ops.gather_windows(dev, tr.ids_dev, ws.offsets, ws.S, ws.x, ws.y)
 if not m.proto_ready:
     m.init_prototypes(ws)
-lr = m.lr_at(m.step + 1)
-m.forward(ws); m.backward(ws); m.optimizer_step(lr); m.local_updates(ws)
+lr = tr.opt.lr_at(m.step + 1)
+m.forward(ws); m.backward(ws); tr.opt.step(m, lr); m.local_updates(ws)
 loss = float(ws.loss_out.get()[0])
 dev.finish()
 t3 = time.perf_counter()

@@ -1,7 +1,8 @@
 """A model on an OpenCL device, built from the layers its family declares (engine/models/):
 flat parameters, gradients and optimiser state laid out from the layers' declarations, the
 forward pass through the layers in order, the backward pass in reverse, then the local rules
-(docs/layers.md). Every step is entirely in kernels.
+(docs/layers.md). Every step is entirely in kernels; the trainer runs the optimiser
+(engine.optim) on the model's flat buffers.
 
     python -m engine.train --set train.steps=50     # trains the default (hybrid) model
 
@@ -97,14 +98,11 @@ def workspace_buffers(cfg: Config, V: int, B: int, S: int, layers=None) -> dict[
 
 
 def model_buffers(cfg: Config, V: int, layers=None) -> dict[str, tuple[tuple, type]]:
-    """{name: (shape, dtype)} of every buffer a Model allocates: flat parameters, gradients,
-    the optimiser's state (engine.optim) and the chunk tables; each layer's state."""
+    """{name: (shape, dtype)} of every buffer a Model allocates: flat parameters and gradients,
+    each layer's state."""
     layers = layers or model_layers(cfg, V)
     n = Layout.of(param_specs(layers)).total
-    f = np.float32
-    flat, chunks = ((n,), f), ((n // CHUNK,), f)
-    out = {"theta": flat, "grad": flat, **optim.optimizer_class(cfg.optim.name).buffers(n), "wd_mask": chunks,
-           "partials": chunks, "gnorm": ((1,), f)}
+    out = {"theta": ((n,), np.float32), "grad": ((n,), np.float32)}
     for layer in layers:
         out.update({s.name: (tuple(s.shape), s.dtype) for s in layer.state()})
     return out
@@ -134,10 +132,12 @@ def gemm_scratch(cfg: Config, V: int, B: int, S: int, variant: str = "cpu", laye
 
 
 def device_buffers(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") -> dict[str, tuple[tuple, type]]:
-    """{name: (shape, dtype)} of everything a Model of cfg and its (B,S) Workspace put on the
-    device (model.*, workspace.*, ops.* scratch): for Device.check_memory."""
+    """{name: (shape, dtype)} of everything a Model of cfg, its optimiser and its (B,S) Workspace
+    put on the device (model.*, optim.*, workspace.*, ops.* scratch): for Device.check_memory."""
     layers = model_layers(cfg, V)
     out = {f"model.{k}": v for k, v in model_buffers(cfg, V, layers).items()}
+    n = Layout.of(param_specs(layers)).total
+    out.update({f"optim.{k}": v for k, v in optim.optimizer_class(cfg.optim.name).buffers(n, CHUNK).items()})
     out.update({f"workspace.{k}": v for k, v in workspace_buffers(cfg, V, B, S, layers).items()})
     out.update({f"ops.{k}": v for k, v in gemm_scratch(cfg, V, B, S, variant, layers).items()})
     return out
@@ -209,12 +209,8 @@ class Model:
         self.Vp = padded(self.V)
         self.layers = list(layers) if layers is not None else model_layers(cfg, self.V)
         self.layout = Layout.of(param_specs(self.layers))
-        self.n_chunks = self.layout.total // CHUNK
         buf = model_buffers(cfg, self.V, self.layers)   # what the memory check sized
         self.theta, self.grad = dev.zeros(*buf["theta"]), dev.zeros(*buf["grad"])
-        self.opt = optim.optimizer_class(cfg.optim.name)(dev, cfg.optim, self.layout.total, CHUNK)
-        self.wd_mask = dev.to_device(self.layout.decay_mask())
-        self.partials, self.gnorm = dev.zeros(*buf["partials"]), dev.zeros(*buf["gnorm"])
         self.p = {name: self._view(self.theta, name) for name in self.layout.names}
         self.g = {name: self._view(self.grad, name) for name in self.layout.names}
         self.state_specs = [s for layer in self.layers for s in layer.state()]
@@ -277,16 +273,17 @@ class Model:
         """Every layer's checkpointed state, as named host arrays."""
         return {s.name: self.st[s.name].get() for s in self.state_specs if s.checkpoint}
 
-    def state_arrays(self) -> dict:
-        """Everything a checkpoint needs from the device, as named host arrays."""
+    def state_arrays(self, opt=None) -> dict:
+        """Everything a checkpoint needs from the device, as named host arrays: parameters,
+        the optimiser's state in the same layout (adam_m.*, adam_v.* or sgd_velocity.*), state.*."""
         out = {f"param.{k}": v for k, v in self.get_params().items()}
-        for name, buf in self.opt.state.items():   # adam_m.*, adam_v.* (or sgd_velocity.*)
+        for name, buf in (opt.state.items() if opt else ()):
             out.update({f"{name}.{k}": v for k, v in self._unpack(buf.get()).items()})
         out.update({f"state.{k}": v for k, v in self.get_state().items()})
         return out
 
-    def load_state_arrays(self, arrays: dict):
-        for prefix, flat_dev in (("param", self.theta), *self.opt.state.items()):
+    def load_state_arrays(self, arrays: dict, opt=None):
+        for prefix, flat_dev in (("param", self.theta), *(opt.state.items() if opt else ())):
             flat = np.zeros(self.layout.total, np.float32)
             self._pack(flat, {k: arrays[f"{prefix}.{k}"] for k in self.layout.names})
             flat_dev.set(flat)
@@ -331,28 +328,6 @@ class Model:
         self.proto_ready = True
 
     # -- updates ------------------------------------------------------------------------------
-    def lr_at(self, step: int) -> float:
-        return optim.lr_at(self.cfg.optim, self.cfg.train.steps, step)
-
-    def gradient_step(self, ws: Workspace) -> float:
-        """Forward, backward and the optimiser on the batch in ws (prototypes initialised
-        from it first if needed); returns the learning rate used. The local
-        rules follow with local_updates(ws), after any telemetry read."""
-        if not self.proto_ready:
-            self.init_prototypes(ws)
-        lr = self.lr_at(self.step + 1)
-        self.forward(ws)
-        self.backward(ws)
-        self.optimizer_step(lr)
-        return lr
-
-    def optimizer_step(self, lr: float):
-        """Global norm (before clipping), then one step of the optimiser over every parameter."""
-        self.step += 1
-        ops.sumsq_chunks(self.dev, self.grad, self.partials, self.n_chunks, CHUNK)
-        ops.global_norm(self.dev, self.partials, self.n_chunks, self.gnorm)
-        self.opt.step(self.theta, self.grad, self.wd_mask, self.gnorm, self.step, lr)
-
     def local_updates(self, ws: Workspace):
         """Every layer's local rules on this step's forward pass (after the optimiser step)."""
         for layer in self.layers:
@@ -365,12 +340,8 @@ class Model:
 
     # -- telemetry (logging points only: these read the device) ------------------------------------
     def telemetry(self, ws: Workspace) -> dict:
+        """Every layer's telemetry of the last forward pass (the gradient norms are the optimiser's)."""
         out = {}
-        partials = self.partials.get().astype(np.float64)
-        owner = self.layout.chunk_owner()
-        for name in self.layout.names:
-            out[f"grad_norm/{name}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o == name)))
-        out["grad_norm"] = float(self.gnorm.get()[0])
         for layer in self.layers:
             out.update(layer.telemetry(ws.ctx[layer.name]))
         return out

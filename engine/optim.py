@@ -1,9 +1,11 @@
 """Optimisers over a model's flat parameter buffer, and the learning-rate schedule.
 
 The model owns the parameters and their gradients (flat buffers in which every tensor starts
-at a multiple of CHUNK elements) and the global norm of the gradient; an optimiser owns its
-own state (declared in `STATE`, checkpointed by the model under those names) and one kernel
-launch over every parameter:
+at a multiple of CHUNK elements, engine.model.Layout). An optimiser is made from the model's
+layout and called by the trainer (`opt.step(model, lr)`; the model never calls it). It owns
+the weight-decay chunk mask, the per-chunk sums of squares and the global norm (one launch
+each, the per-parameter gradient norms from the chunk sums), its own state (declared in
+`STATE`, checkpointed under those names) and one kernel launch over every parameter:
 
     AdamW  m ← β1·m + (1−β1)·ĝ;  v ← β2·v + (1−β2)·ĝ²;  θ ← θ − lr·(m̂/(√v̂ + ε) + wd·θ)   (decoupled decay)
     SGD    u ← μ·u + ĝ + wd·θ;   θ ← θ − lr·u                                          (L2 decay, torch's SGD)
@@ -33,28 +35,58 @@ def lr_at(o, total_steps: int, step: int) -> float:
 
 
 class Optimizer:
-    """State buffers named in STATE, each the size of the flat parameter buffer."""
+    """State buffers named in STATE, each the size of the flat parameter buffer, and the
+    gradient-norm tables of the layout it was made for."""
     STATE: tuple[str, ...] = ()
 
-    def __init__(self, dev, o, n: int, chunk: int):
-        self.dev, self.o, self.n, self.chunk = dev, o, n, chunk
-        self.state = {name: dev.zeros(n) for name in self.STATE}
+    def __init__(self, dev, o, layout, chunk: int, total_steps: int = 1):
+        self.dev, self.o, self.layout, self.chunk, self.total_steps = dev, o, layout, chunk, total_steps
+        self.n = layout.total
+        self.n_chunks = self.n // chunk
+        buf = self.buffers(self.n, chunk)
+        self.state = {name: dev.zeros(*buf[name]) for name in self.STATE}
+        self.wd_mask = dev.to_device(layout.decay_mask())
+        self.partials, self.gnorm = dev.zeros(*buf["partials"]), dev.zeros(*buf["gnorm"])
 
     @classmethod
-    def buffers(cls, n: int) -> dict:
+    def buffers(cls, n: int, chunk: int = 1024) -> dict:
         """{name: (shape, dtype)} of what an instance allocates (for the memory check)."""
-        return {name: ((n,), np.float32) for name in cls.STATE}
+        f = np.float32
+        return {**{name: ((n,), f) for name in cls.STATE}, "wd_mask": ((n // chunk,), f),
+                "partials": ((n // chunk,), f), "gnorm": ((1,), f)}
 
-    def step(self, theta, grad, wd_mask, gnorm, t: int, lr: float) -> None:
+    def lr_at(self, step: int) -> float:
+        """The schedule's rate for optimiser step `step` (1-based) of a run of total_steps."""
+        return lr_at(self.o, self.total_steps, step)
+
+    def step(self, model, lr: float) -> None:
+        """Optimiser step model.step + 1 on model.grad: the global norm (before clipping), then
+        one update of every parameter."""
+        model.step += 1
+        ops.sumsq_chunks(self.dev, model.grad, self.partials, self.n_chunks, self.chunk)
+        ops.global_norm(self.dev, self.partials, self.n_chunks, self.gnorm)
+        self.update(model.theta, model.grad, model.step, lr)
+
+    def update(self, theta, grad, t: int, lr: float) -> None:
         raise NotImplementedError
+
+    def telemetry(self) -> dict:
+        """grad_norm/<param> from the chunk sums of the last step, and the global grad_norm."""
+        out = {}
+        partials = self.partials.get().astype(np.float64)
+        owner = self.layout.chunk_owner()
+        for name in self.layout.names:
+            out[f"grad_norm/{name}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o == name)))
+        out["grad_norm"] = float(self.gnorm.get()[0])
+        return out
 
 
 class AdamW(Optimizer):
     STATE = ("adam_m", "adam_v")
 
-    def step(self, theta, grad, wd_mask, gnorm, t, lr):
+    def update(self, theta, grad, t, lr):
         o = self.o
-        ops.adamw(self.dev, theta, grad, self.state["adam_m"], self.state["adam_v"], wd_mask, gnorm, self.n,
+        ops.adamw(self.dev, theta, grad, self.state["adam_m"], self.state["adam_v"], self.wd_mask, self.gnorm, self.n,
                   lr, o.beta1, o.beta2, o.eps, o.weight_decay, 1.0 - o.beta1 ** t, 1.0 - o.beta2 ** t,
                   o.clip_norm, o.clip_value, self.chunk)
 
@@ -62,9 +94,9 @@ class AdamW(Optimizer):
 class SGD(Optimizer):
     STATE = ("sgd_velocity",)
 
-    def step(self, theta, grad, wd_mask, gnorm, t, lr):
+    def update(self, theta, grad, t, lr):
         o = self.o
-        ops.sgd_momentum(self.dev, theta, grad, self.state["sgd_velocity"], wd_mask, gnorm, self.n, lr,
+        ops.sgd_momentum(self.dev, theta, grad, self.state["sgd_velocity"], self.wd_mask, self.gnorm, self.n, lr,
                          o.momentum, o.weight_decay, o.clip_norm, o.clip_value, self.chunk)
 
 
@@ -73,3 +105,9 @@ OPTIMIZERS = {"adamw": AdamW, "sgd": SGD}
 
 def optimizer_class(name: str) -> type[Optimizer]:
     return OPTIMIZERS[name]
+
+
+def make_optimizer(dev, cfg, model) -> Optimizer:
+    """cfg.optim's optimiser for model's flat buffers."""
+    from .model import CHUNK
+    return optimizer_class(cfg.optim.name)(dev, cfg.optim, model.layout, CHUNK, cfg.train.steps)

@@ -31,6 +31,7 @@ from .tasks import task_of
 from .data import DataError
 from .device import Device, DeviceError, kernel_source_hash
 from .model import Model, device_buffers, param_specs, state_shapes
+from .optim import make_optimizer
 from .params import init_params
 
 CHECKPOINT_FORMAT = 1
@@ -59,6 +60,19 @@ def check_resume_steps(steps: int, ckpt_step: int, path: str, allow_equal: bool 
     above = "at or above" if allow_equal else "above"
     raise CheckpointError(f"checkpoint {path!r} is at step {ckpt_step}; train.steps must be {above} "
                           f"it to resume (got train.steps={steps})")
+
+
+def train_step(model, opt, ws) -> float:
+    """Forward, backward and the optimiser on the batch in ws (every layer's warm start from
+    it first, if not done); returns the learning rate used. The local rules follow with
+    model.local_updates(ws), after any telemetry read."""
+    if not model.proto_ready:
+        model.init_prototypes(ws)
+    lr = opt.lr_at(model.step + 1)
+    model.forward(ws)
+    model.backward(ws)
+    opt.step(model, lr)
+    return lr
 
 
 class Callback:
@@ -91,6 +105,7 @@ class Trainer:
         self.dev = device or Device(cfg.device, profile=cfg.train.profile)
         self.dev.check_memory(self.device_buffers(self.dev.variant))
         self.model = Model(self.dev, cfg, self.data.output_size)
+        self.opt = make_optimizer(self.dev, cfg, self.model)
         self.ws = self.model.workspace(cfg.train.batch_size, cfg.train.seq_len)
         self.data.to_device(self.dev)
         self.step_acc = self.dev.zeros((3,))  # loss sum, clipped steps, steps since the last log
@@ -175,7 +190,7 @@ class Trainer:
         path = self.checkpoint_path()
         if path is None:
             return None
-        arrays = self.model.state_arrays()
+        arrays = self.model.state_arrays(self.opt)
         if self.last_assign is not None:
             arrays["state.last_assign"] = self.last_assign
         arrays["state.step_acc"] = self.step_acc.get()
@@ -197,7 +212,7 @@ class Trainer:
 
     def _restore(self, path, arrays, meta):
         try:
-            self.model.load_state_arrays(arrays)
+            self.model.load_state_arrays(arrays, self.opt)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {path}: arrays do not fit this model ({exc})") from exc
         self.model.step = int(meta["step"])
@@ -228,8 +243,8 @@ class Trainer:
                 status = self._stop
                 break
             self.data.next_batch(dev, ws)
-            lr = m.gradient_step(ws)
-            ops.accumulate_step_stats(dev, ws.loss_out, m.gnorm, cfg.optim.clip_norm, self.step_acc)
+            lr = train_step(m, self.opt, ws)
+            ops.accumulate_step_stats(dev, ws.loss_out, self.opt.gnorm, cfg.optim.clip_norm, self.step_acc)
             step = m.step
             steps_timed += 1
             is_eval = step % tc.eval_every == 0 or step == tc.steps
@@ -266,6 +281,7 @@ class Trainer:
         self.dev.cl.enqueue_fill_buffer(self.dev.queue, self.step_acc.data, np.zeros(1, np.float32), 0, 12)
         n_steps = max(acc[2], 1.0)
         rec = {"step": step, "train_loss": acc[0] / n_steps, "clipped_frac": acc[1] / n_steps, "lr": lr}
+        rec.update(self.opt.telemetry())
         rec.update(m.telemetry(ws))
         self._check_finite(step, rec)
         rec["tokens_per_s"] = n_timed * ws.N / seconds if seconds > 0 and n_timed else 0.0

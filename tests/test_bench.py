@@ -8,6 +8,7 @@ torch is optional: only the tests that need it skip without it. Small sizes
 """
 import dataclasses
 import json
+from functools import partial
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from conftest import B, E, H, S, T, TEXT, wiring_of  # shared tiny sizes and tex
 from engine import reference as ref
 from engine.data import Batches, Vocab
 from engine.model import Model
+from engine.optim import lr_at, make_optimizer
 from experiments import presets
 
 pytestmark = pytest.mark.opencl
@@ -41,6 +43,7 @@ def engine_losses(dev, cfg, V, batches):
     """Per-step losses of the engine driven like the Trainer (k-means++ on the first batch)."""
     model = Model(dev, cfg, V)
     model.set_params(ref.init_params(V, E, H, cfg.seed))
+    opt = make_optimizer(dev, cfg, model)
     ws = model.workspace(B, S)
     losses = []
     for x, y in batches:
@@ -48,11 +51,11 @@ def engine_losses(dev, cfg, V, batches):
         ws.y.set(y.ravel())
         if not model.proto_ready:
             model.init_prototypes(ws)
-        lr = model.lr_at(model.step + 1)
+        lr = opt.lr_at(model.step + 1)
         model.forward(ws)
         losses.append(float(ws.loss_out.get()[0]))
         model.backward(ws)
-        model.optimizer_step(lr)
+        opt.step(model, lr)
         model.local_updates(ws)
     return model, losses
 
@@ -87,7 +90,7 @@ def test_torch_matches_engine_and_reference(dev, case):
     name = "hybrid" if case == "reseed" else case
     cfg, V, batches = setup(name, **CASES[case])
     model, eng = engine_losses(dev, cfg, V, batches)
-    tmodel, tor = torch_losses(tm, cfg, V, batches, model.lr_at)
+    tmodel, tor = torch_losses(tm, cfg, V, batches, partial(lr_at, cfg.optim, cfg.train.steps))
     want = reference_first_loss(cfg, V, batches)
     # first step: the same parameters, P from the same k-means++ draw; float32 sums in different
     # orders (GEMM blocking, erf in float32 vs rounded float64): observed ≤ 1e-6 on losses ≈ 3-5
@@ -117,7 +120,8 @@ def test_five_step_tolerance_is_discriminating(dev):
     for label, mutate in variants.items():
         tmodel = tm.TorchHybrid(cfg, V)
         mutate(tmodel)
-        tor = [tmodel.train_step(x, y, model.lr_at(s), return_loss=True) for s, (x, y) in enumerate(batches, 1)]
+        tor = [tmodel.train_step(x, y, lr_at(cfg.optim, cfg.train.steps, s), return_loss=True)
+               for s, (x, y) in enumerate(batches, 1)]
         # Adam is nearly invariant to a uniform rescaling, so leaving out the global-norm clip
         # moves these losses by only 2.6e-4 (the prototype rule by more): still > 2x the 1e-4
         assert np.abs(np.array(tor) - np.array(eng)).max() > 2e-4, label

@@ -24,6 +24,7 @@ import engine.train as train_mod
 from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import Config, apply_overrides
 from engine.device import Device, DeviceError, format_bytes
+from engine.optim import make_optimizer, optimizer_class
 from engine.tasks import char_lm
 from engine.model import device_buffers, gemm_scratch, model_buffers, workspace_buffers
 from engine.train import Trainer, TrainingError, check_resume_steps, format_duration, main, make_progress
@@ -308,10 +309,14 @@ def arrays_of(obj, skip=()):
 
 
 def model_arrays(m):
-    """The model's buffers, its optimiser's (engine.optim: declared with the model's) and its
-    layers' state."""
-    return {**arrays_of(m), **{k: (tuple(v.shape), v.dtype) for k, v in m.opt.state.items()},
-            **{k: (tuple(v.shape), v.dtype) for k, v in m.st.items()}}
+    """The model's buffers and its layers' state."""
+    return {**arrays_of(m), **{k: (tuple(v.shape), v.dtype) for k, v in m.st.items()}}
+
+
+def optim_arrays(opt):
+    """The optimiser's state and its gradient-norm tables."""
+    return {**{k: (tuple(v.shape), v.dtype) for k, v in opt.state.items()},
+            **arrays_of(opt)}
 
 
 def workspace_arrays(ws):
@@ -353,7 +358,8 @@ def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device, op
         ids = vocab.encode(TEXT)[:batch * S + 1]
         ws.x.set(np.resize(ids[:-1], batch * S))
         ws.y.set(np.resize(ids[1:], batch * S))
-        m.gradient_step(ws)
+        opt = make_optimizer(d, cfg, m)
+        train_mod.train_step(m, opt, ws)
         m.telemetry(ws)
         m.local_updates(ws)
         m.forward(ws)
@@ -367,7 +373,10 @@ def test_declared_buffers_are_what_is_allocated(request, hebb, batch, device, op
     assert workspace_arrays(ws) == declared(workspace_buffers(cfg, V, batch, S))
     assert scratch == declared({f"ops.{k}": v for k, v in gemm_scratch(cfg, V, batch, S, d.variant).items()})
     assert ("ops.gemm_partial" in scratch) == (batch == 256)
+    n = m.layout.total
+    assert optim_arrays(opt) == declared(optimizer_class(cfg.optim.name).buffers(n))
     allocated = {f"model.{k}": v for k, v in model_arrays(m).items()}
+    allocated.update({f"optim.{k}": v for k, v in optim_arrays(opt).items()})
     allocated.update({f"workspace.{k}": v for k, v in workspace_arrays(ws).items()})
     assert {**allocated, **scratch} == declared(device_buffers(cfg, V, batch, S, d.variant))
 

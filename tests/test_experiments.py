@@ -292,8 +292,8 @@ def test_smoke_metrics_equal_the_untracked_engine_exactly(shared, engine_run):
     assert set(expected) == model_keys(cl, rid)
     for key, want in expected.items():
         assert series(cl, rid, key) == want, key
-    # the learning-rate schedule as the model defines it
-    assert [v for _, v in series(cl, rid, "lr")] == [trainer.model.lr_at(s) for s in range(5, 31, 5)]
+    # the learning-rate schedule as the optimiser defines it
+    assert [v for _, v in series(cl, rid, "lr")] == [trainer.opt.lr_at(s) for s in range(5, 31, 5)]
 
 
 def test_smoke_config_and_checkpoint_artifacts(shared, artifacts, smoke_cfg):

@@ -22,6 +22,7 @@ from engine.checkpoint import CheckpointError, load_checkpoint
 from engine.config import Config, apply_overrides
 from engine.data import Batches, Vocab
 from engine.model import Model
+from engine.optim import make_optimizer
 from engine.train import EVAL_KEYS, Trainer, TrainingError
 
 pytestmark = pytest.mark.opencl
@@ -162,9 +163,11 @@ def fixed_batches(cfg):
 
 
 def run_engine(dev, cfg, V, batches):
-    """STEPS steps as the Trainer does them; -> (model, per-step losses, spikes, assignments, gnorms)."""
+    """STEPS steps as the Trainer does them; -> (model, per-step losses, spikes, assignments, gnorms,
+    optimiser)."""
     model = Model(dev, cfg, V)
     model.set_params(ref.init_params(V, E, H, cfg.seed))
+    opt = make_optimizer(dev, cfg, model)
     ws = model.workspace(B, S)
     losses, spikes, assigns, gnorms = [], [], [], []
     for x, y in batches:
@@ -172,23 +175,23 @@ def run_engine(dev, cfg, V, batches):
         ws.y.set(y.ravel())
         if not model.proto_ready:
             model.init_prototypes(ws)                  # k-means++ on the first batch
-        lr = model.lr_at(model.step + 1)
+        lr = opt.lr_at(model.step + 1)
         model.forward(ws)
         losses.append(ws.loss_out.get()[0])
         spikes.append(ws.buf["bio0"].s.get())
         assigns.append(ws.buf["bio0"].assign.get() if cfg.proto.mode != "off" else None)
         model.backward(ws)
-        model.optimizer_step(lr)
-        gnorms.append(float(model.gnorm.get()[0]))
+        opt.step(model, lr)
+        gnorms.append(float(opt.gnorm.get()[0]))
         model.local_updates(ws)
-    return model, losses, spikes, assigns, gnorms
+    return model, losses, spikes, assigns, gnorms, opt
 
 
 @pytest.mark.parametrize("name", list(TRAIN_CONFIGS))
 def test_ten_steps_match_reference_train_steps(dev, name, monkeypatch):
     cfg = train_config(name)
     V, batches = fixed_batches(cfg)
-    model, losses, spikes, assigns, gnorms = run_engine(dev, cfg, V, batches)
+    model, losses, spikes, assigns, gnorms, opt = run_engine(dev, cfg, V, batches)
 
     caches, reseeds = [], []                           # spy on the reference's forward passes and re-seeds
     forward, hash_u32 = ref.model_forward, ref.hash_u32
@@ -202,7 +205,7 @@ def test_ten_steps_match_reference_train_steps(dev, name, monkeypatch):
     monkeypatch.setattr(ref, "hash_u32", lambda *a: reseeds.append(a) or hash_u32(*a))
     params = as64(ref.init_params(V, E, H, cfg.seed))
     state = ref.init_state(H, T, np.float64)
-    want = ref.train_steps(params, state, batches, wiring_of(cfg), optim_of(cfg, model.lr_at), cfg.seed, STEPS)
+    want = ref.train_steps(params, state, batches, wiring_of(cfg), optim_of(cfg, opt.lr_at), cfg.seed, STEPS)
     step_caches = caches[-STEPS:]                      # the first call is the k-means++ forward
 
     # spikes and argmax are discontinuous: this config and seed have no flip in any step
@@ -251,11 +254,11 @@ def test_vocabulary_padding_stays_zero_and_is_hidden(dev):
 def test_ten_steps_are_bit_reproducible(dev):
     cfg = train_config("hybrid")
     V, batches = fixed_batches(cfg)
-    a, losses_a, *_ = run_engine(dev, cfg, V, batches)
-    b, losses_b, *_ = run_engine(dev, cfg, V, batches)
+    a, losses_a, *_, opt_a = run_engine(dev, cfg, V, batches)
+    b, losses_b, *_, opt_b = run_engine(dev, cfg, V, batches)
     assert [float(v) for v in losses_a] == [float(v) for v in losses_b]
-    for k, v in a.state_arrays().items():
-        np.testing.assert_array_equal(b.state_arrays()[k], v, err_msg=k)   # bit-identical
+    for k, v in a.state_arrays(opt_a).items():
+        np.testing.assert_array_equal(b.state_arrays(opt_b)[k], v, err_msg=k)   # bit-identical
 
 
 # ----------------------------------------------------------------------------- Trainer
@@ -340,8 +343,8 @@ def test_trainer_resume_equals_uninterrupted(corpus, dev, full_run, tmp_path, st
     # at 7 it also needs the step statistics carried through the checkpoint
     assert maths(summary["history"]) == maths(full["history"])
     assert summary["history"][-1]["train_time_s"] > summary["history"][0]["train_time_s"]  # carried on
-    for k, v in trainer.model.state_arrays().items():
-        np.testing.assert_array_equal(resumed.model.state_arrays()[k], v, err_msg=k)
+    for k, v in trainer.model.state_arrays(trainer.opt).items():
+        np.testing.assert_array_equal(resumed.model.state_arrays(resumed.opt)[k], v, err_msg=k)
 
 
 SGD = ("optim.name=sgd", "optim.lr=0.3", "optim.momentum=0.9")
