@@ -68,7 +68,7 @@ class UnknownExperiment(ValueError):
 
 def did_you_mean(name: str, choices) -> str:
     """' (did you mean 'a' or 'b'?)' for the closest choices, or ''."""
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.4)
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 
