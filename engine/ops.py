@@ -178,9 +178,15 @@ def add_inplace(dev, x, y, n):
     dev.launch(dev.kernel("layers.cl", "add_inplace"), (n,), None, x.data, y.data)
 
 
+RED_WG = 64   # work-group of the GPU reductions (kernels/reduce.cl)
+
+
 def colsum(dev, X, out, N, C):
     """out (C,) = Σ_n X (N,C)[n]."""
-    if _rows8(C, X, out):
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("layers.cl", "colsum_wg"), (-(-C // 16) * 16, 16), (16, 16),
+                   X.data, i32(N), i32(C), out.data)
+    elif _rows8(C, X, out):
         dev.launch(dev.kernel("layers.cl", "colsum8"), (C // 8,), (1,), X.data, i32(N), i32(C), out.data)
     else:
         dev.launch(dev.kernel("layers.cl", "colsum"), (C,), None, X.data, i32(N), i32(C), out.data)
@@ -227,7 +233,11 @@ def fw_state_norm(dev, G, Q, w, out, B, S):
 
 # -- loss ---------------------------------------------------------------------------
 def count_valid(dev, y, N, nv):
-    dev.launch(dev.kernel("loss.cl", "count_valid"), (1,), None, y.data, i32(N), nv.data)
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("loss.cl", "count_valid_wg", (("WG", RED_WG),)), (RED_WG,), (RED_WG,),
+                   y.data, i32(N), nv.data)
+    else:
+        dev.launch(dev.kernel("loss.cl", "count_valid"), (1,), None, y.data, i32(N), nv.data)
 
 
 def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
@@ -240,16 +250,31 @@ def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
 
 def loss_reduce(dev, loss_rows, hits, nv, out, N):
     """out (4,) = [mean loss over valid targets, correct predictions, valid targets, summed loss]."""
-    dev.launch(dev.kernel("loss.cl", "loss_reduce"), (1,), None, loss_rows.data, hits.data, nv.data, i32(N), out.data)
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("loss.cl", "loss_reduce_wg", (("WG", RED_WG),)), (RED_WG,), (RED_WG,),
+                   loss_rows.data, hits.data, nv.data, i32(N), out.data)
+    else:
+        dev.launch(dev.kernel("loss.cl", "loss_reduce"), (1,), None, loss_rows.data, hits.data, nv.data,
+                   i32(N), out.data)
 
 
 # -- optimiser ------------------------------------------------------------------------
 def sumsq_chunks(dev, g, partial, n_chunks, chunk):
-    dev.launch(dev.kernel("optim.cl", "sumsq_chunks", (("CHUNK", chunk),)), (n_chunks,), None, g.data, partial.data)
+    """partial (n_chunks,) = Σ g² over each chunk of `chunk` elements."""
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("optim.cl", "sumsq_chunks_wg", (("CHUNK", chunk), ("WG", RED_WG))),
+                   (n_chunks * RED_WG,), (RED_WG,), g.data, partial.data)
+    else:
+        dev.launch(dev.kernel("optim.cl", "sumsq_chunks", (("CHUNK", chunk),)), (n_chunks,), None, g.data, partial.data)
 
 
 def global_norm(dev, partial, n_chunks, out):
-    dev.launch(dev.kernel("optim.cl", "global_norm"), (1,), None, partial.data, i32(n_chunks), out.data)
+    """out (1,) = sqrt(Σ partial)."""
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("optim.cl", "global_norm_wg", (("WG", RED_WG),)), (RED_WG,), (RED_WG,),
+                   partial.data, i32(n_chunks), out.data)
+    else:
+        dev.launch(dev.kernel("optim.cl", "global_norm"), (1,), None, partial.data, i32(n_chunks), out.data)
 
 
 def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,

@@ -15,6 +15,8 @@
  *   add_bias            X (N,C) += b                                        global (C, N)
  *   add_inplace         y (n,) += x (n,)                                    global (n)
  *   colsum(8)           out (C,) = Σ_n X[n]                                 global (C) / (C/8)
+ *   colsum_wg           the same for GPUs: a 16×16 group per 16 columns, rows strided by 16
+ *                       (coalesced), then a fixed tree over the 16 row lanes   global (⌈C/16⌉·16, 16)
  *   spikes_forward      s = 1[h > θ]                                        global (H, N)
  *   row_normalize_forward / _backward(8)   k = h/sqrt(|h|²+1e-6) and dh += … global (N)
  *   causal_decay_mask   Gm[b,t,τ] = w[t−1−τ]·G[b,t,τ] for τ < t, else 0      global (S, S, B)
@@ -276,4 +278,23 @@ __kernel void add_inplace(__global const float* x, __global float* y)
 {
     const int i = get_global_id(0);
     y[i] += x[i];
+}
+
+/* colsum_wg: out (C,) = Σ_n X[n]; group (16 columns × 16 row lanes): lane r sums rows r, r+16, …
+ * of its column, then the 16 lane sums are added in a fixed tree.   global (⌈C/16⌉·16, 16), local (16, 16) */
+__kernel void colsum_wg(__global const float* X, const int N, const int C, __global float* out)
+{
+    __local float red[16][17];
+    const int cx = get_local_id(0), r = get_local_id(1);
+    const int c = get_group_id(0) * 16 + cx;
+    float acc = 0.0f;
+    if (c < C)
+        for (int n = r; n < N; n += 16) acc += X[(size_t)n * C + c];
+    red[r][cx] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = 8; step > 0; step >>= 1) {
+        if (r < step) red[r][cx] += red[r + step][cx];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (r == 0 && c < C) out[c] = red[0][cx];
 }

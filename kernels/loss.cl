@@ -7,9 +7,12 @@
  *                 GEMM path); columns V..ld-1 are neither read nor written  global (N)
  *   softmax_xent8 the same, eight columns at a time (ld % 8 == 0)           global (N)
  *   loss_reduce   out = [Σ loss_rows / Nv, Σ hits, Nv, Σ loss_rows]  (fixed order)        global (1)
+ *   count_valid_wg / loss_reduce_wg   the same for GPUs: one work-group of WG items, strided
+ *                 partial sums, then a tree sum (reduce.cl)           global (WG), local (WG)
  * Reference: engine.reference.softmax_xent_forward. exp_fast: see fastmath.cl.
  */
 #include "fastmath.cl"
+#include "reduce.cl"
 
 __kernel void count_valid(__global const int* y, const int N, __global int* nv)
 {
@@ -112,4 +115,32 @@ __kernel void loss_reduce(__global const float* loss_rows, __global const float*
     out[1] = h;
     out[2] = (float)c;
     out[3] = l;
+}
+
+__kernel void count_valid_wg(__global const int* y, const int N, __global int* nv)
+{
+    __local int red[WG];
+    const int l = get_local_id(0);
+    int c = 0;
+    for (int n = l; n < N; n += WG) c += y[n] >= 0;
+    c = wg_sum_int(c, red);
+    if (l == 0) nv[0] = c;
+}
+
+__kernel void loss_reduce_wg(__global const float* loss_rows, __global const float* hits,
+                             __global const int* nv, const int N, __global float* out)
+{
+    __local float red[WG];
+    const int l = get_local_id(0);
+    float a = 0.0f, b = 0.0f;
+    for (int n = l; n < N; n += WG) { a += loss_rows[n]; b += hits[n]; }
+    const float total = wg_sum(a, red);
+    const float h = wg_sum(b, red);
+    if (l == 0) {
+        const int c = nv[0];
+        out[0] = c > 0 ? total / (float)c : 0.0f;
+        out[1] = h;
+        out[2] = (float)c;
+        out[3] = total;
+    }
 }

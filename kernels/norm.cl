@@ -17,6 +17,7 @@
 #ifndef WG
 #define WG 64
 #endif
+#include "reduce.cl"
 
 __kernel void layernorm_forward_rows(__global const float* x, __global const float* gamma,
                                      __global const float* beta, const int C, const float eps,
@@ -33,22 +34,6 @@ __kernel void layernorm_forward_rows(__global const float* x, __global const flo
     for (int c = 0; c < C; c++) y[(size_t)n * C + c] = (xr[c] - mu) * r * gamma[c] + beta[c];
     mean[n] = mu;
     rstd[n] = r;
-}
-
-/* the sum of each work-item's `value` over the work-group, in a fixed tree order; every
- * item gets the result (red: WG floats of local memory) */
-inline float wg_sum(float value, __local float* red)
-{
-    const int l = get_local_id(0);
-    red[l] = value;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int step = WG / 2; step > 0; step >>= 1) {
-        if (l < step) red[l] += red[l + step];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    const float total = red[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return total;
 }
 
 __kernel void layernorm_forward_wg(__global const float* x, __global const float* gamma,

@@ -6,6 +6,9 @@
  *
  *   sumsq_chunks  partial[c] = Σ_{i in chunk c} g[i]²                       global (n_chunks)
  *   global_norm   out[0] = sqrt(Σ_c partial[c])  (fixed order)              global (1)
+ *   sumsq_chunks_wg / global_norm_wg   the same for GPUs: a work-group of WG items per chunk
+ *                 (coalesced strided loads, then a tree sum, reduce.cl) / one work-group over
+ *                 the chunk sums                           global (n_chunks·WG) / (WG), local (WG)
  *   adamw         one AdamW step (Loshchilov & Hutter 2019) with value and
  *                 global-norm clipping; wd_mask[c] ∈ {0,1} per chunk         global (n)
  *   sgd_momentum  one SGD step with momentum (heavy ball, no dampening), L2 weight
@@ -30,6 +33,29 @@ __kernel void global_norm(__global const float* partial, const int n_chunks, __g
     float acc = 0.0f;
     for (int c = 0; c < n_chunks; c++) acc += partial[c];
     out[0] = sqrt(acc);
+}
+
+#include "reduce.cl"
+
+__kernel void sumsq_chunks_wg(__global const float* g, __global float* partial)
+{
+    __local float red[WG];
+    const int c = get_group_id(0), l = get_local_id(0);
+    __global const float* gc = g + (size_t)c * CHUNK;
+    float acc = 0.0f;
+    for (int i = l; i < CHUNK; i += WG) acc += gc[i] * gc[i];
+    acc = wg_sum(acc, red);
+    if (l == 0) partial[c] = acc;
+}
+
+__kernel void global_norm_wg(__global const float* partial, const int n_chunks, __global float* out)
+{
+    __local float red[WG];
+    const int l = get_local_id(0);
+    float acc = 0.0f;
+    for (int c = l; c < n_chunks; c += WG) acc += partial[c];
+    acc = wg_sum(acc, red);
+    if (l == 0) out[0] = sqrt(acc);
 }
 
 /* clamp by value (clip_value > 0), then scale by the global norm taken before clipping */

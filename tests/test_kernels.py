@@ -777,3 +777,46 @@ def test_dropout_mask_equals_the_reference_bit_for_bit(dev, p):
     ops.dropout(dev, dev.to_device(np.ones(n, f32)), gd, n, p, key, 17)
     np.testing.assert_array_equal(gd.get() == 0, want == 0 if p else np.zeros(n, bool))
 
+
+
+# ----------------------------------------------------------------------------- GPU reductions (issue 12)
+
+def test_gpu_reductions_match_reference_and_rerun_bit_for_bit(gpu_dev):
+    """The work-group tree reductions the GPU variant uses (kernels/reduce.cl): column sums,
+    count of valid targets, the loss summary, chunk sums of squares and the global norm, against
+    float64, with the `_wg` kernels seen running and two runs giving the same bits."""
+    dev = gpu_dev
+    rng = np.random.default_rng(31)
+    N, C = 301, 37                                   # C not a multiple of 16: a partial group
+    X = rand(rng, N, C)
+    n_chunks, chunk = 7, 1024
+    g = rand(rng, n_chunks * chunk, scale=0.5)
+    y = rng.integers(0, 9, 1000).astype(i32)
+    y[rng.permutation(1000)[:137]] = ref.PAD
+    rows, hits = rand(rng, 1000).__abs__(), (rng.random(1000) < 0.3).astype(f32)
+    rows[y == ref.PAD] = 0
+
+    def run():
+        dev.take_timings()
+        cs, nv, out = dev.empty((C,)), dev.empty((1,), i32), dev.empty((4,))
+        partial, gnorm = dev.empty((n_chunks,)), dev.empty((1,))
+        ops.colsum(dev, dev.to_device(X), cs, N, C)
+        ops.count_valid(dev, dev.to_device(y), 1000, nv)
+        ops.loss_reduce(dev, dev.to_device(rows), dev.to_device(hits), nv, out, 1000)
+        ops.sumsq_chunks(dev, dev.to_device(g), partial, n_chunks, chunk)
+        ops.global_norm(dev, partial, n_chunks, gnorm)
+        names = set(dev.take_timings())
+        return names, [a.get() for a in (cs, nv, out, partial, gnorm)]
+
+    names, (cs, nv, out, partial, gnorm) = run()
+    assert {"colsum_wg", "count_valid_wg", "loss_reduce_wg", "sumsq_chunks_wg", "global_norm_wg"} <= names
+    # float32 sums of ≤ 1024 terms in a tree: relative error ≲ log2(n)·2⁻²⁴·Σ|x|/|Σx|, ≤ 1e-5 here
+    np.testing.assert_allclose(cs, as64(X).sum(axis=0), rtol=1e-5, atol=1e-4)
+    assert nv[0] == int((y != ref.PAD).sum())
+    valid = int((y != ref.PAD).sum())
+    np.testing.assert_allclose(out, [as64(rows).sum() / valid, hits.sum(), valid, as64(rows).sum()], rtol=1e-5)
+    want = (as64(g) ** 2).reshape(n_chunks, chunk).sum(axis=1)
+    np.testing.assert_allclose(partial, want, rtol=1e-5)
+    np.testing.assert_allclose(gnorm[0], np.sqrt(want.sum()), rtol=1e-5)
+    _, again = run()
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(again, (cs, nv, out, partial, gnorm)))

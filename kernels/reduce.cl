@@ -1,0 +1,41 @@
+/* reduce.cl — work-group sums in a fixed tree order (included by the GPU kernel families).
+ *
+ * wg_sum / wg_sum_int: the sum of each work-item's value over a 1-D work-group of WG items
+ * (WG a power of two, a build-time define), every item gets the result. The tree pairs item l
+ * with l + step for step = WG/2, WG/4, …: the order depends only on WG, never on scheduling,
+ * so a result is bit-identical from run to run on one device (no atomics).
+ */
+#ifndef REDUCE_CL
+#define REDUCE_CL
+#ifndef WG
+#define WG 64
+#endif
+
+inline float wg_sum(float value, __local float* red)
+{
+    const int l = get_local_id(0);
+    red[l] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = WG / 2; step > 0; step >>= 1) {
+        if (l < step) red[l] += red[l + step];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float total = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return total;
+}
+
+inline int wg_sum_int(int value, __local int* red)
+{
+    const int l = get_local_id(0);
+    red[l] = value;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = WG / 2; step > 0; step >>= 1) {
+        if (l < step) red[l] += red[l + step];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const int total = red[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return total;
+}
+#endif
