@@ -35,6 +35,7 @@ def _workspace(dev, name: str, size: int):
 TM, TN = 4, 16  # the tile one work-item computes (kernels/gemm.cl)
 
 
+RED_WG = 64  # work-group of the GPU reductions and the GPU bucket sort (kernels/reduce.cl, layers.cl)
 GPU_TS = 16  # local-memory tile side of the GPU variant (kernels/gemm_gpu.cl)
 
 
@@ -130,7 +131,12 @@ def gather_windows(dev, ids, offsets, S, x, y):
 
 def bucket_sort(dev, keys, N, nb, starts, perm):
     """starts (nb+1,), perm (N,): positions grouped by key in position order."""
-    dev.launch(dev.kernel("layers.cl", "bucket_sort"), (1,), None, keys.data, i32(N), i32(nb), starts.data, perm.data)
+    if dev.variant == "gpu":
+        dev.launch(dev.kernel("layers.cl", "bucket_sort_wg", (("BS_WG", RED_WG),)), (RED_WG,), (RED_WG,),
+                   keys.data, i32(N), i32(nb), starts.data, perm.data)
+    else:
+        dev.launch(dev.kernel("layers.cl", "bucket_sort"), (1,), None, keys.data, i32(N), i32(nb), starts.data,
+                   perm.data)
 
 
 # -- layers -----------------------------------------------------------------------
@@ -176,9 +182,6 @@ def add_bias(dev, X, bias, N, C):
 def add_inplace(dev, x, y, n):
     """y (n,) += x (n,)."""
     dev.launch(dev.kernel("layers.cl", "add_inplace"), (n,), None, x.data, y.data)
-
-
-RED_WG = 64   # work-group of the GPU reductions (kernels/reduce.cl)
 
 
 def colsum(dev, X, out, N, C):

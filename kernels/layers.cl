@@ -6,6 +6,8 @@
  *
  *   gather_windows      x,y (B,S) int from token ids and window offsets     global (S, B)
  *   bucket_sort         stable counting sort of keys (N,) into nb buckets   global (1)
+ *   bucket_sort_wg      the same for GPUs: one work-group, a work-item per bucket (strided)
+ *                       counts, one prefix sum, then writes its bucket   global (WG), local (WG)
  *   embedding_forward   e (N,E) = W_emb[x]                                  global (E, N)
  *   bucket_sums(8)      out (nb,C) = Σ_{key_n = t} X[n] (sorted positions)  global (C, nb) / (C/8, nb)
  *                       (dW_emb from de, prototype sums, per-token sums of da)
@@ -55,6 +57,35 @@ __kernel void bucket_sort(__global const int* keys, const int N, const int nb,
     }
     for (int i = nb; i > 0; i--) starts[i] = starts[i - 1];
     starts[0] = 0;
+}
+
+/* bucket_sort_wg: the same result as bucket_sort (integers: exactly the same). One work-group of
+ * BS_WG items; item l owns buckets l, l + BS_WG, …: it counts their keys, item 0 takes the prefix
+ * sum, then each item writes its buckets' positions in increasing n. Every key is read twice per
+ * bucket an item owns; no atomics. */
+#ifndef BS_WG
+#define BS_WG 64
+#endif
+__kernel void bucket_sort_wg(__global const int* keys, const int N, const int nb,
+                             __global int* starts, __global int* perm)
+{
+    const int l = get_local_id(0);
+    for (int t = l; t < nb; t += BS_WG) {
+        int c = 0;
+        for (int n = 0; n < N; n++) c += keys[n] == t;
+        starts[t + 1] = c;
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    if (l == 0) {
+        starts[0] = 0;
+        for (int t = 0; t < nb; t++) starts[t + 1] += starts[t];
+    }
+    barrier(CLK_GLOBAL_MEM_FENCE);
+    for (int t = l; t < nb; t += BS_WG) {
+        int pos = starts[t];
+        for (int n = 0; n < N; n++)
+            if (keys[n] == t) perm[pos++] = n;
+    }
 }
 
 __kernel void embedding_forward(__global const float* W_emb, __global const int* x, const int E,

@@ -153,12 +153,18 @@ def _host_bucket_sort(keys, nb):
     return starts, perm
 
 
-def test_bucket_sort_groups_positions_by_key_in_order(dev):
+@pytest.mark.parametrize("variant,N,nb", [("cpu", 41, 10), ("gpu", 41, 10), ("gpu", 4096, 150)])
+def test_bucket_sort_groups_positions_by_key_in_order(dev, gpu_dev, variant, N, nb):
+    """Both variants (the GPU one: a work-item per bucket; nb = 150 > its 64 items) give exactly
+    the stable counting sort."""
+    d = dev if variant == "cpu" else gpu_dev
     rng = np.random.default_rng(3)
-    N, nb = 41, 10
-    keys = rng.choice([0, 2, 3, 7, 9], size=N).astype(i32)     # buckets 1, 4, 5, 6, 8 empty
-    starts, perm = dev.empty((nb + 1,), i32), dev.empty((N,), i32)
-    ops.bucket_sort(dev, dev.to_device(keys), N, nb, starts, perm)
+    present = [0, 2, 3, 7, 9] if nb == 10 else rng.choice(nb, 90, replace=False)
+    keys = rng.choice(present, size=N).astype(i32)            # some buckets empty
+    starts, perm = d.empty((nb + 1,), i32), d.empty((N,), i32)
+    d.take_timings()
+    ops.bucket_sort(d, d.to_device(keys), N, nb, starts, perm)
+    assert ("bucket_sort_wg" if variant == "gpu" else "bucket_sort") in d.take_timings()
     want_starts, want_perm = _host_bucket_sort(keys, nb)
     np.testing.assert_array_equal(starts.get(), want_starts)
     np.testing.assert_array_equal(perm.get(), want_perm)
