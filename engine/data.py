@@ -43,8 +43,7 @@ def load_text(path: str) -> str:
     if os.path.isdir(path):
         raise DataError(f"{where} is a directory, not a text file")
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = _read_bytes(path)
     except OSError as exc:
         raise DataError(f"{where} cannot be read ({exc.strerror or exc})") from None
     if not raw:
@@ -62,11 +61,40 @@ def load_text(path: str) -> str:
     return text
 
 
+def _read_bytes(path: str) -> bytes:
+    """The file's bytes. A pipe or device is read by a helper thread while this (main) thread
+    waits in short slices: a Ctrl+C or SIGTERM that the kernel hands to another thread of the
+    process (numpy's BLAS threads, say) still interrupts the wait, where a blocking read in the
+    main thread would not be woken and would hang."""
+    import stat
+    import threading
+    if stat.S_ISREG(os.stat(path).st_mode):
+        with open(path, "rb") as fh:
+            return fh.read()
+    box: dict = {}
+
+    def read():
+        try:
+            with open(path, "rb") as fh:
+                box["raw"] = fh.read()
+        except OSError as exc:
+            box["error"] = exc
+    t = threading.Thread(target=read, name="read-corpus", daemon=True)
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+    if "error" in box:
+        raise box["error"]
+    return box["raw"]
+
+
 def text_digest(path: str, text: str) -> str:
-    """sha256 of the corpus: the file's bytes, or the embedded text as UTF-8."""
+    """sha256 of the corpus: the file's bytes, or the text as UTF-8 (the embedded corpus, or a
+    pipe, which cannot be read twice)."""
     import hashlib
+    import stat
     h = hashlib.sha256()
-    if path:
+    if path and stat.S_ISREG(os.stat(path).st_mode):
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
