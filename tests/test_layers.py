@@ -222,15 +222,8 @@ TRAIN = {"stack2": ["model.num_layers=2"],
 STEPS = 8
 
 
-@pytest.mark.opencl
-@pytest.mark.parametrize("name", list(TRAIN))
-def test_training_steps_match_reference(dev, name):
-    """STEPS steps as the Trainer runs them (k-means++ warm start of every bio layer on the
-    first batch, the optimiser, the Hebbian and prototype rules of every layer) against
-    RefModel.train_steps in float64."""
-    cfg = config(*TRAIN[name], f"train.steps={STEPS}", "optim.warmup_steps=3")
-    batches = Batches(VOCAB.encode(TEXT), B, S, cfg.seed)
-    data = [batches.next_batch() for _ in range(STEPS)]
+def engine_steps(dev, cfg, data):
+    """(model, optimiser, per-step losses) of a fresh model trained on data as the Trainer does."""
     m = Model(dev, cfg, V)
     m.set_params(init_params(param_specs(m.layers), cfg.seed))
     opt = make_optimizer(dev, cfg, m)
@@ -242,6 +235,19 @@ def test_training_steps_match_reference(dev, name):
         train_step(m, opt, ws)
         losses.append(float(ws.loss_out.get()[0]))
         m.local_updates(ws)
+    return m, opt, losses
+
+
+@pytest.mark.opencl
+@pytest.mark.parametrize("name", list(TRAIN))
+def test_training_steps_match_reference(dev, name):
+    """STEPS steps as the Trainer runs them (k-means++ warm start of every bio layer on the
+    first batch, the optimiser, the Hebbian and prototype rules of every layer) against
+    RefModel.train_steps in float64."""
+    cfg = config(*TRAIN[name], f"train.steps={STEPS}", "optim.warmup_steps=3")
+    batches = Batches(VOCAB.encode(TEXT), B, S, cfg.seed)
+    data = [batches.next_batch() for _ in range(STEPS)]
+    m, opt, losses = engine_steps(dev, cfg, data)
     rm = RefModel(cfg, V)
     params, state = rm.init()
     want = rm.train_steps(params, state, data, STEPS, opt.lr_at)
@@ -255,17 +261,7 @@ def test_training_steps_match_reference(dev, name):
     if name == "key_reseed":
         assert not np.allclose(state["usage"], 1.0 / T)     # the prototype rule ran
     # two runs of the same config are bit-identical
-    m2 = Model(dev, cfg, V)
-    m2.set_params(init_params(param_specs(m2.layers), cfg.seed))
-    ws2 = m2.workspace(B, S)
-    opt2 = make_optimizer(dev, cfg, m2)
-    again = []
-    for x, y in data:
-        ws2.x.set(x.ravel())
-        ws2.y.set(y.ravel())
-        train_step(m2, opt2, ws2)
-        again.append(float(ws2.loss_out.get()[0]))
-        m2.local_updates(ws2)
+    _, _, again = engine_steps(dev, cfg, data)
     assert again == losses
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from .. import ops
 from ..params import ParamSpec
 from . import Layer, StateSpec, f32, i32
+from .norm import affine
 
 
 class BioAssociative(Layer):
@@ -47,8 +48,7 @@ class BioAssociative(Layer):
         p, H, T = self.prefix, self.H, self.T
         out = []
         if self.norm:
-            out += [ParamSpec(p + "hebb_ln.gamma", (H,), init="ones", decay=False),
-                    ParamSpec(p + "hebb_ln.beta", (H,), init="zeros", decay=False)]
+            out += affine(p + "hebb_ln.", H)
         if self.pm == "token":   # the assigned prototype's learned embedding
             out += [ParamSpec(p + "proto_emb", (T, H), init="normal", scale=0.1, decay=True)]
         return out

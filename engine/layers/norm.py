@@ -15,6 +15,12 @@ from ..params import ParamSpec
 from . import Layer, StateSpec, f32
 
 
+def affine(prefix, C):
+    """γ (ones) and β (zeros) of a normalisation, without weight decay."""
+    return [ParamSpec(prefix + "gamma", (C,), init="ones", decay=False),
+            ParamSpec(prefix + "beta", (C,), init="zeros", decay=False)]
+
+
 class LayerNorm(Layer):
     kind = "layernorm"
 
@@ -23,8 +29,7 @@ class LayerNorm(Layer):
         self.C, self.eps = C, eps
 
     def params(self):
-        return [ParamSpec(self.prefix + "gamma", (self.C,), init="ones", decay=False),
-                ParamSpec(self.prefix + "beta", (self.C,), init="zeros", decay=False)]
+        return affine(self.prefix, self.C)
 
     def buffers(self, B, S):
         N, C = B * S, self.C
@@ -51,8 +56,7 @@ class BatchNorm(Layer):
         self.C, self.eps, self.momentum = C, eps, momentum
 
     def params(self):
-        return [ParamSpec(self.prefix + "gamma", (self.C,), init="ones", decay=False),
-                ParamSpec(self.prefix + "beta", (self.C,), init="zeros", decay=False)]
+        return affine(self.prefix, self.C)
 
     def state(self):
         return [StateSpec(self.prefix + "run_mean", (self.C,)), StateSpec(self.prefix + "run_var", (self.C,), fill=1.0)]
