@@ -39,9 +39,19 @@ RED_WG = 64  # work-group of the GPU reductions and the GPU bucket sort (kernels
 GPU_TS = 16  # local-memory tile side of the GPU variant (kernels/gemm_gpu.cl)
 
 
+def tuned(dev, key: str, default):
+    """A launch parameter of this device: its tuned value (dev.tuning, set by engine.tune) or the
+    default. Keys: "gemm_tile" (GPU_TS), "red_wg" (RED_WG)."""
+    return getattr(dev, "tuning", {}).get(key, default)
+
+
+def _red_wg(dev) -> int:
+    return tuned(dev, "red_wg", RED_WG)
+
+
 def _gemm_raw(dev, tn, M, N, K, alpha, A, offA, strideA, B, offB, strideB, beta, C, offC, strideC, batch):
     if dev.variant == "gpu":
-        ts = dev.__dict__.get("gemm_tile", GPU_TS)
+        ts = dev.__dict__.get("gemm_tile") or tuned(dev, "gemm_tile", GPU_TS)   # an explicit tile wins (tests)
         kern = dev.kernel("gemm_gpu.cl", "gemm_tn_local" if tn else "gemm_nn_local", (("TS", ts),))
         gsize = (-(-N // ts) * ts, -(-M // ts) * ts, batch)
         dev.launch(kern, gsize, (ts, ts, 1), i32(M), i32(N), i32(K), f32(alpha), f32(beta),
@@ -132,7 +142,8 @@ def gather_windows(dev, ids, offsets, S, x, y):
 def bucket_sort(dev, keys, N, nb, starts, perm):
     """starts (nb+1,), perm (N,): positions grouped by key in position order."""
     if dev.variant == "gpu":
-        dev.launch(dev.kernel("layers.cl", "bucket_sort_wg", (("BS_WG", RED_WG),)), (RED_WG,), (RED_WG,),
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("layers.cl", "bucket_sort_wg", (("BS_WG", wg),)), (wg,), (wg,),
                    keys.data, i32(N), i32(nb), starts.data, perm.data)
     else:
         dev.launch(dev.kernel("layers.cl", "bucket_sort"), (1,), None, keys.data, i32(N), i32(nb), starts.data,
@@ -237,7 +248,8 @@ def fw_state_norm(dev, G, Q, w, out, B, S):
 # -- loss ---------------------------------------------------------------------------
 def count_valid(dev, y, N, nv):
     if dev.variant == "gpu":
-        dev.launch(dev.kernel("loss.cl", "count_valid_wg", (("WG", RED_WG),)), (RED_WG,), (RED_WG,),
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("loss.cl", "count_valid_wg", (("WG", wg),)), (wg,), (wg,),
                    y.data, i32(N), nv.data)
     else:
         dev.launch(dev.kernel("loss.cl", "count_valid"), (1,), None, y.data, i32(N), nv.data)
@@ -254,7 +266,8 @@ def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
 def loss_reduce(dev, loss_rows, hits, nv, out, N):
     """out (4,) = [mean loss over valid targets, correct predictions, valid targets, summed loss]."""
     if dev.variant == "gpu":
-        dev.launch(dev.kernel("loss.cl", "loss_reduce_wg", (("WG", RED_WG),)), (RED_WG,), (RED_WG,),
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("loss.cl", "loss_reduce_wg", (("WG", wg),)), (wg,), (wg,),
                    loss_rows.data, hits.data, nv.data, i32(N), out.data)
     else:
         dev.launch(dev.kernel("loss.cl", "loss_reduce"), (1,), None, loss_rows.data, hits.data, nv.data,
@@ -265,8 +278,9 @@ def loss_reduce(dev, loss_rows, hits, nv, out, N):
 def sumsq_chunks(dev, g, partial, n_chunks, chunk):
     """partial (n_chunks,) = Σ g² over each chunk of `chunk` elements."""
     if dev.variant == "gpu":
-        dev.launch(dev.kernel("optim.cl", "sumsq_chunks_wg", (("CHUNK", chunk), ("WG", RED_WG))),
-                   (n_chunks * RED_WG,), (RED_WG,), g.data, partial.data)
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("optim.cl", "sumsq_chunks_wg", (("CHUNK", chunk), ("WG", wg))),
+                   (n_chunks * wg,), (wg,), g.data, partial.data)
     else:
         dev.launch(dev.kernel("optim.cl", "sumsq_chunks", (("CHUNK", chunk),)), (n_chunks,), None, g.data, partial.data)
 
@@ -274,7 +288,8 @@ def sumsq_chunks(dev, g, partial, n_chunks, chunk):
 def global_norm(dev, partial, n_chunks, out):
     """out (1,) = sqrt(Σ partial)."""
     if dev.variant == "gpu":
-        dev.launch(dev.kernel("optim.cl", "global_norm_wg", (("WG", RED_WG),)), (RED_WG,), (RED_WG,),
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("optim.cl", "global_norm_wg", (("WG", wg),)), (wg,), (wg,),
                    partial.data, i32(n_chunks), out.data)
     else:
         dev.launch(dev.kernel("optim.cl", "global_norm"), (1,), None, partial.data, i32(n_chunks), out.data)
