@@ -156,7 +156,8 @@ def state_shapes(cfg: Config, V: int) -> dict[str, tuple[tuple, type]]:
 class Ctx(SimpleNamespace):
     """What one layer's forward/backward sees for one workspace: dev, its parameter and
     gradient views (p, g) and state (st) under its own names, its buffers (b), the batch
-    shape (B, S, N), the workspace (ws: x, y), the model (step), fw_state (generation)."""
+    shape (B, S, N), the workspace (ws: x, y), the model (step), fw_state (generation), row0 (the
+    first row's index in the global batch: 0 but on a data-parallel replica, engine/parallel.py)."""
 
 
 class Workspace:
@@ -176,7 +177,7 @@ class Workspace:
                 for k, (shape, dtype) in layer.buffers(B, S).items()})
             n = len(layer.prefix)
             self.ctx[layer.name] = Ctx(
-                dev=dev, model=model, ws=self, b=self.buf[layer.name], B=B, S=S, N=B * S, fw_state=None,
+                dev=dev, model=model, ws=self, b=self.buf[layer.name], B=B, S=S, N=B * S, fw_state=None, row0=0,
                 decay_ready=False, training=True,
                 p={s.name[n:]: model.p[s.name] for s in layer.params()},
                 g={s.name[n:]: model.g[s.name] for s in layer.params()},

@@ -416,12 +416,13 @@ def dropout_key(seed: int, layer: int) -> int:
     return key(seed, layer)
 
 
-def dropout(dev, x, y, n, p, key, step):
+def dropout(dev, x, y, n, p, key, step, base=0):
     """y (n,) = x masked by keep = hash(key, step, i) ≥ ⌊p·2³²⌋, kept values scaled by 1/(1−p).
-    The backward pass is the same call on the gradients (same key and step: the same mask)."""
+    The backward pass is the same call on the gradients (same key and step: the same mask).
+    base: the global index of x[0] (a data-parallel replica's slice draws the global batch's mask)."""
     from .reference import dropout_threshold
     dev.launch(dev.kernel("dropout.cl", "dropout"), (n,), None, x.data, y.data, u32(key), u32(step),
-               u32(dropout_threshold(p)), f32(1.0 / (1.0 - p)))
+               u32(dropout_threshold(p)), f32(1.0 / (1.0 - p)), u32(base))
 
 
 # -- delta rule of the fast-weight memory (kernels/delta.cl) --------------------------------------------

@@ -23,14 +23,15 @@ import time
 
 import numpy as np
 
-from . import ops
+from . import ops, tune
 from .checkpoint import CheckpointError, check_compatible, check_out_dir, checkpoint_size, load_checkpoint, \
     save_checkpoint
 from .config import Config, ConfigError, apply_overrides
 from .tasks import task_of
 from .data import DataError
 from .device import Device, DeviceError, kernel_source_hash
-from .model import Model, device_buffers, param_specs, state_shapes
+from .model import Layout, Model, device_buffers, model_layers, param_specs, state_shapes, workspace_buffers
+from .parallel import Replicas, check_parallel, device_specs, split_batch
 from .optim import make_optimizer
 from .params import init_params
 
@@ -102,12 +103,21 @@ class Trainer:
         self.checkpoint_nbytes = checkpoint_size(self._checkpoint_arrays(), self._meta_bytes())
         if out_dir:
             self.check_out_dir(out_dir)
-        self.dev = device or Device(cfg.device, profile=cfg.train.profile)
-        self.dev.check_memory(self.device_buffers(self.dev.variant))
+        specs = [cfg.device] if device is not None else device_specs(cfg.device)
+        check_parallel(cfg, len(specs))
+        self.dev = device or Device(specs[0], profile=cfg.train.profile)
+        if device is None:   # a device handed in keeps its tuning (its owner applied one, or none)
+            tune.apply(self.dev, cfg.tune)
+        extra = [Device(s) for s in specs[1:]]   # data parallel (engine/parallel.py)
+        self.dev.check_memory(self.device_buffers(self.dev.variant, len(specs)))
+        for k, d in enumerate(extra, 1):
+            d.check_memory(self.replica_buffers(k, len(specs), d.variant))
         self.model = Model(self.dev, cfg, self.data.output_size)
         self.opt = make_optimizer(self.dev, cfg, self.model)
         self.ws = self.model.workspace(cfg.train.batch_size, cfg.train.seq_len)
         self.data.to_device(self.dev)
+        self.replicas = (Replicas([self.dev, *extra], self.model, cfg.train.batch_size, cfg.train.seq_len,
+                                  self.data.train_ids) if extra else None)
         self.step_acc = self.dev.zeros((3,))  # loss sum, clipped steps, steps since the last log
         self.last_assign = None
         self.history: list[dict] = []
@@ -117,6 +127,8 @@ class Trainer:
             self._restore(resume, *ckpt)
         else:
             self.model.set_params(init_params(param_specs(self.model.layers), cfg.seed))
+        if self.replicas:
+            self.replicas.broadcast()
 
     # the task's data, under the names the harness has always read
     vocab = property(lambda self: self.data.vocab)
@@ -174,12 +186,29 @@ class Trainer:
         if os.path.isdir(path):
             raise CheckpointError(f"checkpoint {path!r} is a directory")
 
-    def device_buffers(self, variant: str = "cpu") -> dict:
-        """{name: (shape, dtype)} of every buffer this run puts on the device."""
+    def device_buffers(self, variant: str = "cpu", n_devices: int = 1) -> dict:
+        """{name: (shape, dtype)} of every buffer this run puts on its (first) device; with
+        n_devices > 1 also the first slice's workspace and the replicas' combination buffers."""
         cfg = self.cfg
-        out = device_buffers(cfg, self.data.output_size, cfg.train.batch_size, cfg.train.seq_len, variant)
+        V, B, S = self.data.output_size, cfg.train.batch_size, cfg.train.seq_len
+        out = device_buffers(cfg, V, B, S, variant)
         out.update(self.data.device_buffers())
         out["train.step_acc"] = ((3,), np.float32)
+        if n_devices > 1:
+            n0 = split_batch(B, n_devices)[0][1]
+            out.update({f"replica.{k}": v for k, v in workspace_buffers(cfg, V, n0, S).items()})
+            n = Layout.of(param_specs(model_layers(cfg, V))).total
+            out.update(Replicas.buffers(n, n_devices))
+        return out
+
+    def replica_buffers(self, k: int, n_devices: int, variant: str = "cpu") -> dict:
+        """What replica k (> 0) of a data-parallel run puts on its device: the model and its
+        slice's workspace and products (no optimiser)."""
+        cfg = self.cfg
+        V, S = self.data.output_size, cfg.train.seq_len
+        nk = split_batch(cfg.train.batch_size, n_devices)[k][1]
+        out = {k2: v for k2, v in device_buffers(cfg, V, nk, S, variant).items() if not k2.startswith("optim.")}
+        out.update(self.data.device_buffers())
         return out
 
     # -- checkpoints ----------------------------------------------------------------
@@ -242,8 +271,12 @@ class Trainer:
             if self._stop:
                 status = self._stop
                 break
-            self.data.next_batch(dev, ws)
-            lr = train_step(m, self.opt, ws)
+            if self.replicas:
+                self.replicas.next_batch(self.data, self.data.ids_dev)
+                lr = self.replicas.train_step(self.opt, self.data.ids_dev)
+            else:
+                self.data.next_batch(dev, ws)
+                lr = train_step(m, self.opt, ws)
             ops.accumulate_step_stats(dev, ws.loss_out, self.opt.gnorm, cfg.optim.clip_norm, self.step_acc)
             step = m.step
             steps_timed += 1
@@ -252,7 +285,10 @@ class Trainer:
             rec = None
             if step % tc.log_every == 0 or is_eval or is_ckpt:
                 rec = self._log_record(step, lr, steps_timed, time.perf_counter() - t_log)
-            m.local_updates(ws)
+            if self.replicas:
+                self.replicas.local_updates()
+            else:
+                m.local_updates(ws)
             if rec is not None:
                 for cb in self.callbacks:
                     cb.on_log(rec)
@@ -282,6 +318,8 @@ class Trainer:
         n_steps = max(acc[2], 1.0)
         rec = {"step": step, "train_loss": acc[0] / n_steps, "clipped_frac": acc[1] / n_steps, "lr": lr}
         rec.update(self.opt.telemetry())
+        if self.replicas:
+            self.replicas.gather_all()
         rec.update(m.telemetry(ws))
         self._check_finite(step, rec)
         rec["tokens_per_s"] = n_timed * ws.N / seconds if seconds > 0 and n_timed else 0.0

@@ -9,6 +9,7 @@ A layer declares what it owns and the model lays it out:
 and runs on a Ctx (its views of those, see engine.model.Workspace):
   forward(c, x) -> y        backward(c, dy) -> dx (accumulating into its gradient views)
   local_update(c)           optional: Hebbian, prototype, memory writes, plasticity
+  local_reads(c)            the batch-sized buffers local_update reads (for data parallelism)
   warm_start(c)             optional: data-dependent initialisation (k-means++), after forward
   telemetry(c) -> dict      optional, at logging points only (reads the device)
 
@@ -62,6 +63,12 @@ class Layer:
 
     def local_update(self, c):
         pass
+
+    def local_reads(self, c) -> list:
+        """The batch-sized buffers local_update reads (of this forward pass): data parallelism
+        (engine/parallel.py) gathers their rows from every device before running the rules over
+        the whole batch. [] = no local rule acts."""
+        return []
 
     needs_warm_start = False
 

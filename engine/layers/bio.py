@@ -222,6 +222,10 @@ class BioAssociative(Layer):
                              pc.reseed_threshold, self.seed, c.model.step, N, T, H)
             ops.proto_usage_update(dev, st["usage"], b.starts, pc.usage_decay, pc.reseed_threshold, N, T)
 
+    def local_reads(self, c) -> list:
+        out = [c.h_in, c.post] if self.hebb.mode in ("shadow", "modulate") else []
+        return out + ([self.assigned_to(c), c.b.assign] if self.pm != "off" else [])
+
     # -- telemetry (logging points only: these read the device) -----------------------------
     def telemetry(self, c) -> dict:
         dev, b, st, N, H = c.dev, c.b, c.st, c.N, self.H

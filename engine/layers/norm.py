@@ -93,11 +93,11 @@ class Dropout(Layer):
     def forward(self, c, x):
         if not c.training or self.p == 0:
             return x
-        ops.dropout(c.dev, x, c.b.y, c.N * self.C, self.p, self.key, c.model.step)
+        ops.dropout(c.dev, x, c.b.y, c.N * self.C, self.p, self.key, c.model.step, c.row0 * self.C)
         return c.b.y
 
     def backward(self, c, dy):   # the same mask: the same key and step
         if not c.training or self.p == 0:
             return dy
-        ops.dropout(c.dev, dy, c.b.dx, c.N * self.C, self.p, self.key, c.model.step)
+        ops.dropout(c.dev, dy, c.b.dx, c.N * self.C, self.p, self.key, c.model.step, c.row0 * self.C)
         return c.b.dx

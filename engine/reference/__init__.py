@@ -343,6 +343,17 @@ def sgd_step(params, grads, vel, lr, momentum, weight_decay, decay_mask, clip_no
 
 # ----------------------------------------------------------------------------- local rules
 
+def combine_replicas(grads, summaries):
+    """(gradient, loss summary) of a data-parallel step from D replicas (kernels/parallel.cl):
+    grads (D,n), summaries (D,4) = [mean, hits, valid, sum] each; the gradient of the mean over
+    every valid target is Σ_k (nv_k/nv)·g_k, the summary [Σ sum/nv, Σ hits, nv, Σ sum]."""
+    grads, summaries = np.asarray(grads), np.asarray(summaries)
+    nv = summaries[:, 2].sum()
+    w = summaries[:, 2] / nv if nv > 0 else np.zeros(len(summaries))
+    total = summaries[:, 3].sum()
+    return (w[:, None] * grads).sum(0), np.array([total / nv if nv > 0 else 0.0, summaries[:, 1].sum(), nv, total])
+
+
 def hebbian_update(W_hebb, h, post, lr, decay):
     """W_hebb (H,H) in place: W <- (1 - decay) W + lr (1/N) h^T post (h, post (N,H)); Hebb's rule with decay."""
     N = h.shape[0]
