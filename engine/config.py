@@ -145,8 +145,12 @@ class Config(_Section):
     """The whole run. `Config()` is the default run; see `from_dict`, `apply_overrides`."""
     seed: int = _f(0, ge=0, lt=2**32)      # seeds init, batches, re-seeding (uint32: enters the hash)
     # OpenCL device: "" = PYOPENCL_CTX env, else the first GPU, else a CPU;
-    # "P:D" = platform and device indices; anything else = a substring of the device name
+    # "P:D" = platform and device indices; anything else = a substring of the device name;
+    # "all" (every GPU, else every device) or a comma-separated list: data parallel (engine/parallel.py)
     device: str = ""
+    # launch sizes of the GPU kernel variant (engine/tune.py): "auto" = the per-device cache, a
+    # search of a few seconds on a miss; "force" = search again; "off" = the built-in defaults
+    tune: str = _f("auto", choices=("auto", "off", "force"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     hebb: HebbConfig = field(default_factory=HebbConfig)
