@@ -140,3 +140,14 @@ def test_two_device_run_resumes_as_if_never_stopped(dev, tmp_path):
     _, l2, v2, _ = _train(two, WIRINGS["modulate+token"], B=5, out=str(tmp_path), resume=first.checkpoint_path())
     assert l1 + l2 == full
     assert v2[-1] == vfull[-1]
+
+
+@pytest.mark.parametrize("spec,batch,message", [
+    ("SPEC,77:7", 4, "error: no OpenCL device '77:7'"),
+    ("SPEC,SPEC", 1, "error: train.batch_size=1 is smaller than the 2 devices")])
+def test_bad_device_lists_are_one_line_errors(dev, capsys, spec, batch, message):
+    from engine.train import main
+    spec = spec.replace("SPEC", _spec_of(dev))
+    assert main(["--set", f"device={spec}", "--set", f"train.batch_size={batch}", "--set", "train.steps=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(message) and "\n" not in err
