@@ -41,8 +41,17 @@ GPU_TS = 16  # local-memory tile side of the GPU variant (kernels/gemm_gpu.cl)
 
 def tuned(dev, key: str, default):
     """A launch parameter of this device: its tuned value (dev.tuning, set by engine.tune) or the
-    default. Keys: "gemm_tile" (GPU_TS), "red_wg" (RED_WG)."""
+    default. Keys: "gemm_tile" (GPU_TS), "gemm_block" (1), "red_wg" (RED_WG)."""
     return getattr(dev, "tuning", {}).get(key, default)
+
+
+def gpu_gemm_tile(dev) -> tuple[int, int]:
+    """(TS, WPT) of the GPU variant's products: the C tile side of a work-group and the outputs per
+    work-item along each side (1: gemm_*_local, else the register-blocked gemm_*_block). An explicit
+    dev.gemm_tile (the tests' small tiles) wins over the tuning, with dev.gemm_block or 1."""
+    if "gemm_tile" in dev.__dict__:
+        return dev.gemm_tile, dev.__dict__.get("gemm_block", 1)
+    return tuned(dev, "gemm_tile", GPU_TS), tuned(dev, "gemm_block", 1)
 
 
 def _red_wg(dev) -> int:
@@ -51,10 +60,12 @@ def _red_wg(dev) -> int:
 
 def _gemm_raw(dev, tn, M, N, K, alpha, A, offA, strideA, B, offB, strideB, beta, C, offC, strideC, batch):
     if dev.variant == "gpu":
-        ts = dev.__dict__.get("gemm_tile") or tuned(dev, "gemm_tile", GPU_TS)   # an explicit tile wins (tests)
-        kern = dev.kernel("gemm_gpu.cl", "gemm_tn_local" if tn else "gemm_nn_local", (("TS", ts),))
-        gsize = (-(-N // ts) * ts, -(-M // ts) * ts, batch)
-        dev.launch(kern, gsize, (ts, ts, 1), i32(M), i32(N), i32(K), f32(alpha), f32(beta),
+        ts, wpt = gpu_gemm_tile(dev)
+        r = ts // wpt   # work-items along each side of a group
+        name, defines = ("local", (("TS", ts),)) if wpt == 1 else ("block", (("TS", ts), ("WPT", wpt)))
+        kern = dev.kernel("gemm_gpu.cl", f"gemm_{'tn' if tn else 'nn'}_{name}", defines)
+        gsize = (-(-N // ts) * r, -(-M // ts) * r, batch)
+        dev.launch(kern, gsize, (r, r, 1), i32(M), i32(N), i32(K), f32(alpha), f32(beta),
                    A, i32(offA), i32(strideA), B, i32(offB), i32(strideB), C, i32(offC), i32(strideC))
         return
     vec = N % 8 == 0 and all(x % 8 == 0 for x in (offB, strideB, offC, strideC))

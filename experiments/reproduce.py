@@ -5,24 +5,36 @@
 The config comes from the run's config.json artifact (not from today's
 presets). The new run is tagged reproduces=RUN_ID. Every logged metric
 series, except timings (tokens/s, kernel times), is compared step by step.
-On the same OpenCL device (name, platform and driver) the series must be
-bit-identical; on another device each value must be within
-rtol = 1e-3 (--rtol) of the original, since kernels may sum in another
-order there. Exit 0 only if everything matches.
+On the same OpenCL device (name, platform and driver) and launch tuning
+(tag opencl.tuning, engine/tune.py: a reduction work-group changes the
+order of sums) the series must be bit-identical; otherwise each value must
+be within rtol = 1e-3 (--rtol) of the original, since kernels may sum in
+another order there. Exit 0 only if everything matches.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import numpy as np
 
+from engine import tune
 from engine.device import kernel_source_hash
 
 from . import run as runner
 from .tracking import TIMING_PREFIXES, check_store, client, git_state, resolve_tracking_uri
 
 OTHER_DEVICE_RTOL = 1e-3
+
+
+def logged_tuning(tags: dict) -> dict:
+    """The run's launch tuning (tag opencl.tuning); {} (the defaults) for runs logged before it."""
+    try:
+        value = json.loads(tags.get("opencl.tuning") or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def metric_series(cl, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -93,14 +105,20 @@ def main(argv=None) -> int:
         return 1
     new = cl.get_run(new_id).data.tags
     same_device = all(new.get(k) == tags.get(k) for k in ("opencl.device", "opencl.platform", "opencl.driver"))
-    rtol = 0.0 if same_device else (args.rtol if args.rtol is not None else OTHER_DEVICE_RTOL)
+    same_tuning = tune.same_bits(logged_tuning(tags), logged_tuning(new))
+    if same_device and not same_tuning:
+        print(f"note: the device's tuning differs from the run's ({tags.get('opencl.tuning')}, now "
+              f"{new.get('opencl.tuning')}): its reductions sum in another order, so values are compared within rtol")
+    exact = same_device and same_tuning
+    rtol = 0.0 if exact else (args.rtol if args.rtol is not None else OTHER_DEVICE_RTOL)
     rows = compare_runs(cl, args.run_id, new_id, rtol)
     import pandas as pd
     table = pd.DataFrame(rows)
     with pd.option_context("display.max_rows", None, "display.width", 160):
         print(table.to_string(index=False))
     ok = bool(table["match"].all()) if len(table) else False
-    how = "bit-identical (same device)" if same_device else f"within rtol={rtol} (other device)"
+    how = "bit-identical (same device)" if exact else \
+        f"within rtol={rtol} ({'other tuning' if same_device else 'other device'})"
     print(f"{'MATCH' if ok else 'MISMATCH'}: {sum(r['match'] for r in rows)}/{len(rows)} metric series {how}; "
           f"new run {new_id}")
     return 0 if ok else 1

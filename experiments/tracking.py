@@ -463,6 +463,7 @@ def run_tags(trainer, experiment: str) -> dict:
             "version.mlflow": mlflow.__version__, "version.python": sys.version.split()[0],
             "opencl.platform": dev.platform_name, "opencl.driver": dev.driver_version,
             "opencl.device": dev.name, "opencl.device_type": dev.kind,
+            "opencl.tuning": json.dumps(getattr(dev, "tuning", {}), sort_keys=True),   # engine.tune; {} = defaults
             "kernel_hash": kernel_source_hash(), "code_version": code_version(), "data_sha256": trainer.data_sha256,
             "data_source": cfg.data.path or "embedded:pydoc_data.topics", "seed": str(cfg.seed)}
 

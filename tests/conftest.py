@@ -31,6 +31,20 @@ def _device(**kwargs):
         pytest.skip(reason)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def tune_cache(tmp_path_factory):
+    """engine.tune's cache in a session folder ($HYBRID_TUNE_CACHE, inherited by the subprocesses):
+    the tests never read or write the user's cache, and a GPU is tuned at most once per session."""
+    old = os.environ.get("HYBRID_TUNE_CACHE")
+    path = tmp_path_factory.mktemp("tune") / "tune.json"
+    os.environ["HYBRID_TUNE_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HYBRID_TUNE_CACHE", None)
+    else:
+        os.environ["HYBRID_TUNE_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def dev():
     """One profiled engine.device.Device for the whole session, with the kernel

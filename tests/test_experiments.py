@@ -228,6 +228,8 @@ def test_smoke_tags_describe_code_device_and_data(shared, dev):
     assert tags["opencl.platform"] == dev.platform_name
     assert tags["opencl.driver"] == dev.driver_version
     assert tags["opencl.device"] == dev.name
+    tuning = json.loads(tags["opencl.tuning"])   # engine.tune: the cpu variant tunes nothing
+    assert tuning == {} if dev.variant == "cpu" else set(tuning) == {"gemm_tile", "gemm_block", "red_wg"}
     assert tags["kernel_hash"] == kernel_source_hash()
     sha = hashlib.sha256(default_corpus().encode("utf-8")).hexdigest()
     assert tags["data_sha256"] == sha
