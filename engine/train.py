@@ -109,6 +109,8 @@ class Trainer:
         if device is None:   # a device handed in keeps its tuning (its owner applied one, or none)
             tune.apply(self.dev, cfg.tune)
         extra = [Device(s) for s in specs[1:]]   # data parallel (engine/parallel.py)
+        for d in extra:
+            tune.apply(d, cfg.tune)
         self.dev.check_memory(self.device_buffers(self.dev.variant, len(specs)))
         for k, d in enumerate(extra, 1):
             d.check_memory(self.replica_buffers(k, len(specs), d.variant))
