@@ -464,6 +464,9 @@ def run_tags(trainer, experiment: str) -> dict:
             "opencl.platform": dev.platform_name, "opencl.driver": dev.driver_version,
             "opencl.device": dev.name, "opencl.device_type": dev.kind,
             "opencl.tuning": json.dumps(getattr(dev, "tuning", {}), sort_keys=True),   # engine.tune; {} = defaults
+            # data parallel (engine/parallel.py): every device of the run, the first one above
+            "opencl.devices": json.dumps([f"{d.name} [{d.platform_name}]" for d in
+                                          (trainer.replicas.devs if trainer.replicas else [dev])]),
             "kernel_hash": kernel_source_hash(), "code_version": code_version(), "data_sha256": trainer.data_sha256,
             "data_source": cfg.data.path or "embedded:pydoc_data.topics", "seed": str(cfg.seed)}
 

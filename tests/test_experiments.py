@@ -230,6 +230,7 @@ def test_smoke_tags_describe_code_device_and_data(shared, dev):
     assert tags["opencl.device"] == dev.name
     tuning = json.loads(tags["opencl.tuning"])   # engine.tune: the cpu variant tunes nothing
     assert tuning == {} if dev.variant == "cpu" else set(tuning) == {"gemm_tile", "gemm_block", "red_wg"}
+    assert json.loads(tags["opencl.devices"]) == [f"{dev.name} [{dev.platform_name}]"]   # one device
     assert tags["kernel_hash"] == kernel_source_hash()
     sha = hashlib.sha256(default_corpus().encode("utf-8")).hexdigest()
     assert tags["data_sha256"] == sha
