@@ -1,22 +1,30 @@
-"""Benchmark the engine against the numpy reference and PyTorch (CPU), side by side.
+"""Benchmark the engine against the numpy reference and PyTorch (CPU or GPU), side by side.
 
     python -m benchmarks.speed                                # reference size, seed and hybrid (~3-4 min)
+    python -m benchmarks.speed --sizes reference,gpu_sized    # and hidden 1024, batch 256, one JSON
     python -m benchmarks.speed --wirings all --json           # every preset but smoke, one JSON object
     python -m benchmarks.speed --quick --steps 2 --repeats 1 --set model.hidden_dim=32
 
-One run measures, at the size of the config (defaults: E=128, H=384, T=72, B=64,
-S=64, V from the corpus):
+One run measures, at each size of --sizes (reference: the config, defaults E=128, H=384,
+T=72, B=64, S=64, V from the corpus; gpu_sized: the same with H=1024, B=256, which fills
+a GPU):
 
 - training throughput of each wiring (experiments/presets.py) on the engine and,
   when torch imports, on benchmarks/torch_model.py's TorchHybrid: fixed pre-drawn
   batches, 3 warm-up steps, then `--repeats` timings of `--steps` steps each; the
-  engine's clock stops after `dev.finish()`. Repeats are interleaved across
-  wirings and implementations so that the machine's drift hits them alike;
-- per-kernel device time of one step (a separate profiled pass, seed and hybrid);
-- the numpy reference (engine/reference.py) on the same batches, a few steps;
+  engine's clock stops after `dev.finish()`, torch's on a GPU after
+  `torch.cuda.synchronize()`. torch runs on the GPU (CUDA, or ROCm, which reports
+  through torch.cuda) when the engine's device is a GPU and torch.cuda.is_available(),
+  else on the CPU (--torch-device). Repeats are interleaved across wirings and
+  implementations so that the machine's drift hits them alike;
+- per-kernel device time of one step (a separate profiled pass, seed and hybrid), and
+  each kernel's work from its launches (benchmarks/costs.py): GFLOP/s of the products,
+  GB/s of the rest, and the share of the device's nominal FP32 peak or of its measured
+  memory bandwidth (benchmarks/peak.py; both once per run);
+- the numpy reference (engine/reference.py) on the same batches, a few steps (first size);
 - each matrix product shape of the model: engine `ops.gemm` (with the transpose
-  it does for trans_b) against `np.matmul` on the same float32 layout, GFLOP/s;
-- generation latency of 200 characters (engine/generate.py);
+  it does for trans_b) against `np.matmul` on the same float32 layout, GFLOP/s (first size);
+- generation latency of 200 characters (engine/generate.py; first size);
 - warm start: a fresh `python -c` that imports the engine, builds a Trainer at
   this size with the program cache warm and runs the first step (--quick skips it,
   and the numpy reference).
@@ -28,7 +36,9 @@ and after the pause this VM ran the engine at half speed for 50-100 ms, which
 a training loop, never idle, does not see: the untimed work wakes it again.
 The machine may be shared and noisy: every number is the median of the repeats,
 with min and max beside it. Progress goes to standard error; the report (or,
-with --json, one JSON object) to standard output. torch is optional.
+with --json, one JSON object) to standard output. The JSON holds every size under
+"sizes" and, for readers of one size (benchmarks/versus.py), the first size's figures at
+its top level too. torch is optional.
 """
 from __future__ import annotations
 
@@ -55,8 +65,12 @@ from engine.model import Model
 from engine.optim import make_optimizer
 from engine.train import train_step
 
+from . import costs, peak
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WIRINGS = ("seed", "hybrid")
+# each size's overrides, applied over --set (a size decides its own keys)
+SIZES = {"reference": (), "gpu_sized": ("model.hidden_dim=1024", "train.batch_size=256")}
 PROFILED = ("seed", "hybrid")
 WARMUP_STEPS = 3
 N_BATCHES = 8             # distinct pre-drawn batches, cycled
@@ -112,6 +126,20 @@ def try_torch():
     return torch_model, None
 
 
+def torch_device(torch, engine_kind: str, choice: str = "auto") -> tuple[str, str, object]:
+    """(torch device, its description, the function that waits for it). auto: the GPU when the
+    engine's device is a GPU and torch.cuda.is_available() (ROCm builds answer there too), else
+    the CPU, so that each side of the ratio runs on the same kind of hardware."""
+    cuda = bool(torch.cuda.is_available())
+    if choice == "cuda" and not cuda:
+        raise ValueError("--torch-device cuda: torch.cuda.is_available() is False")
+    if choice == "cuda" or (choice == "auto" and cuda and engine_kind != "CPU"):
+        hip = getattr(torch.version, "hip", None)
+        backend = f"ROCm {hip}" if hip else f"CUDA {torch.version.cuda}"
+        return "cuda", f"cuda:0 {torch.cuda.get_device_name(0)} ({backend})", torch.cuda.synchronize
+    return "cpu", f"cpu ({torch.get_num_threads()} threads)", lambda: None
+
+
 # -- training-step runners ------------------------------------------------------------------------------
 class EngineRunner:
     """The Trainer's step (forward, backward, AdamW, local rules) on fixed host batches."""
@@ -150,11 +178,14 @@ class EngineRunner:
 
 
 class TorchRunner:
-    def __init__(self, tm, cfg, V, batches):
+    """TorchHybrid's step on fixed batches, already on its device; `sync` waits for that device."""
+
+    def __init__(self, tm, cfg, V, batches, device="cpu", sync=lambda: None):
         import torch
-        self.model = tm.TorchHybrid(cfg, V)
-        self.batches = [(torch.from_numpy(x.astype(np.int64)), torch.from_numpy(y.astype(np.int64)))
+        self.model = tm.TorchHybrid(cfg, V, device=device)
+        self.batches = [(torch.from_numpy(x.astype(np.int64)).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
                         for x, y in batches]
+        self.sync = sync
         self.i = 0
         self.last = None
 
@@ -164,11 +195,15 @@ class TorchRunner:
         self.last = self.model.train_step(x, y, self.model.lr_at(self.model.step + 1))
 
     def run(self, n: int) -> float:
-        settle(self.step)
+        """Seconds for n steps; on a GPU the queue is drained before the clock starts and stops
+        (on the CPU every op has finished when it returns: sync does nothing)."""
+        settle(self.step, self.sync)
+        self.sync()
         t = time.perf_counter()
         for _ in range(n):
             self.step()
-        return time.perf_counter() - t   # CPU tensors: every op has finished when it returns
+        self.sync()
+        return time.perf_counter() - t
 
     def loss(self) -> float:
         return float(self.last)
@@ -180,15 +215,16 @@ def rate(times, steps, N) -> dict:
             "step_ms": summary([1e3 * t / steps for t in times])}
 
 
-def bench_training(dev, tm, cfgs, V, batches, steps, repeats):
-    """{wiring: {"engine": rate, "torch": rate | None}} and the engine runners (for generation)."""
+def bench_training(dev, tm, cfgs, V, batches, steps, repeats, torch_on=("cpu", lambda: None)):
+    """{wiring: {"engine": rate, "torch": rate | None}} and the engine runners (for generation).
+    torch_on: (torch device, its sync function)."""
     eng, tor = {}, {}
     for name, cfg in cfgs.items():
         log(f"warm-up {name}: engine" + (", torch" if tm else ""))
         eng[name] = EngineRunner(dev, cfg, V, batches)
         eng[name].run(WARMUP_STEPS)
         if tm:
-            tor[name] = TorchRunner(tm, cfg, V, batches)
+            tor[name] = TorchRunner(tm, cfg, V, batches, *torch_on)
             tor[name].run(WARMUP_STEPS)
     times = {name: {"engine": [], "torch": []} for name in cfgs}
     for r in range(repeats):
@@ -216,28 +252,31 @@ def bench_training(dev, tm, cfgs, V, batches, steps, repeats):
     return out, eng
 
 
-def bench_kernels(spec, cfgs, V, batches, steps=5) -> dict:
-    """Per-kernel device time of one step (mean over `steps`), on a profiling queue."""
+def bench_kernels(dev, cfgs, V, batches, peak_gflops=None, bandwidth_gb_s=None, steps=5) -> dict:
+    """Per-kernel device time of one step (mean over `steps`) on `dev`, a profiling Device, and
+    each kernel's achieved rate from the work of its recorded launches (benchmarks/costs.py)."""
     names = [n for n in PROFILED if n in cfgs] or list(cfgs)[:1]
-    dev = Device(spec, profile=True)
     out = {}
-    for name in names:
-        log(f"profiled pass {name}")
-        runner = EngineRunner(dev, cfgs[name], V, batches)
-        runner.run(WARMUP_STEPS)
-        dev.take_timings()
-        t = time.perf_counter()
-        for _ in range(steps):
-            runner.step()
-        dev.finish()
-        wall = time.perf_counter() - t
-        timings = dev.take_timings()
-        total = sum(ns for _, ns in timings.values())
-        rows = sorted(({"kernel": k, "calls_per_step": calls / steps, "ms": ns / 1e6 / steps,
-                        "share": ns / total if total else 0.0} for k, (calls, ns) in timings.items()),
-                      key=lambda r: -r["ms"])
-        out[name] = {"kernels": rows, "device_ms_per_step": total / 1e6 / steps,
-                     "wall_ms_per_step": 1e3 * wall / steps, "launches_per_step": sum(r["calls_per_step"] for r in rows)}
+    with costs.Recorder(dev) as rec:
+        for name in names:
+            log(f"profiled pass {name}")
+            runner = EngineRunner(dev, cfgs[name], V, batches)
+            runner.run(WARMUP_STEPS)
+            dev.take_timings()
+            rec.take()
+            t = time.perf_counter()
+            for _ in range(steps):
+                runner.step()
+            dev.finish()
+            wall = time.perf_counter() - t
+            timings = dev.take_timings()
+            rows = costs.kernel_table(timings, rec.take(), steps, peak_gflops, bandwidth_gb_s)
+            total = sum(ns for _, ns in timings.values())
+            out[name] = {"kernels": rows, "device_ms_per_step": total / 1e6 / steps,
+                         "wall_ms_per_step": 1e3 * wall / steps,
+                         "launches_per_step": sum(r["calls_per_step"] for r in rows),
+                         "no_model": [r["kernel"] for r in rows if r["model"] != "ok"]}
+            del runner
     return out
 
 
@@ -475,6 +514,10 @@ def _ms(x: float) -> str:
     return f"{x:.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
 
+def _num(x) -> str:
+    return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
+
+
 def _table(header, rows) -> str:
     cols = [header] + rows
     widths = [max(len(str(r[i])) for r in cols) for i in range(len(header))]
@@ -482,23 +525,33 @@ def _table(header, rows) -> str:
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
-def report(res: dict) -> str:
-    c, mi = res["config"], res["machine"]
-    out = [f"engine benchmark  ({c['steps']} steps x {c['repeats']} repeats after {WARMUP_STEPS} warm-up; "
-           f"median [min-max])",
-           f"size: E={c['E']} H={c['H']} T={c['T']} B={c['B']} S={c['S']} V={c['V']}  (N={c['N']} tokens/step)",
-           f"machine: {mi['cpu_model'] or mi['processor']} ({mi['cpus_usable']} CPUs, load average "
-           f"{_load(mi['loadavg'])} at start, {_load(mi['loadavg_end'])} at end), "
-           f"\n         "
-           f"OpenCL: {mi['opencl_device']} [{mi['opencl_platform']}], numpy {mi['numpy']}, torch: {mi['torch']}",
-           ""]
+def kernel_rows(rows) -> list[list]:
+    """The per-kernel table's cells (benchmarks.costs.kernel_table rows)."""
+    out = []
+    for r in rows:
+        pct = "-" if r["pct_peak"] is None else f"{r['pct_peak']:.0f}% " + ("FP32" if r["bound"] == "compute" else "BW")
+        out.append([r["kernel"], f"{r['calls_per_step']:.0f}", f"{r['ms']:.3f}", _num(r["us_per_call"]),
+                    f"{100 * r['share']:.1f}%", _num(r["gflops"]), _num(r["gb_s"]), pct,
+                    "" if r["model"] == "ok" else r["model"]])
+    return out
+
+
+KERNEL_HEADER = ["kernel", "calls", "ms/step", "us/call", "share", "GFLOP/s", "GB/s", "% of peak", ""]
+
+
+def _size_report(label, res: dict) -> list[str]:
+    c = res["config"]
+    out = [f"== size {label}: E={c['E']} H={c['H']} T={c['T']} B={c['B']} S={c['S']} V={c['V']}  "
+           f"(N={c['N']} tokens/step) ==", ""]
+    if "error" in res:
+        return out + [f"failed: {res['error']}", ""]
     rows = []
     for name, r in res["wirings"].items():
         e, t = r["engine"], r["torch"]
         rows.append([name, _mm(e["tokens_per_s"]), _ms(e['step_ms']['median']),
                      _mm(t["tokens_per_s"]) if t else res["torch"], _ms(t['step_ms']['median']) if t else "-",
                      f"{r['ratio']:.2f} [{r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}]" if r["ratio"] else "-"])
-    out += ["training throughput (tokens/s)",
+    out += [f"training throughput (tokens/s; torch on {res['torch_device'] or '-'})",
             _table(["wiring", "engine tok/s", "ms/step", "torch tok/s", "ms/step", "engine/torch (paired)"], rows), ""]
     if isinstance(res["numpy_reference"], dict):
         rows = []
@@ -509,32 +562,64 @@ def report(res: dict) -> str:
         out += ["numpy reference (float32)", _table(["wiring", "tok/s", "ms/step", "engine/numpy"], rows), ""]
     else:
         out += [f"numpy reference: {res['numpy_reference']}", ""]
-    rows = [[g["product"], f"({g['M']},{g['K']})x({g['K']},{g['N']})" + (f" x{g['batch']}" if g["batch"] > 1 else ""),
-             f"{g['mflop']:.1f}", _mm(g["engine_gflops"], "{:.1f}"), _mm(g["numpy_gflops"], "{:.1f}"),
-             f"{g['ratio']:.2f} [{g['ratio_range'][0]:.2f}-{g['ratio_range'][1]:.2f}]"] for g in res["gemm"]]
-    out += ["matrix products (GFLOP/s; engine = ops.gemm incl. its transpose, numpy = np.matmul)",
-            _table(["product", "shape", "MFLOP", "engine", "numpy", "engine/numpy (paired)"], rows), ""]
+    if isinstance(res["gemm"], list):
+        rows = [[g["product"], f"({g['M']},{g['K']})x({g['K']},{g['N']})" + (f" x{g['batch']}" if g["batch"] > 1 else ""),
+                 f"{g['mflop']:.1f}", _mm(g["engine_gflops"], "{:.1f}"), _mm(g["numpy_gflops"], "{:.1f}"),
+                 f"{g['ratio']:.2f} [{g['ratio_range'][0]:.2f}-{g['ratio_range'][1]:.2f}]"] for g in res["gemm"]]
+        out += ["matrix products (GFLOP/s; engine = ops.gemm incl. its transpose, numpy = np.matmul)",
+                _table(["product", "shape", "MFLOP", "engine", "numpy", "engine/numpy (paired)"], rows), ""]
+    else:
+        out += [f"matrix products: {res['gemm']}", ""]
     for name, k in res["kernels"].items():
-        rows = [[r["kernel"], f"{r['calls_per_step']:.0f}", f"{r['ms']:.2f}", f"{100 * r['share']:.1f}%"]
-                for r in k["kernels"]]
-        out += [f"kernel time per step, {name}: device {k['device_ms_per_step']:.1f} ms, wall (profiled) "
-                f"{k['wall_ms_per_step']:.1f} ms, {k['launches_per_step']:.0f} launches",
-                _table(["kernel", "calls", "ms", "share"], rows), ""]
+        out += [f"kernels per step, {name}: device {k['device_ms_per_step']:.2f} ms, wall (profiled) "
+                f"{k['wall_ms_per_step']:.2f} ms, {k['launches_per_step']:.0f} launches",
+                _table(KERNEL_HEADER, kernel_rows(k["kernels"])), ""]
     g = res["generation"]
-    out.append(f"generation ({g['wiring']}): {g['length']} characters in {_mm(g['seconds'], '{:.3f}')} s "
-               f"({g['ms_per_char']:.2f} ms/char)")
+    if isinstance(g, dict):
+        out.append(f"generation ({g['wiring']}): {g['length']} characters in {_mm(g['seconds'], '{:.3f}')} s "
+                   f"({g['ms_per_char']:.2f} ms/char)")
     w = res["warm_start"]
     if isinstance(w, dict):
         b = w["breakdown_median_s"]
         out.append(f"warm start (new process, program cache warm, first step done): {_mm(w['seconds'], '{:.2f}')} s "
                    f"(imports {b['import_s']:.2f}, Trainer {b['trainer_s']:.2f}, first step {b['first_step_s']:.2f})")
+    elif g == w:
+        out.append(f"generation and warm start: {w}")
     else:
         out.append(f"warm start: {w}")
-    out.append(f"headline ({res['headline_wiring']}): engine {res['tokens_per_s']:.0f} tok/s"
-               + (f", torch {res['torch_tokens_per_s']:.0f} tok/s, engine/torch {res['ratio']:.2f}"
-                  if res["torch_tokens_per_s"] else f", {res['torch']}")
-               + f"   (bench took {res['elapsed_s']:.0f} s: "
-               + ", ".join(f"{k} {v:.0f}" for k, v in res["section_s"].items()) + ")")
+    return out + [""]
+
+
+def report(res: dict) -> str:
+    mi, p, bw = res["machine"], res["device_peak"], res["bandwidth"]
+    c = res["config"]
+    out = [f"engine benchmark  ({c['steps']} steps x {c['repeats']} repeats after {WARMUP_STEPS} warm-up; "
+           f"median [min-max])",
+           f"machine: {mi['cpu_model'] or mi['processor']} ({mi['cpus_usable']} CPUs, load average "
+           f"{_load(mi['loadavg'])} at start, {_load(mi['loadavg_end'])} at end), "
+           f"\n         "
+           f"OpenCL: {mi['opencl_device']} [{mi['opencl_platform']}], numpy {mi['numpy']}, torch: {mi['torch']}"
+           + (f" on {res['torch_device']}" if res["torch_device"] else ""),
+           f"device peak (nominal FP32): {p['formula']}",
+           f"         assumption: {p['assumption']}",
+           "memory bandwidth (measured): " + (f"{bw['gb_s']:.1f} GB/s [{bw['min']:.1f}-{bw['max']:.1f}], {bw['method']}"
+                                              if bw.get("gb_s") else bw["method"]),
+           "kernel tables: GFLOP/s and GB/s from each launch's work (benchmarks/costs.py) over its device time; "
+           "% of peak: FP32 = of the nominal peak (products), BW = of the measured bandwidth (the rest; above "
+           "100 % where the data stayed in cache)",
+           ""]
+    for label, r in res["sizes"].items():
+        out += _size_report(label, r)
+    rows = []
+    for label, r in res["sizes"].items():
+        for name, w in (r.get("wirings") or {}).items():
+            rows.append([label, name, f"{w['engine']['tokens_per_s']['median']:,.0f}",
+                         f"{w['torch']['tokens_per_s']['median']:,.0f}" if w["torch"] else "-",
+                         f"{w['ratio']:.2f}" if w["ratio"] else "-",
+                         f"{r['kernels'][name]['device_ms_per_step']:.2f}" if name in r["kernels"] else "-"])
+    out += [f"summary (median tokens/s; torch: {res['torch_device'] or res['torch']})",
+            _table(["size", "wiring", "engine", "torch", "engine/torch", "device ms/step"], rows),
+            f"bench took {res['elapsed_s']:.0f} s: " + ", ".join(f"{k} {v:.0f}" for k, v in res["section_s"].items())]
     return "\n".join(out)
 
 
@@ -549,75 +634,141 @@ def parse_wirings(text: str) -> list[str]:
     return names
 
 
-def run(args) -> dict:
+def parse_sizes(text: str) -> list[str]:
+    labels = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in labels if s not in SIZES]
+    if not labels or bad or len(set(labels)) != len(labels):
+        raise ValueError(f"--sizes takes distinct names from {', '.join(SIZES)}; got {text!r}")
+    return labels
+
+
+def size_configs(names, overrides, label) -> dict:
+    """{wiring: Config} at one size: the preset, then --set, then the size's own keys."""
     from experiments import presets
-    t_start = time.perf_counter()
-    names = parse_wirings(args.wirings)
-    cfgs = {n: apply_overrides(presets.get(n).config(), args.set) for n in names}
-    base = next(iter(cfgs.values()))
+    cfgs = {n: apply_overrides(presets.get(n).config(), [*overrides, *SIZES[label]]) for n in names}
     sizes = {(c.model.embedding_dim, c.model.hidden_dim, c.model.num_prototypes, c.train.batch_size,
               c.train.seq_len, c.data.path, c.seed) for c in cfgs.values()}
     if len(sizes) != 1:
         raise ConfigError("the wirings must share sizes, data and seed (same --set for all)")
-    text = load_text(base.data.path)
-    train_text, _ = split_text(text, base.data.val_fraction)
-    vocab = Vocab.from_text(train_text)
-    V = vocab.size
-    B, S = base.train.batch_size, base.train.seq_len
-    draw = Batches(vocab.encode(train_text), B, S, base.seed)
-    batches = [draw.next_batch() for _ in range(N_BATCHES)]
-    tm, torch_why = try_torch()
-    if tm is None:
-        log(torch_why)
-    dev = Device(base.device, profile=False)
-    log(f"device {dev.name}; wirings {', '.join(names)}; E={base.model.embedding_dim} H={base.model.hidden_dim} "
-        f"T={base.model.num_prototypes} B={B} S={S} V={V}")
-    machine = machine_info(dev, torch_why)
+    return cfgs
 
+
+def run_size(label, cfgs, V, vocab, ids, devs, tm, torch_on, limits, args, first: bool) -> dict:
+    """Every measurement at one size; the host-side comparisons (numpy, gemm against numpy,
+    generation, warm start) only at the first size."""
+    dev, pdev = devs
+    base = next(iter(cfgs.values()))
+    names = list(cfgs)
+    B, S = base.train.batch_size, base.train.seq_len
+    draw = Batches(ids, B, S, base.seed)
+    batches = [draw.next_batch() for _ in range(N_BATCHES)]
+    log(f"size {label}: E={base.model.embedding_dim} H={base.model.hidden_dim} T={base.model.num_prototypes} "
+        f"B={B} S={S} V={V}")
     sections = {}
 
-    def timed(label, fn, *a):
+    def timed(section, fn, *a):
         t = time.perf_counter()
         out = fn(*a)
-        sections[label] = time.perf_counter() - t
+        sections[section] = time.perf_counter() - t
         return out
 
-    training, runners = timed("training", bench_training, dev, tm, cfgs, V, batches, args.steps, args.repeats)
-    kernels = timed("kernels", bench_kernels, base.device, cfgs, V, batches)
-    log("matrix products")
-    gemm = timed("gemm", bench_gemm, dev, base, V, args.repeats)
-    gen_name = "hybrid" if "hybrid" in runners else names[0]
-    log(f"generation ({gen_name})")
-    generation = timed("generation", bench_generation, runners[gen_name].model, vocab, args.repeats)
-    numpy_ref = "skipped (--quick)" if args.quick else timed(
-        "numpy_reference", bench_numpy, cfgs, V, batches, args.numpy_steps)
-    warm = "skipped (--quick)"
-    if not args.quick:
-        log("warm start")
-        warm = timed("warm_start", bench_warm_start, args.set)
-
+    training, runners = timed("training", bench_training, dev, tm, cfgs, V, batches, args.steps, args.repeats,
+                              torch_on)
+    kernels = timed("kernels", bench_kernels, pdev, cfgs, V, batches, *limits)
+    gemm = generation = numpy_ref = warm = "first size only"
+    if first:
+        log("matrix products")
+        gemm = timed("gemm", bench_gemm, dev, base, V, args.repeats)
+        gen_name = "hybrid" if "hybrid" in runners else names[0]
+        log(f"generation ({gen_name})")
+        generation = timed("generation", bench_generation, runners[gen_name].model, vocab, args.repeats)
+        numpy_ref = warm = "skipped (--quick)"
+        if not args.quick:
+            numpy_ref = timed("numpy_reference", bench_numpy, cfgs, V, batches, args.numpy_steps)
+            log("warm start")
+            warm = timed("warm_start", bench_warm_start, [*args.set, *SIZES[label]])
     head = "hybrid" if "hybrid" in training else names[0]
     hr = training[head]
-    res = {
+    return {
+        "size": label,
         "headline_wiring": head,
         "tokens_per_s": hr["engine"]["tokens_per_s"]["median"],
         "torch_tokens_per_s": hr["torch"]["tokens_per_s"]["median"] if hr["torch"] else None,
         "ratio": hr["ratio"],
-        "torch": "ok" if tm else torch_why,
         "wirings": training,
         "numpy_reference": numpy_ref,
         "gemm": gemm,
         "kernels": kernels,
         "generation": generation,
-        "generation_s": generation["seconds"]["median"],
+        "generation_s": generation["seconds"]["median"] if isinstance(generation, dict) else None,
         "warm_start": warm,
         "warm_start_s": warm["seconds"]["median"] if isinstance(warm, dict) else None,
         "config": {"E": base.model.embedding_dim, "H": base.model.hidden_dim, "T": base.model.num_prototypes,
                    "B": B, "S": S, "V": V, "N": B * S, "steps": args.steps, "repeats": args.repeats,
-                   "warmup_steps": WARMUP_STEPS, "wirings": names, "overrides": list(args.set),
-                   "numpy_steps": None if args.quick else args.numpy_steps},
-        "machine": machine,
+                   "warmup_steps": WARMUP_STEPS, "wirings": names, "overrides": [*args.set, *SIZES[label]],
+                   "numpy_steps": None if args.quick or not first else args.numpy_steps},
+        "section_s": sections,
     }
+
+
+def run(args) -> dict:
+    t_start = time.perf_counter()
+    names = parse_wirings(args.wirings)
+    labels = parse_sizes(args.sizes)
+    by_size = {label: size_configs(names, args.set, label) for label in labels}
+    base = next(iter(by_size[labels[0]].values()))
+    text = load_text(base.data.path)
+    train_text, _ = split_text(text, base.data.val_fraction)
+    vocab = Vocab.from_text(train_text)
+    ids = vocab.encode(train_text)
+    tm, torch_why = try_torch()
+    if tm is None:
+        log(torch_why)
+    dev = Device(base.device, profile=False)
+    pdev = Device(base.device, profile=True)       # the per-kernel pass and the bandwidth copies
+    machine = machine_info(dev, torch_why)
+    torch_on, torch_label = ("cpu", lambda: None), None
+    if tm:
+        import torch
+        where, torch_label, sync = torch_device(torch, dev.kind, args.torch_device)
+        torch_on = (where, sync)
+    machine["torch_device"] = torch_label
+    log(f"device {dev.name}; wirings {', '.join(names)}; sizes {', '.join(labels)}; torch on {torch_label or '-'}")
+    sections = {}
+    nominal = peak.nominal_peak(dev.device, dev.kind)
+    t = time.perf_counter()
+    bandwidth = peak.measure_bandwidth(pdev)
+    sections["bandwidth"] = time.perf_counter() - t
+    log(f"nominal peak {nominal['gflops']:,.1f} GFLOP/s; measured bandwidth "
+        + (f"{bandwidth['gb_s']:.1f} GB/s" if bandwidth.get("gb_s") else "?"))
+    limits = (nominal["gflops"], bandwidth.get("gb_s"))
+    sizes = {}
+    for i, label in enumerate(labels):
+        t = time.perf_counter()
+        try:
+            sizes[label] = run_size(label, by_size[label], vocab.size, vocab, ids, (dev, pdev), tm, torch_on,
+                                    limits, args, first=i == 0)
+        except (DeviceError, dev.cl.Error, MemoryError) as exc:
+            if i == 0:
+                raise
+            c = next(iter(by_size[label].values()))
+            log(f"size {label} failed: {exc}")
+            sizes[label] = {"size": label, "error": f"{type(exc).__name__}: {exc}".splitlines()[0],
+                            "config": {"E": c.model.embedding_dim, "H": c.model.hidden_dim,
+                                       "T": c.model.num_prototypes, "B": c.train.batch_size, "S": c.train.seq_len,
+                                       "V": vocab.size, "N": c.train.batch_size * c.train.seq_len}}
+        sections[label] = time.perf_counter() - t
+    res = dict(sizes[labels[0]])        # the first size at the top level: what one-size readers take
+    res.update({
+        "sizes": sizes,
+        "torch": "ok" if tm else torch_why,
+        "torch_device": torch_label,
+        "device_peak": nominal,
+        "bandwidth": bandwidth,
+        "machine": machine,
+    })
+    for r in sizes.values():
+        r["torch"], r["torch_device"] = res["torch"], torch_label
     res["machine"]["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     res["elapsed_s"] = time.perf_counter() - t_start
     res["section_s"] = sections
@@ -629,11 +780,18 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="config override applied to every wiring (repeatable)")
+    ap.add_argument("--sizes", default="reference",
+                    help="comma-separated sizes, each measured in turn: " + "; ".join(
+                        f"{k}: {' '.join(v) or 'the config'}" for k, v in SIZES.items())
+                    + " (a size's keys win over --set)")
     ap.add_argument("--repeats", type=int, default=5, help="timings per measurement (median, min, max)")
     ap.add_argument("--steps", type=int, default=20, help="training steps per timing")
     ap.add_argument("--wirings", default=",".join(DEFAULT_WIRINGS),
                     help="comma-separated presets (experiments/presets.py), or 'all' (every one but smoke)")
     ap.add_argument("--numpy-steps", type=int, default=2, help="timed numpy-reference steps per wiring")
+    ap.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where torch runs: auto = the GPU (torch.cuda: CUDA or ROCm) when the engine's device "
+                         "is a GPU and torch.cuda.is_available(), else the CPU")
     ap.add_argument("--quick", action="store_true", help="skip the numpy reference and the warm start")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.numpy_steps < 1:
@@ -645,6 +803,10 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(res, indent=1) if args.json else report(res))
+    failed = [label for label, r in res["sizes"].items() if "error" in r]
+    if failed:
+        print(f"error: size {', '.join(failed)} failed (see the report)", file=sys.stderr)
+        return 1
     return 0
 
 

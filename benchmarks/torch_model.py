@@ -1,11 +1,13 @@
-"""The hybrid character model of docs/model.md in PyTorch (float32, CPU): the baseline
-the OpenCL engine is benchmarked against (benchmarks/speed.py).
+"""The hybrid character model of docs/model.md in PyTorch (float32; CPU, or a GPU through
+torch.cuda, which ROCm builds also use): the baseline the OpenCL engine is benchmarked
+against (benchmarks/speed.py).
 
     python -c "from benchmarks.torch_model import TorchHybrid"      # needs torch (optional)
 
 Same parameters (engine.reference.init_params), same wirings, same AdamW with
 clipping, same Hebbian and prototype rules as engine/model.py, so the first
-training step's loss matches the engine's. Gradients come from autograd; the
+training step's loss matches the engine's (on the CPU; tests/test_bench.py). On a GPU
+(`device="cuda"`) every tensor lives there and nothing is read back in a step. Gradients come from autograd; the
 local rules run under torch.no_grad(). Letters: B batch, S sequence, N = B·S,
 E embedding, H hidden, V vocabulary, T prototypes.
 
@@ -36,44 +38,45 @@ def _decay_matrix(S: int, eta: float, lam: float) -> np.ndarray:
 class TorchHybrid:
     """One model: Adam parameters, optimiser, Hebbian matrix, prototypes and their usage."""
 
-    def __init__(self, cfg: Config, vocab_size: int, params: dict | None = None, threads: int | None = None):
+    def __init__(self, cfg: Config, vocab_size: int, params: dict | None = None, threads: int | None = None,
+                 device: str = "cpu"):
         torch.set_num_threads(threads or os.cpu_count() or 1)
         self.cfg = cfg
+        self.device = dev = torch.device(device)
         m, o = cfg.model, cfg.optim
         self.V, self.E, self.H, self.T = vocab_size, m.embedding_dim, m.hidden_dim, m.num_prototypes
         if params is None:
             params = init_params(self.V, self.E, self.H, cfg.seed)
-        self.p = {name: torch.tensor(np.asarray(params[name], np.float32)).requires_grad_(True)
+        self.p = {name: torch.tensor(np.asarray(params[name], np.float32), device=dev).requires_grad_(True)
                   for name in PARAM_NAMES}
         decayed = [self.p[n] for n in PARAM_NAMES if n in DECAYED]
         plain = [self.p[n] for n in PARAM_NAMES if n not in DECAYED]
         self.opt = torch.optim.AdamW([{"params": decayed, "weight_decay": o.weight_decay},
                                       {"params": plain, "weight_decay": 0.0}],
                                      lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=True)
-        self.W_hebb = torch.zeros(self.H, self.H)                      # buffers, not parameters
-        self.P = torch.zeros(self.T, self.H)
-        self.usage = torch.full((self.T,), 1.0 / self.T)
+        self.W_hebb = torch.zeros(self.H, self.H, device=dev)          # buffers, not parameters
+        self.P = torch.zeros(self.T, self.H, device=dev)
+        self.usage = torch.full((self.T,), 1.0 / self.T, device=dev)
         self.proto_ready = cfg.proto.mode == "off"
         self.step = 0                                                  # optimiser steps taken
-        self.gnorm = torch.zeros(())                                   # last global norm (before clipping)
+        self.gnorm = torch.zeros((), device=dev)                       # last global norm (before clipping)
         self._C = {}
 
     # -- helpers ------------------------------------------------------------------------
-    @staticmethod
-    def _ids(a) -> torch.Tensor:
-        if isinstance(a, torch.Tensor):
-            return a.long()
-        return torch.from_numpy(np.ascontiguousarray(a, np.int64))
+    def _ids(self, a) -> torch.Tensor:
+        if not isinstance(a, torch.Tensor):
+            a = torch.from_numpy(np.ascontiguousarray(a, np.int64))
+        return a.long().to(self.device)
 
     def decay_matrix(self, S: int) -> torch.Tensor:
         C = self._C.get(S)
         if C is None:
             hc = self.cfg.hebb
-            C = self._C[S] = torch.from_numpy(_decay_matrix(S, hc.lr, 1.0 - hc.decay))
+            C = self._C[S] = torch.from_numpy(_decay_matrix(S, hc.lr, 1.0 - hc.decay)).to(self.device)
         return C
 
     def get_params(self) -> dict:
-        return {k: v.detach().numpy().copy() for k, v in self.p.items()}
+        return {k: v.detach().cpu().numpy().copy() for k, v in self.p.items()}
 
     def lr_at(self, step: int) -> float:
         """The engine's schedule (engine.optim.lr_at)."""
@@ -132,13 +135,13 @@ class TorchHybrid:
         """P by k-means++ (or random rows, proto.init) on h̃ of this batch with the current parameters."""
         with torch.no_grad():
             _, cache = self.forward(x)
-        v = cache["ht"].numpy()
+        v = cache["ht"].cpu().numpy()
         if self.cfg.proto.init == "kmeans++":
             P = kmeanspp_init(v, self.T, self.cfg.seed)
         else:
             rng = np.random.default_rng([self.cfg.seed, 2])
             P = v[rng.choice(v.shape[0], size=self.T, replace=v.shape[0] < self.T)]
-        self.P = torch.from_numpy(np.ascontiguousarray(P, np.float32))
+        self.P = torch.from_numpy(np.ascontiguousarray(P, np.float32)).to(self.device)
         self.proto_ready = True
 
     # -- one training step ----------------------------------------------------------------
@@ -176,13 +179,13 @@ class TorchHybrid:
         if pc.mode != "off":
             v, k = cache["ht"], cache["assign"]
             counts = torch.bincount(k, minlength=T).to(torch.float32)          # (T,)
-            sums = torch.zeros(T, self.H).index_add_(0, k, v)
+            sums = torch.zeros(T, self.H, device=self.device).index_add_(0, k, v)
             mu = sums / counts.clamp(min=1.0)[:, None]
             P = torch.where((counts > 0)[:, None], self.P + pc.lr * (mu - self.P), self.P)
             usage = pc.usage_decay * self.usage + (1.0 - pc.usage_decay) * counts / N
             if pc.reseed_threshold > 0:
                 dead = usage < pc.reseed_threshold / T
-                j = torch.tensor([hash_u32(cfg.seed, self.step, t) % N for t in range(T)])
+                j = torch.tensor([hash_u32(cfg.seed, self.step, t) % N for t in range(T)], device=self.device)
                 P = torch.where(dead[:, None], v[j], P)
                 usage = torch.where(dead, torch.full_like(usage, 1.0 / T), usage)
             self.P, self.usage = P, usage
