@@ -19,6 +19,8 @@
    the benchmarks): tokens/s of the engine and, when torch is installed with CUDA or ROCm, of the
    same model in PyTorch on the same GPU, their ratio, the per-kernel table (time, GFLOP/s, GB/s,
    share of the peak), the nominal FP32 peak and the measured memory bandwidth.
+   With two or more GPUs (and no --device) it also measures data-parallel scaling over all of them
+   (`python -m benchmarks.parallel --devices ...`: tokens/s of one GPU against the batch split).
 4. Writes one JSON summary (--out): platforms, the chosen device, the test outcome and the benchmark
    figures; prints a human summary at the end (standard output).
 
@@ -39,7 +41,8 @@ from .device import DeviceError, device_type_name, list_devices
 
 REPO = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_kernels.py", "tests/test_delta.py", "tests/test_layer_contract.py", "tests/test_layers.py",
-         "tests/test_model.py", "tests/test_golden.py", "tests/test_generate.py"]
+         "tests/test_model.py", "tests/test_golden.py", "tests/test_generate.py", "tests/test_parallel.py",
+         "tests/test_tune.py"]
 SIZES = ("reference", "gpu_sized")        # defined in benchmarks/speed.py (SIZES)
 ICD_DIR = "/etc/OpenCL/vendors"
 NVIDIA_LIB = "libnvidia-opencl.so.1"
@@ -191,6 +194,23 @@ def run_bench(index: str, sizes: list[str], extra: list[str], timeout: int) -> d
     return out
 
 
+def run_scaling(indices: list[str], timeout: int) -> dict:
+    """benchmarks.parallel over the GPUs `indices` (two or more): tokens/s of one against all."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "scaling.json")
+        cmd = [sys.executable, "-m", "benchmarks.parallel", "--devices", ",".join(indices), "--rounds", "3",
+               "--steps", "5", "--json", path]
+        try:
+            r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": f"timed out after {timeout} s"}
+        if r.returncode != 0 or not os.path.exists(path):
+            return {"ok": False, "error": (r.stderr.strip().splitlines() or ["?"])[-1]}
+        with open(path) as f:
+            return {"ok": True, "command": cmd[1:-2], **json.load(f)}
+
+
 def _num(x) -> str:
     return "-" if x is None else f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
 
@@ -303,6 +323,12 @@ def main(argv=None) -> int:
             if not b["ok"]:
                 print(f"gpucheck: benchmark failed: {b.get('error') or 'a size failed'}", file=sys.stderr)
             status |= 0 if b["ok"] else 1
+            if len(gpus) > 1 and not args.device:   # data parallel over every GPU (engine/parallel.py)
+                print(f"gpucheck: data-parallel scaling over {len(gpus)} GPUs", file=sys.stderr)
+                summary["scaling"] = sc = run_scaling([g["index"] for g in gpus], args.timeout)
+                print(f"gpucheck: scaling {sc['scaling']['median']:.2f} of one GPU" if sc["ok"]
+                      else f"gpucheck: scaling failed: {sc['error']}", file=sys.stderr)
+                status |= 0 if sc["ok"] else 1
         print(human_summary(summary))
     _write(args.out, summary)
     print(f"gpucheck: summary in {args.out}", file=sys.stderr)
