@@ -28,7 +28,17 @@ from .device import Device, DeviceError
 from .model import Model, device_buffers
 
 
-GEN_WG = 64  # work-group of the fused generation kernel
+GEN_WG = 64  # work-group of the fused generation kernel (CPU variant: one work-group is one core)
+GEN_WG_GPU = 256  # GPU variant: one item per column of H and Vp, tree sums (kernels/generate.cl)
+
+
+def generation_wg(dev) -> int:
+    """Work-group size of the fused kernel on dev: GEN_WG_GPU for the GPU variant, capped at the
+    device's largest work-group (a power of two: the tree sums pair items l and l + WG/2)."""
+    if dev.variant != "gpu":
+        return GEN_WG
+    cap = int(dev.device.max_work_group_size)
+    return min(GEN_WG_GPU, 1 << (cap.bit_length() - 1))
 
 
 class Generator:
@@ -57,13 +67,16 @@ class Generator:
         if self.carried:
             self.ws = model.workspace(1, 1)
         if self.fused:
-            defines = (("WG", GEN_WG),
+            gpu = self.dev.variant == "gpu"
+            self._wg = generation_wg(self.dev)
+            # GPU: neighbouring items on neighbouring columns (no float8 columns), tree reductions
+            defines = (("WG", self._wg), ("TREE", int(gpu)),
                        ("HEBB", {"modulate": 1, "fast_weights": 2}.get(cfg.hebb.mode, 0)),
                        ("PROTO", int(cfg.proto.mode == "feature")),
                        ("COSINE", int(cfg.proto.similarity == "cosine")),
-                       ("VEC8", int(model.E % 8 == 0 and H % 8 == 0)))   # float8 columns; Vp % 8 == 0 always
-            self._kernel = self.dev.kernel("generate.cl", "generate_step", defines)
-            self._scratch = self.dev.zeros((5 * H + model.E + GEN_WG + model.T,))
+                       ("VEC8", int(not gpu and model.E % 8 == 0 and H % 8 == 0)))   # float8 columns; Vp % 8 == 0
+            self._kernel = self.dev.kernel("generate.cl", "generate_step_wg" if gpu else "generate_step", defines)
+            self._scratch = self.dev.zeros((5 * H + model.E + self._wg + model.T,))
             self._logits = self.dev.zeros((model.Vp,))
             self._At = self.At if self.fast else self.dev.zeros((1,))
 
@@ -102,7 +115,7 @@ class Generator:
     def _feed_fused(self, token: int) -> np.ndarray:
         m, cfg, p = self.model, self.model.cfg, self.model.p
         i32, f32 = np.int32, np.float32
-        self.dev.launch(self._kernel, (GEN_WG,), (GEN_WG,),
+        self.dev.launch(self._kernel, (self._wg,), (self._wg,),
                         i32(token), i32(m.E), i32(m.H), i32(m.T), i32(m.Vp),
                         p["W_emb"].data, p["W1"].data, p["b1"].data, p["W2"].data, p["b2"].data,
                         m.W_hebb.data, self._At.data, m.P.data,

@@ -92,6 +92,10 @@ def transpose(dev, x, out, R, C, batch=1):
     """out[b] (C,R) = x[b] (R,C)ᵀ for b < batch."""
     bx, ox = _buf(x)
     bo, oo = _buf(out)
+    if dev.variant == "gpu":   # a 16×16 tile in local memory: coalesced reads and writes
+        dev.launch(dev.kernel("gemm.cl", "transpose_wg"), (-(-C // 16) * 16, -(-R // 16) * 16, batch), (16, 16, 1),
+                   i32(R), i32(C), bx, i32(ox), i32(R * C), bo, i32(oo), i32(R * C))
+        return
     if R % 8 == 0 and C % 8 == 0 and ox % 8 == 0 and oo % 8 == 0:  # 8×8 register blocks
         name, gsize = "transpose8", (C // 8, R // 8, batch)
     else:
@@ -169,7 +173,10 @@ def embedding_forward(dev, W_emb, x, e, N, E):
 
 def bucket_sums(dev, X, perm, starts, out, nb, C):
     """out (nb,C) = Σ_{key_n = t} X (N,C)[n]; perm/starts from bucket_sort(keys)."""
-    if _rows8(C, X, out):
+    if dev.variant == "gpu":   # 16 member lanes per bucket: a large bucket is not one serial loop
+        dev.launch(dev.kernel("layers.cl", "bucket_sums_wg"), (-(-C // 16) * 16, 16 * nb), (16, 16),
+                   X.data, perm.data, starts.data, i32(C), out.data)
+    elif _rows8(C, X, out):
         dev.launch(dev.kernel("layers.cl", "bucket_sums8"), (C // 8, nb), None,
                    X.data, perm.data, starts.data, i32(C), out.data)
     else:
@@ -224,12 +231,22 @@ def spikes_forward(dev, h, theta, s, N, H):
 
 def row_normalize_forward(dev, h, k, inv_norm, N, H):
     """k (N,H) = h / sqrt(|h|² + 1e-6), inv_norm (N,)."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("layers.cl", "row_normalize_forward_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   h.data, i32(H), k.data, inv_norm.data)
+        return
     name = "row_normalize_forward8" if _rows8(H, h, k) else "row_normalize_forward"
     dev.launch(dev.kernel("layers.cl", name), (N,), None, h.data, i32(H), k.data, inv_norm.data)
 
 
 def row_normalize_backward(dev, dk, k, inv_norm, dh, N, H):
     """dh (N,H) += (dk − k·(k·dk))·inv_norm."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("layers.cl", "row_normalize_backward_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   dk.data, k.data, inv_norm.data, i32(H), dh.data)
+        return
     name = "row_normalize_backward8" if _rows8(H, dk, k, dh) else "row_normalize_backward"
     dev.launch(dev.kernel("layers.cl", name), (N,), None, dk.data, k.data, inv_norm.data, i32(H), dh.data)
 
@@ -242,8 +259,9 @@ def causal_decay_mask(dev, G, w, Gm, B, S):
 def causal_dots_decay(dev, X, Y, w, out, B, S, H, tmp):
     """out (B,S,S) = w[t−1−τ]·(X[b,t]·Y[b,τ]) for τ < t else 0; X, Y (B·S, H).
     One kernel when S % 4 == 0 and the rows are float8-aligned; otherwise X·Yᵀ into
-    `tmp` (B,S,S) and causal_decay_mask."""
-    if S % 4 == 0 and _rows8(H, X, Y, out):
+    `tmp` (B,S,S) and causal_decay_mask, which is also the GPU variant's path (the fused kernel
+    is a product with per-item serial dots: the tiled products of gemm_gpu.cl suit a GPU)."""
+    if dev.variant != "gpu" and S % 4 == 0 and _rows8(H, X, Y, out):
         dev.launch(dev.kernel("layers.cl", "causal_dots_decay"), (S // 2, S // 4, B), None,
                    X.data, Y.data, w.data, i32(S), i32(H), out.data)
     else:
@@ -253,6 +271,11 @@ def causal_dots_decay(dev, X, Y, w, out, B, S, H, tmp):
 
 def fw_state_norm(dev, G, Q, w, out, B, S):
     """out (B,) = ‖A_{S−1}‖_F per sequence, from G = K·Kᵀ and Q = Post·Postᵀ (B,S,S)."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("layers.cl", "fw_state_norm_wg", (("WG", wg),)), (B * wg,), (wg,),
+                   G.data, Q.data, w.data, i32(S), out.data)
+        return
     dev.launch(dev.kernel("layers.cl", "fw_state_norm"), (B,), None, G.data, Q.data, w.data, i32(S), out.data)
 
 
@@ -270,6 +293,11 @@ def softmax_xent(dev, logits, y, nv, loss_rows, hits, dlogits, N, V, ld=None):
     """loss_rows, hits (N,); dlogits (N,V) = (softmax − onehot)/Nv, 0 for PAD rows.
     Rows of logits/dlogits are ld (default V) apart; columns V..ld-1 untouched."""
     ld = ld or V
+    if dev.variant == "gpu":   # a work-group per row: tree max and tree sum
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("loss.cl", "softmax_xent_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   logits.data, y.data, nv.data, i32(V), i32(ld), loss_rows.data, hits.data, dlogits.data)
+        return
     dev.launch(dev.kernel("loss.cl", "softmax_xent8" if _rows8(ld, logits, dlogits) else "softmax_xent"), (N,), None,
                logits.data, y.data, nv.data, i32(V), i32(ld), loss_rows.data, hits.data, dlogits.data)
 
@@ -331,11 +359,23 @@ def accumulate_step_stats(dev, loss_out, gnorm, clip_norm, acc):
 
 # -- prototypes ---------------------------------------------------------------------------
 def row_inv_norm(dev, X, inv, R, C):
+    """inv (R,) = 1/sqrt(|X_r|² + 1e-6) of the rows of X (R,C)."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("proto.cl", "row_inv_norm_wg", (("WG", wg),)), (R * wg,), (wg,),
+                   X.data, i32(C), inv.data)
+        return
     name = "row_inv_norm8" if _rows8(C, X) else "row_inv_norm"
     dev.launch(dev.kernel("proto.cl", name), (R,), None, X.data, i32(C), inv.data)
 
 
 def proto_argmax(dev, scores, inv_v, inv_p, k, N, T, cosine):
+    """k (N,) int = argmax_t of scores (N,T) (times inv_v[n]·inv_p[t] if cosine), lowest t on ties."""
+    if dev.variant == "gpu":   # a tree argmax per row: exactly the CPU kernel's k from the same scores
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("proto.cl", "proto_argmax_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   scores.data, inv_v.data, inv_p.data, i32(T), i32(cosine), k.data)
+        return
     dev.launch(dev.kernel("proto.cl", "proto_argmax"), (N,), None,
                scores.data, inv_v.data, inv_p.data, i32(T), i32(cosine), k.data)
 
@@ -363,6 +403,12 @@ def proto_usage_update(dev, usage, starts, rho, threshold, N, T):
 
 
 def proto_qerr_rows(dev, v, P, k, q, N, H):
+    """q (N,) = |v_n − P_{k_n}|²."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("proto.cl", "proto_qerr_rows_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   v.data, P.data, k.data, i32(H), q.data)
+        return
     dev.launch(dev.kernel("proto.cl", "proto_qerr_rows"), (N,), None, v.data, P.data, k.data, i32(H), q.data)
 
 
@@ -388,6 +434,10 @@ def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C):
     else:
         dev.launch(dev.kernel("norm.cl", "layernorm_backward_rows"), (N,), None,
                    dy.data, x.data, gamma.data, mean.data, rstd.data, i32(C), dx.data)
+    if dev.variant == "gpu":   # column sums over N: 16 row lanes per column, a fixed tree
+        dev.launch(dev.kernel("norm.cl", "layernorm_param_grads_wg", (("WG", LN_WG),)), (-(-C // 16) * 16, 16),
+                   (16, 16), dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
+        return
     dev.launch(dev.kernel("norm.cl", "layernorm_param_grads"), (C,), None,
                dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
 

@@ -28,6 +28,8 @@
  *   fast_weights_delta_forward_wg    the same, a work-group of WG columns of one sequence;
  *   fast_weights_delta_backward_wg   each step's row (column) of Gm staged in local memory in
  *                                    tiles of WG; global (⌈H/WG⌉·WG, B), local (WG, 1)    GPU
+ * GPU note: both solves have _wg variants (above); the Gram products are causal_dots_decay's,
+ * which takes the tiled gemm + causal_decay_mask on GPUs (engine.ops).
  * Reference: engine.reference.fast_weights_delta_forward / fast_weights_delta_backward.
  */
 #ifndef WG

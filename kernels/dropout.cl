@@ -7,6 +7,7 @@
  *   y[i] = keep[i] ? x[i] · 1/(1 − p) : 0;   dx[i] = keep[i] ? dy[i] · 1/(1 − p) : 0
  *
  *   dropout   global (n): y from x (forward) or dx from dy (backward: the same kernel)
+ * GPU note: element-wise, neighbouring items on neighbouring elements: GPU-suitable as it is.
  * Reference: engine.reference.dropout_mask / dropout_forward.
  */
 #include "hash.cl"

@@ -27,6 +27,10 @@
  * stay in cache while every tile of C reads them.
  * Launch (gemm_reduce): global = (M·N), partials (chunks, M, N).
  * Launch (transpose): global = (C, R, batch); transpose8: (C/8, R/8, batch).
+ * GPU note (the products are gemm_gpu.cl's): transpose_wg, a 16×16 tile staged in local memory
+ * so that both its reads and its writes are coalesced (transpose writes R apart across items),
+ * global = (⌈C/16⌉·16, ⌈R/16⌉·16, batch), local = (16, 16, 1); gemm_reduce is element-wise over
+ * M·N (coalesced) and serves both variants; pack_a4 and gemm_tn_split are CPU only.
  * Reference: numpy  alpha * (A.T if tn else A) @ B + beta * C  (engine.ops.gemm_reference).
  */
 #define TM 4
@@ -232,4 +236,18 @@ __kernel void transpose8(const int R, const int Cn, __global const float* in, co
     *(__global float8*)(op + 5 * R) = (float8)(x0.s5, x1.s5, x2.s5, x3.s5, x4.s5, x5.s5, x6.s5, x7.s5);
     *(__global float8*)(op + 6 * R) = (float8)(x0.s6, x1.s6, x2.s6, x3.s6, x4.s6, x5.s6, x6.s6, x7.s6);
     *(__global float8*)(op + 7 * R) = (float8)(x0.s7, x1.s7, x2.s7, x3.s7, x4.s7, x5.s7, x6.s7, x7.s7);
+}
+
+/* transpose_wg: transpose for GPUs; the group reads a 16×16 tile of `in` row by row and writes
+ * it to `out` row by row through local memory (padded to 17 columns: no bank conflicts). */
+__kernel __attribute__((reqd_work_group_size(16, 16, 1)))
+void transpose_wg(const int R, const int Cn, __global const float* in, const int offIn, const int strideIn,
+                  __global float* out, const int offOut, const int strideOut)
+{
+    __local float tile[16][17];
+    const int lx = get_local_id(0), ly = get_local_id(1), b = get_global_id(2);
+    const int c0 = get_group_id(0) * 16, r0 = get_group_id(1) * 16;
+    if (r0 + ly < R && c0 + lx < Cn) tile[ly][lx] = in[offIn + b * strideIn + (r0 + ly) * Cn + c0 + lx];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (c0 + ly < Cn && r0 + lx < R) out[offOut + b * strideOut + (c0 + ly) * R + r0 + lx] = tile[lx][ly];
 }

@@ -10,6 +10,13 @@
  * 0 off/shadow, 1 feature; COSINE: similarity); logits = z·W2 + b2.
  * Launch: global = local = (WG,), one work-group; each output element is
  * computed by one work-item in a fixed order (deterministic).
+ * GPU variant (TREE = 1, built as generate_step_wg; engine.generate picks it for
+ * dev.variant == "gpu", with a larger WG and VEC8 = 0 so that neighbouring items own
+ * neighbouring columns, i.e. coalesced rows of W1, Aᵀ and W2): the reductions one item ran
+ * alone (|h|², |h̃|², and each prototype's score, a per-item loop over P's row) are tree sums
+ * over the group (reduce.cl), every item then holding the same values, and the argmax runs in
+ * every item over T in order (the same choice as the serial loop). The column loops
+ * stay one item per column. Sums in another fixed order: last bits differ from the CPU's.
  * Reference: engine.generate.Generator.feed (the unfused kernels), which
  * tests/test_generate.py compares it with.
  */
@@ -17,6 +24,15 @@
 
 #ifndef WG
 #define WG 64
+#endif
+#ifndef TREE
+#define TREE 0
+#endif
+#include "reduce.cl"
+#if TREE
+#define GENERATE_STEP generate_step_wg
+#else
+#define GENERATE_STEP generate_step
 #endif
 /* VEC8 (host: E, H, Vp all % 8 == 0): the column loops (e·W1, A·k, the A update,
  * z·W2) give each work-item eight adjacent columns as one float8, the rows still
@@ -30,7 +46,7 @@
 #define CV8(p, i) (*(__global const float8*)((p) + (i)))
 
 __kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
-void generate_step(const int token, const int E, const int H, const int T, const int Vp,
+void GENERATE_STEP(const int token, const int E, const int H, const int T, const int Vp,
                    __global const float* W_emb, __global const float* W1, __global const float* b1,
                    __global const float* W2, __global const float* b2,
                    __global const float* W_hebb, __global float* At, __global const float* P,
@@ -74,6 +90,11 @@ void generate_step(const int token, const int E, const int H, const int T, const
     }
     barrier(CLK_GLOBAL_MEM_FENCE);
 #if HEBB == 2
+#if TREE
+    float ss = 0.0f;  /* |h|² as row_normalize_forward_wg */
+    for (int j = lid; j < H; j += WG) ss += h[j] * h[j];
+    const float inv = 1.0f / sqrt(wg_sum(ss, red) + 1e-6f);
+#else
     if (lid == 0) {  /* |h|² in index order, as row_normalize_forward */
         float ss = 0.0f;
         for (int j = 0; j < H; j++) ss += h[j] * h[j];
@@ -81,6 +102,7 @@ void generate_step(const int token, const int E, const int H, const int T, const
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     const float inv = red[0];
+#endif
     for (int j = lid; j < H; j += WG) kv[j] = h[j] * inv;
     barrier(CLK_GLOBAL_MEM_FENCE);
 #if VEC8
@@ -120,7 +142,27 @@ void generate_step(const int token, const int E, const int H, const int T, const
     for (int j = lid; j < H; j += WG) ht[j] = h[j];
 #endif
     barrier(CLK_GLOBAL_MEM_FENCE);
-#if PROTO == 1
+#if PROTO == 1 && TREE
+#if COSINE
+    float sq = 0.0f;  /* 1/|h̃| as row_inv_norm_wg */
+    for (int j = lid; j < H; j += WG) sq += ht[j] * ht[j];
+    const float inv_ht = 1.0f / sqrt(wg_sum(sq, red) + 1e-6f);
+#endif
+    int best = 0;  /* every item holds every score: the argmax in order, lowest index on ties */
+    float bv = -INFINITY;
+    for (int t = 0; t < T; t++) {
+        float s = 0.0f;
+        for (int j = lid; j < H; j += WG) s += ht[j] * P[t * H + j];
+        s = wg_sum(s, red);
+#if COSINE
+        float pp = 0.0f;
+        for (int j = lid; j < H; j += WG) pp += P[t * H + j] * P[t * H + j];
+        s = s * inv_ht * (1.0f / sqrt(wg_sum(pp, red) + 1e-6f));
+#endif
+        if (s > bv) { bv = s; best = t; }
+    }
+    for (int j = lid; j < H; j += WG) z[j] = ht[j] + beta * P[best * H + j];
+#elif PROTO == 1
 #if COSINE
     if (lid == 0) {  /* 1/|h̃| in index order, as row_inv_norm */
         float ss = 0.0f;

@@ -25,11 +25,29 @@
  *   causal_dots_decay   the same from G = X·Yᵀ in one pass (rows dotted)    global (S/2, S/4, B)
  *   fw_state_norm       ‖A_{S−1}‖_F per sequence from the Gram matrices     global (B)
  *
- * Reductions loop in a fixed order inside one work-item: no atomics, so a
- * result never depends on scheduling (training is bit-reproducible).
+ * GPU family (engine.ops picks it for dev.variant == "gpu"; the sums are in another fixed order,
+ * so the last bits differ from the CPU kernels'):
+ *   row_normalize_forward_wg / _backward_wg   a work-group of WG items per row, coalesced
+ *                       strided reads, a tree sum (reduce.cl)         global (N·WG), local (WG)
+ *   fw_state_norm_wg    a work-group per sequence over its S² entries   global (B·WG), local (WG)
+ *   bucket_sums_wg      a 16×16 group per (16 columns, bucket): member lane r sums members
+ *                       r, r+16, … of the bucket, then a fixed tree over the 16 lanes, so a
+ *                       large bucket (a frequent character, a crowded prototype) is not one
+ *                       serial loop      global (⌈C/16⌉·16, 16·nb), local (16, 16)
+ *   colsum_wg, bucket_sort_wg   (listed above)
+ * Already GPU-suitable, one kernel for both: gather_windows, embedding_forward, embed_bias_gelu,
+ * bias_gelu_forward, gelu_backward, add_bias, add_inplace, spikes_forward, causal_decay_mask
+ * (element-wise, neighbouring items on neighbouring addresses). causal_dots_decay (a product:
+ * per-item float8 dots over H, rows H apart across items) is not used on GPUs: engine.ops
+ * takes its gemm + causal_decay_mask path there (the tiled products of gemm_gpu.cl).
+ *
+ * Reductions loop in a fixed order inside one work-item (or a fixed tree inside one
+ * work-group): no atomics, so a result never depends on scheduling (training is
+ * bit-reproducible).
  * GELU uses gelu_parts (fastmath.cl): the built-in erf/exp are calls in PoCL.
  */
 #include "fastmath.cl"
+#include "reduce.cl"
 
 __kernel void gather_windows(__global const int* ids, __global const int* offsets, const int S,
                              __global int* x, __global int* y)
@@ -328,4 +346,79 @@ __kernel void colsum_wg(__global const float* X, const int N, const int C, __glo
         barrier(CLK_LOCAL_MEM_FENCE);
     }
     if (r == 0 && c < C) out[c] = red[0][cx];
+}
+
+/* row_normalize_forward_wg / _backward_wg: row_normalize_forward / _backward with a work-group of
+ * WG items per row (item l takes columns l, l + WG, …) and the row sum as a tree (wg_sum).
+ * Launch: global (N·WG), local (WG). */
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void row_normalize_forward_wg(__global const float* h, const int H,
+                              __global float* k, __global float* inv_norm)
+{
+    __local float red[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    __global const float* hr = h + (size_t)n * H;
+    float ss = 0.0f;
+    for (int j = l; j < H; j += WG) ss += hr[j] * hr[j];
+    const float inv = 1.0f / sqrt(wg_sum(ss, red) + 1e-6f);
+    if (l == 0) inv_norm[n] = inv;
+    for (int j = l; j < H; j += WG) k[(size_t)n * H + j] = hr[j] * inv;
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void row_normalize_backward_wg(__global const float* dk, __global const float* k,
+                               __global const float* inv_norm, const int H,
+                               __global float* dh)
+{
+    __local float red[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    const size_t o = (size_t)n * H;
+    float kd = 0.0f;
+    for (int j = l; j < H; j += WG) kd += k[o + j] * dk[o + j];
+    kd = wg_sum(kd, red);
+    const float inv = inv_norm[n];
+    for (int j = l; j < H; j += WG) dh[o + j] += (dk[o + j] - k[o + j] * kd) * inv;
+}
+
+/* fw_state_norm_wg: fw_state_norm with a work-group per sequence; item l sums the entries
+ * i = l, l + WG, … of the S×S products (the same terms, in a tree order).
+ * Launch: global (B·WG), local (WG). */
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void fw_state_norm_wg(__global const float* G, __global const float* Q,
+                      __global const float* w, const int S, __global float* out)
+{
+    __local float red[WG];
+    const int b = get_group_id(0), l = get_local_id(0);
+    __global const float* g = G + (size_t)b * S * S;
+    __global const float* q = Q + (size_t)b * S * S;
+    float acc = 0.0f;
+    for (int i = l; i < S * S; i += WG) {
+        const int t = i / S, u = i - t * S;
+        acc += w[S - 1 - t] * w[S - 1 - u] * g[i] * q[i];
+    }
+    acc = wg_sum(acc, red);
+    if (l == 0) out[b] = sqrt(max(acc, 0.0f));
+}
+
+/* bucket_sums_wg: out[t] = Σ_{keys_n = t} X[n] (bucket_sums) for GPUs; group (16 columns × 16
+ * member lanes) per 16 columns of one bucket t: lane r sums the members starts[t] + r, + 16, …
+ * (perm order), then the 16 lane sums are added in a fixed tree (as colsum_wg). An empty bucket
+ * writes zeros.   global (⌈C/16⌉·16, 16·nb), local (16, 16) */
+__kernel __attribute__((reqd_work_group_size(16, 16, 1)))
+void bucket_sums_wg(__global const float* X, __global const int* perm,
+                    __global const int* starts, const int C, __global float* out)
+{
+    __local float red[16][17];
+    const int cx = get_local_id(0), r = get_local_id(1);
+    const int c = get_group_id(0) * 16 + cx, t = get_group_id(1);
+    float acc = 0.0f;
+    if (c < C)
+        for (int i = starts[t] + r; i < starts[t + 1]; i += 16) acc += X[(size_t)perm[i] * C + c];
+    red[r][cx] = acc;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = 8; step > 0; step >>= 1) {
+        if (r < step) red[r][cx] += red[r + step][cx];
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (r == 0 && c < C) out[(size_t)t * C + c] = red[0][cx];
 }

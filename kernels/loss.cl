@@ -9,6 +9,13 @@
  *   loss_reduce   out = [Σ loss_rows / Nv, Σ hits, Nv, Σ loss_rows]  (fixed order)        global (1)
  *   count_valid_wg / loss_reduce_wg   the same for GPUs: one work-group of WG items, strided
  *                 partial sums, then a tree sum (reduce.cl)           global (WG), local (WG)
+ *   softmax_xent_wg  softmax_xent for GPUs: one work-group of WG items per row, reading the row
+ *                 coalesced (item l takes columns l, l + WG, …), a tree max (wg_argmax: the first
+ *                 maximum, so hits are exactly the CPU kernels') and a tree sum (wg_sum) of the
+ *                 exponentials; loss and p differ from the CPU's in the last bits (sum order)
+ *                                                               global (N·WG), local (WG)
+ * GPU note: every kernel here has a work-group variant (the CPU ones loop serially per row or
+ * over N in one work-item).
  * Reference: engine.reference.softmax_xent_forward. exp_fast: see fastmath.cl.
  */
 #include "fastmath.cl"
@@ -142,5 +149,42 @@ __kernel void loss_reduce_wg(__global const float* loss_rows, __global const flo
         out[1] = h;
         out[2] = (float)c;
         out[3] = total;
+    }
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void softmax_xent_wg(__global const float* logits, __global const int* y,
+                     __global const int* nv, const int V, const int ld,
+                     __global float* loss_rows, __global float* hits,
+                     __global float* dlogits)
+{
+    __local float red[WG];
+    __local int idx[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    __global const float* z = logits + (size_t)n * ld;
+    __global float* d = dlogits + (size_t)n * ld;
+    const int target = y[n];
+    if (target < 0) {                             /* the whole group leaves: no barrier skipped */
+        for (int j = l; j < V; j += WG) d[j] = 0.0f;
+        if (l == 0) { loss_rows[n] = 0.0f; hits[n] = 0.0f; }
+        return;
+    }
+    float bv = -INFINITY;
+    int bi = l;
+    for (int j = l; j < V; j += WG) if (z[j] > bv) { bv = z[j]; bi = j; }
+    int arg;
+    const float mx = wg_argmax(bv, bi, red, idx, &arg);
+    float s = 0.0f;
+    for (int j = l; j < V; j += WG) s += exp_fast(z[j] - mx);
+    const float sum = wg_sum(s, red);
+    const float inv_sum = 1.0f / sum;
+    const float scale = 1.0f / (float)nv[0];
+    for (int j = l; j < V; j += WG) {
+        const float p = exp_fast(z[j] - mx) * inv_sum * scale;
+        d[j] = j == target ? p - scale : p;       /* softmax_xent's d[target] -= scale */
+    }
+    if (l == 0) {
+        loss_rows[n] = log(sum) + mx - z[target];
+        hits[n] = arg == target ? 1.0f : 0.0f;
     }
 }

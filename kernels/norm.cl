@@ -11,7 +11,12 @@
  *   *_rows   one work-item per row, a sequential loop over C        global (N)       CPU
  *   *_wg     one work-group of WG items per row, each a strided partial sum, then a
  *            tree reduction in local memory                         global (N·WG), local (WG)   GPU
- *   layernorm_param_grads  one work-item per column, a loop over the rows   global (C)
+ *   layernorm_param_grads  one work-item per column, a loop over the rows   global (C)       CPU
+ *   layernorm_param_grads_wg  a 16×16 group per 16 columns: row lane r sums rows r, r+16, …
+ *            (coalesced), then a fixed tree over the 16 lanes (as colsum_wg)
+ *                                                    global (⌈C/16⌉·16, 16), local (16, 16)   GPU
+ * GPU note: every row or column loop here has a _wg variant; batchnorm_apply and
+ * batchnorm_eval_stats are element-wise (GPU-suitable as they are).
  * Reference: engine.reference.layernorm_forward / layernorm_backward.
  */
 #ifndef WG
@@ -109,6 +114,31 @@ __kernel void layernorm_param_grads(__global const float* dy, __global const flo
     }
     dgamma[c] = g;
     dbeta[c] = b;
+}
+
+__kernel __attribute__((reqd_work_group_size(16, 16, 1)))
+void layernorm_param_grads_wg(__global const float* dy, __global const float* x,
+                              __global const float* mean, __global const float* rstd,
+                              const int N, const int C, __global float* dgamma, __global float* dbeta)
+{
+    __local float rg[16][17], rb[16][17];
+    const int cx = get_local_id(0), r = get_local_id(1);
+    const int c = get_group_id(0) * 16 + cx;
+    float g = 0.0f, b = 0.0f;
+    if (c < C)
+        for (int n = r; n < N; n += 16) {
+            const float d = dy[(size_t)n * C + c];
+            g += d * (x[(size_t)n * C + c] - mean[n]) * rstd[n];
+            b += d;
+        }
+    rg[r][cx] = g;
+    rb[r][cx] = b;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = 8; step > 0; step >>= 1) {
+        if (r < step) { rg[r][cx] += rg[r + step][cx]; rb[r][cx] += rb[r + step][cx]; }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (r == 0 && c < C) { dgamma[c] = rg[0][cx]; dbeta[c] = rb[0][cx]; }
 }
 
 /* BatchNorm over the rows of an (N, C) buffer, per column c (Ioffe & Szegedy 2015):

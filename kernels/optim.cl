@@ -14,6 +14,9 @@
  *   sgd_momentum  one SGD step with momentum (heavy ball, no dampening), L2 weight
  *                 decay added to the clipped gradient; same clipping     global (n)
  *   accumulate_step_stats  loss / clipping / step counters between logging points  global (1)
+ * GPU note: adamw and sgd_momentum are element-wise over the flat buffers (coalesced;
+ * wd_mask[i / CHUNK] is one address per CHUNK items) and accumulate_step_stats is O(1) in one
+ * item: GPU-suitable as they are; the two reductions have the _wg variants above.
  * Reference: engine.reference.adamw_step, engine.reference.sgd_step.
  */
 #ifndef CHUNK

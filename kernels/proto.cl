@@ -9,8 +9,19 @@
  *                         usage EMA and re-seeding of dead prototypes            global (H, T)
  *   proto_usage_update    usage EMA (after proto_update read the old one)        global (T)
  *   proto_qerr_rows       q[n] = |v_n − P_{k_n}|²                                 global (N)
+ *   row_inv_norm_wg / proto_argmax_wg / proto_qerr_rows_wg   the same for GPUs: one work-group
+ *                         of WG items per row, coalesced strided reads, a tree sum (wg_sum) or a
+ *                         tree argmax (wg_argmax: the lowest index on ties, so k is exactly
+ *                         proto_argmax's from the same scores)         global (R·WG), local (WG)
+ * GPU note: proto_feature_forward, proto_update (element-wise over (H, N) / (H, T), a row
+ * read contiguously by neighbouring items) and proto_usage_update (one item per prototype,
+ * O(1) work) are already GPU-suitable; the row loops above have _wg variants.
  * Reference: engine.reference.proto_assign / proto_feature_forward / proto_update.
  */
+#ifndef WG
+#define WG 64
+#endif
+#include "reduce.cl"
 
 __kernel void row_inv_norm(__global const float* X, const int C, __global float* inv)
 {
@@ -96,4 +107,53 @@ __kernel void proto_qerr_rows(__global const float* v, __global const float* P,
         acc += d * d;
     }
     q[n] = acc;
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void row_inv_norm_wg(__global const float* X, const int C, __global float* inv)
+{
+    __local float red[WG];
+    const int r = get_group_id(0), l = get_local_id(0);
+    __global const float* x = X + (size_t)r * C;
+    float ss = 0.0f;
+    for (int j = l; j < C; j += WG) ss += x[j] * x[j];
+    ss = wg_sum(ss, red);
+    if (l == 0) inv[r] = 1.0f / sqrt(ss + 1e-6f);
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void proto_argmax_wg(__global const float* scores, __global const float* inv_v,
+                     __global const float* inv_p, const int T, const int cosine,
+                     __global int* k)
+{
+    __local float red[WG];
+    __local int idx[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    float bv = -INFINITY;
+    int best = l;
+    for (int t = l; t < T; t += WG) {
+        float s = scores[(size_t)n * T + t];
+        if (cosine) s = s * inv_v[n] * inv_p[t];   /* proto_argmax's expression: the same scores */
+        if (s > bv) { bv = s; best = t; }
+    }
+    int arg;
+    wg_argmax(bv, best, red, idx, &arg);
+    if (l == 0) k[n] = arg;
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void proto_qerr_rows_wg(__global const float* v, __global const float* P,
+                        __global const int* k, const int H, __global float* q)
+{
+    __local float red[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    __global const float* vr = v + (size_t)n * H;
+    __global const float* pr = P + (size_t)k[n] * H;
+    float acc = 0.0f;
+    for (int j = l; j < H; j += WG) {
+        const float d = vr[j] - pr[j];
+        acc += d * d;
+    }
+    acc = wg_sum(acc, red);
+    if (l == 0) q[n] = acc;
 }

@@ -4,6 +4,10 @@
  * (WG a power of two, a build-time define), every item gets the result. The tree pairs item l
  * with l + step for step = WG/2, WG/4, …: the order depends only on WG, never on scheduling,
  * so a result is bit-identical from run to run on one device (no atomics).
+ * wg_argmax: the largest of each item's value and the lowest index holding it (ties go to the
+ * lower index): with each item's partial the first maximum of its strided elements (index l
+ * when it has none above -INFINITY), the result is the serial loop's first maximum, `s > best`
+ * from best = (-INFINITY, 0), bit for bit (an argmax: no rounding).
  */
 #ifndef REDUCE_CL
 #define REDUCE_CL
@@ -37,5 +41,25 @@ inline int wg_sum_int(int value, __local int* red)
     const int total = red[0];
     barrier(CLK_LOCAL_MEM_FENCE);
     return total;
+}
+
+inline float wg_argmax(float value, int index, __local float* red, __local int* idx, int* arg)
+{
+    const int l = get_local_id(0);
+    red[l] = value;
+    idx[l] = index;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int step = WG / 2; step > 0; step >>= 1) {
+        if (l < step) {
+            const float v = red[l + step];
+            const int i = idx[l + step];
+            if (v > red[l] || (v == red[l] && i < idx[l])) { red[l] = v; idx[l] = i; }
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float best = red[0];
+    *arg = idx[0];
+    barrier(CLK_LOCAL_MEM_FENCE);
+    return best;
 }
 #endif

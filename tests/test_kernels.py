@@ -124,13 +124,20 @@ def test_gemm_long_k_split_matches_numpy_and_is_deterministic(dev, M, N, K):
     np.testing.assert_array_equal(outs[0], outs[1])   # chunk partials summed in a fixed order
 
 
-@pytest.mark.parametrize("R,C,batch", [(13, 7, 3), (16, 24, 2)])   # element-wise / 8×8 blocks
-def test_transpose_exact(dev, R, C, batch):
+@pytest.mark.parametrize("variant", ["dev", "gpu_dev"])   # the GPU's: 16×16 tiles, partial at both edges
+@pytest.mark.parametrize("R,C,batch", [(13, 7, 3), (16, 24, 2), (37, 21, 2)])   # element-wise / 8×8 blocks
+def test_transpose_exact(request, variant, R, C, batch):
+    dev = request.getfixturevalue(variant)
     rng = np.random.default_rng(1)
     x = rand(rng, batch, R, C)
-    out = dev.empty((batch, C, R))
+    out = dev.to_device(np.full((batch + 1, C, R), np.nan, f32))   # a guard matrix after the batch
+    dev.take_timings()
     ops.transpose(dev, dev.to_device(x), out, R, C, batch)
-    np.testing.assert_array_equal(out.get(), x.transpose(0, 2, 1))   # pure data movement: exact
+    if variant == "gpu_dev":
+        assert "transpose_wg" in dev.take_timings()
+    got = out.get()
+    np.testing.assert_array_equal(got[:batch], x.transpose(0, 2, 1))   # pure data movement: exact
+    assert np.isnan(got[batch]).all()                                  # nothing written past the end
 
 
 # ----------------------------------------------------------------------------- data
@@ -704,7 +711,7 @@ def test_proto_sums_update_usage_with_reseed(dev):
 
 # -- LayerNorm (kernels/norm.cl) ------------------------------------------------------------------
 @pytest.mark.parametrize("variant", ["dev", "gpu_dev"])
-@pytest.mark.parametrize("N,C", [(7, 24), (5, 130), (3, 1)])
+@pytest.mark.parametrize("N,C", [(7, 24), (5, 130), (3, 1), (37, 21)])   # N, C past the 16×16 groups
 def test_layernorm_forward_backward(request, variant, N, C):
     d = request.getfixturevalue(variant)
     rng = np.random.default_rng([31, N, C])
@@ -720,7 +727,12 @@ def test_layernorm_forward_backward(request, variant, N, C):
         ops.layernorm_backward(d, dyd, xd, gd, mean, rstd, dx, dg, db, N, C)
         return [a.get() for a in (y, dx, dg, db, rstd)]
 
+    d.take_timings()
     y, dx, dg, db, rstd = run()
+    ran = set(d.take_timings())
+    wg = variant == "gpu_dev"
+    assert {"layernorm_forward_wg", "layernorm_backward_wg", "layernorm_param_grads_wg"} <= ran if wg else \
+        {"layernorm_forward_rows", "layernorm_backward_rows", "layernorm_param_grads"} <= ran, ran
     # float32 sums of C terms and a few operations per element on O(1) values: observed ≤ 2e-6
     np.testing.assert_allclose(y, want_y, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(rstd, cache["rstd"].ravel(), rtol=1e-5)
@@ -826,3 +838,207 @@ def test_gpu_reductions_match_reference_and_rerun_bit_for_bit(gpu_dev):
     np.testing.assert_allclose(gnorm[0], np.sqrt(want.sum()), rtol=1e-5)
     _, again = run()
     assert all(a.tobytes() == b.tobytes() for a, b in zip(again, (cs, nv, out, partial, gnorm)))
+
+
+# ----------------------------------------------------------------------------- GPU row kernels (issue 12)
+# The work-group variants of the kernels that loop over a row (or a column, a bucket, a
+# sequence) in one work-item on the CPU: against float64, their `_wg` kernel seen running, a
+# rerun bit-identical. Row lengths straddle the work-group (64 items, 16 lanes): shorter, longer
+# and not a multiple.
+
+def _ran(dev, *names):
+    ran = set(dev.take_timings())
+    assert set(names) <= ran, ran
+
+
+@pytest.mark.parametrize("N,V,ld", [(23, 17, 17), (21, 130, 136), (6, 3, 8)])
+def test_gpu_softmax_xent_matches_reference_and_the_cpu_argmax(dev, gpu_dev, N, V, ld):
+    """softmax_xent_wg: a work-group per row (V = 130 > its 64 items, 3 < them), PAD rows, an
+    all-tied row and ties across items; hits exactly those of the CPU kernel (an argmax), pad
+    columns untouched."""
+    rng = np.random.default_rng([43, V])
+    logits = rand(rng, N, V, scale=3.0)
+    logits[4, :] = logits[4, 0]                               # all tied: the first column wins
+    if V > 64:
+        logits[5, [70, 6]] = logits[5].max() + 1              # one item's two columns (6 + 64, 6): 6
+        logits[7, [100, 40]] = logits[7].max() + 1            # items 36 and 40: the lower index, 40
+    y = rng.integers(0, V, size=N).astype(i32)
+    y[[2, N - 1]] = ref.PAD
+    y[4] = 0
+    if V > 64:
+        y[5], y[7] = 6, 40
+    padded = np.full((N, ld), np.nan, f32)
+    padded[:, :V] = logits
+
+    def run(d):
+        nv, rows, hits = d.empty((1,), i32), d.empty((N,)), d.empty((N,))
+        dl = d.to_device(np.full((N, ld), 7.0, f32))
+        y_d = d.to_device(y)
+        ops.count_valid(d, y_d, N, nv)
+        d.take_timings()
+        ops.softmax_xent(d, d.to_device(padded), y_d, nv, rows, hits, dl, N, V, ld=ld)
+        return [a.get() for a in (rows, hits, dl)]
+
+    rows, hits, dl = run(gpu_dev)
+    _ran(gpu_dev, "softmax_xent_wg")
+    _, want_rows, want_dl, _ = ref.softmax_xent_forward(as64(logits), y)
+    # as test_count_valid_softmax_xent_loss_reduce: exp_fast and log over ≤ 130 terms, here summed
+    # in a tree (more accurate than in order): ≲ 1e-5 absolute on O(5) values
+    np.testing.assert_allclose(rows, want_rows, rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(dl[:, :V], want_dl, rtol=2e-5, atol=1e-8)   # p/Nv: exp_fast's error, as there
+    np.testing.assert_array_equal(dl[:, V:], 7.0)
+    np.testing.assert_array_equal(hits, run(dev)[1])          # the same argmax as the CPU kernel: exact
+    np.testing.assert_array_equal(hits, ((y != ref.PAD) & (np.argmax(logits, axis=1) == y)).astype(f32))
+    assert hits[4] == 1 and (V < 64 or hits[5] == hits[7] == 1)
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(run(gpu_dev), (rows, hits, dl)))
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+@pytest.mark.parametrize("T,H", [(7, 24), (150, 130)])
+def test_gpu_proto_kernels_match_reference_and_the_cpu_argmax(dev, gpu_dev, similarity, T, H):
+    """row_inv_norm_wg, proto_argmax_wg (T = 150: prototypes strided over the 64 items) and
+    proto_qerr_rows_wg against float64; k bit for bit the CPU kernel's from the same scores,
+    exact ties (a duplicated prototype, and across items) to the lowest index."""
+    rng = np.random.default_rng([44, T, similarity == "cosine"])
+    N = 33
+    v, P = _separated_inputs(rng, N, T, H, similarity, dup=(2, 5))
+    cosine = int(similarity == "cosine")
+
+    def run(d):
+        v_d, P_d = d.to_device(v), d.to_device(P)
+        scores, inv_v, inv_p, k, q = d.empty((N, T)), d.empty((N,)), d.empty((T,)), d.empty((N,), i32), d.empty((N,))
+        ops.gemm(d, v_d, P_d, scores, N, T, H, trans_b=True)    # as BioAssociative._assign
+        s = scores.get()
+        # row 0 (dot): an exact tie of 133, 70 and 69 (items 5, 6, 5 of 64) goes to 69; row 1:
+        # nothing above -inf, index 0 (the serial loop's start)
+        s[0, [133, 70, 69] if T > 64 else [6, 3]] = s[0].max() + 1
+        s[1, :] = -np.inf
+        scores.set(s)
+        d.take_timings()
+        ops.row_inv_norm(d, v_d, inv_v, N, H)
+        ops.row_inv_norm(d, P_d, inv_p, T, H)
+        ops.proto_argmax(d, scores, inv_v, inv_p, k, N, T, cosine)
+        ops.proto_qerr_rows(d, v_d, P_d, k, q, N, H)
+        return s, [a.get() for a in (inv_v, inv_p, k, q)]
+
+    s, (inv_v, inv_p, k, q) = run(gpu_dev)
+    _ran(gpu_dev, "row_inv_norm_wg", "proto_argmax_wg", "proto_qerr_rows_wg")
+    # H ≤ 130 squares summed in float32 (a tree), then 1/sqrt: relative error ≲ 2e-6
+    np.testing.assert_allclose(inv_v, 1 / np.sqrt((as64(v) ** 2).sum(1) + 1e-6), rtol=1e-5)
+    np.testing.assert_allclose(inv_p, 1 / np.sqrt((as64(P) ** 2).sum(1) + 1e-6), rtol=1e-5)
+    want = ref.proto_assign(as64(v), as64(P), similarity)
+    np.testing.assert_array_equal(k[2:], want[2:])           # inputs separated by > 1e-3: exact
+    assert not (k == 5).any() and (T > 64 or (want == 2).any())   # the duplicate 2 = 5 goes to 2
+    assert k[1] == 0 and (cosine or k[0] == (69 if T > 64 else 3))
+    # the CPU kernel on the GPU variant's scores and norms: the same k, bit for bit
+    cpu_k = dev.empty((N,), i32)
+    ops.proto_argmax(dev, dev.to_device(s), dev.to_device(inv_v), dev.to_device(inv_p), cpu_k, N, T, cosine)
+    np.testing.assert_array_equal(k, cpu_k.get())
+    # |v − P_k|² over H ≤ 130 terms in float32: relative error ≲ 1e-6
+    np.testing.assert_allclose(q, ((as64(v) - as64(P)[k]) ** 2).sum(axis=1), rtol=1e-5, atol=0)
+    again = run(gpu_dev)[1]
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(again, (inv_v, inv_p, k, q)))
+
+
+@pytest.mark.parametrize("H", [24, 130])
+def test_gpu_row_normalize_matches_reference(gpu_dev, H):
+    """row_normalize_forward_wg / _backward_wg (H = 130 > 64 items, not a multiple), a zero row."""
+    dev = gpu_dev
+    rng = np.random.default_rng([45, H])
+    N = 17
+    h, dk, dh0 = rand(rng, N, H), rand(rng, N, H), rand(rng, N, H)
+    h[3] = 0
+
+    def run():
+        k, inv, dh = dev.empty((N, H)), dev.empty((N,)), dev.to_device(dh0)
+        dev.take_timings()
+        ops.row_normalize_forward(dev, dev.to_device(h), k, inv, N, H)
+        ops.row_normalize_backward(dev, dev.to_device(dk), k, inv, dh, N, H)   # accumulates into dh
+        return [a.get() for a in (k, inv, dh)]
+
+    k, inv, dh = run()
+    _ran(dev, "row_normalize_forward_wg", "row_normalize_backward_wg")
+    want_k, want_inv = ref.row_normalize_forward(as64(h))
+    # as test_row_normalize_forward_backward: a float32 sum of H squares (a tree here), then sqrt
+    np.testing.assert_allclose(k, want_k, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(inv, want_inv, rtol=1e-5, atol=0)
+    want = as64(dh0) + ref.row_normalize_backward(as64(dk), as64(k), as64(inv))
+    np.testing.assert_allclose(dh, want, rtol=1e-5, atol=1e-5)   # an H-term dot and a few products
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(run(), (k, inv, dh)))
+
+
+@pytest.mark.parametrize("S", [8, 11])   # S² = 64 = the work-group, and 121 (strided, partial)
+def test_gpu_fw_state_norm_matches_reference(gpu_dev, S):
+    dev = gpu_dev
+    rng = np.random.default_rng([46, S])
+    B, H, eta, lam = 3, 24, 0.7, 0.8
+    k, post, w = _fw_inputs(rng, B, S, H, eta, lam)
+    G = np.einsum("bth,bsh->bts", *(as64(a).reshape(B, S, H) for a in (k, k))).astype(f32)
+    Q = np.einsum("bth,bsh->bts", *(as64(a).reshape(B, S, H) for a in (post, post))).astype(f32)
+
+    def run():
+        out = dev.empty((B,))
+        dev.take_timings()
+        ops.fw_state_norm(dev, dev.to_device(G), dev.to_device(Q), dev.to_device(w), out, B, S)
+        return out.get()
+
+    got = run()
+    _ran(dev, "fw_state_norm_wg")
+    per_seq = [ref.fast_weights_state_norm(as64(k[b * S:(b + 1) * S]), as64(post[b * S:(b + 1) * S]),
+                                           1, S, eta, lam) for b in range(B)]
+    # S² ≤ 121 products of float32 Gram entries (rounded from float64 here), then a sqrt: ≲ 1e-5
+    np.testing.assert_allclose(got, per_seq, rtol=2e-5, atol=0)
+    assert np.ptp(per_seq) > 1e-3 and run().tobytes() == got.tobytes()
+
+
+@pytest.mark.parametrize("C", [37, 24])
+def test_gpu_bucket_sums_match_reference(gpu_dev, C):
+    """bucket_sums_wg (embedding_backward, proto_sums): one bucket holds half the rows (strided
+    over 16 member lanes), one is empty, C not a multiple of 16."""
+    dev = gpu_dev
+    rng = np.random.default_rng([47, C])
+    N, nb = 301, 10
+    X = rand(rng, N, C)
+    keys = rng.choice([0, 1, 2, 4, 5, 6, 7, 8, 9], size=N).astype(i32)
+    keys[rng.permutation(N)[:N // 2]] = 6                       # a crowded bucket; 3 stays empty
+    starts, perm = _host_bucket_sort(keys, nb)
+
+    def run():
+        out, dW = dev.to_device(np.full((nb, C), np.nan, f32)), dev.to_device(np.full((nb, C), np.nan, f32))
+        X_d, p_d, s_d = dev.to_device(X), dev.to_device(perm), dev.to_device(starts)
+        dev.take_timings()
+        ops.proto_sums(dev, X_d, p_d, s_d, out, nb, C)
+        ops.embedding_backward(dev, X_d, p_d, s_d, dW, nb, C)
+        return out.get(), dW.get()
+
+    got, dW = run()
+    _ran(dev, "bucket_sums_wg")
+    want = np.stack([as64(X)[keys == t].sum(axis=0) for t in range(nb)])
+    # float32 sums of ≤ 170 N(0,1) terms (16 strided lanes, then a tree): error ≲ 3e-5 absolute
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(got[3], 0.0)                  # the empty bucket: zeros, written
+    np.testing.assert_array_equal(dW, got)                      # the same kernel behind both names
+    assert run()[0].tobytes() == got.tobytes()
+
+
+@pytest.mark.parametrize("S,H", [(8, 24), (6, 20)])
+def test_gpu_causal_dots_decay_takes_the_tiled_products(gpu_dev, S, H):
+    """On the GPU variant causal_dots_decay is X·Yᵀ by the tiled gemm, then causal_decay_mask
+    (never the fused per-item kernel), into out through tmp = out as the delta rule calls it."""
+    dev = gpu_dev
+    rng = np.random.default_rng([48, S, H])
+    B = 3
+    X, Y = rand(rng, B * S, H), rand(rng, B * S, H)
+    w = (0.8 * 0.6 ** np.arange(S)).astype(f32)
+    out = dev.to_device(np.full((B, S, S), np.nan, f32))
+    dev.take_timings()
+    ops.causal_dots_decay(dev, dev.to_device(X), dev.to_device(Y), dev.to_device(w), out, B, S, H, tmp=out)
+    ran = set(dev.take_timings())
+    assert "causal_decay_mask" in ran and "causal_dots_decay" not in ran, ran
+    t, tau = np.arange(S)[:, None], np.arange(S)[None, :]
+    wmat = np.where(tau < t, as64(w)[np.maximum(t - 1 - tau, 0)], 0.0)
+    want = wmat[None] * np.einsum("bth,bsh->bts", as64(X).reshape(B, S, H), as64(Y).reshape(B, S, H))
+    got = out.get()
+    np.testing.assert_array_equal(got * (wmat[None] == 0), 0.0)              # τ ≥ t: exactly 0
+    # as test_causal_dots_decay_matches_product_and_mask: H ≤ 24-term dots in float32
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -161,7 +161,7 @@ def test_variant_loss_and_gradients_match_reference(dev, name):
 
 
 @pytest.mark.opencl
-@pytest.mark.parametrize("name", ["stack2_ln_token_activity", "key", "stack2_delta_ln_key"])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_gpu_kernels_match_reference(gpu_dev, name):
     check_gradients(gpu_dev, config(*VARIANTS[name]))
 
@@ -239,11 +239,13 @@ def engine_steps(dev, cfg, data):
 
 
 @pytest.mark.opencl
+@pytest.mark.parametrize("variant", ["dev", "gpu_dev"])   # the device's kernel family, and the GPU one
 @pytest.mark.parametrize("name", list(TRAIN))
-def test_training_steps_match_reference(dev, name):
+def test_training_steps_match_reference(request, variant, name):
     """STEPS steps as the Trainer runs them (k-means++ warm start of every bio layer on the
     first batch, the optimiser, the Hebbian and prototype rules of every layer) against
     RefModel.train_steps in float64."""
+    dev = request.getfixturevalue(variant)
     cfg = config(*TRAIN[name], f"train.steps={STEPS}", "optim.warmup_steps=3")
     batches = Batches(VOCAB.encode(TEXT), B, S, cfg.seed)
     data = [batches.next_batch() for _ in range(STEPS)]

@@ -67,11 +67,15 @@ def test_unfolded_embedding_matches_reference(dev, hebb_mode, proto_mode, post):
     check_loss_and_gradients(dev, hebb_mode, proto_mode, post, batch=2)
 
 
-@pytest.mark.parametrize("hebb_mode,proto_mode,post", [("fast_weights", "feature", "spikes"),
-                                                       ("modulate", "shadow", "spikes")])
+@pytest.mark.parametrize("hebb_mode,proto_mode,post", WIRINGS)
 def test_gpu_kernel_variant_matches_reference(gpu_dev, hebb_mode, proto_mode, post):
-    """The whole model built with the GPU kernel variant, checked here on PoCL."""
+    """The whole model built with the GPU kernel variant, checked here on PoCL, every wiring."""
     check_loss_and_gradients(gpu_dev, hebb_mode, proto_mode, post)
+
+
+def test_gpu_kernel_variant_unfolded_embedding_matches_reference(gpu_dev):
+    """N = 16 < V: the GPU variant's gathered embedding and its gradient (bucket_sums_wg)."""
+    check_loss_and_gradients(gpu_dev, "fast_weights", "feature", "spikes", batch=2)
 
 
 def check_loss_and_gradients(dev, hebb_mode, proto_mode, post, batch=B):
@@ -187,8 +191,10 @@ def run_engine(dev, cfg, V, batches):
     return model, losses, spikes, assigns, gnorms, opt
 
 
+@pytest.mark.parametrize("variant", ["dev", "gpu_dev"])   # the device's kernel family, and the GPU one
 @pytest.mark.parametrize("name", list(TRAIN_CONFIGS))
-def test_ten_steps_match_reference_train_steps(dev, name, monkeypatch):
+def test_ten_steps_match_reference_train_steps(request, variant, name, monkeypatch):
+    dev = request.getfixturevalue(variant)
     cfg = train_config(name)
     V, batches = fixed_batches(cfg)
     model, losses, spikes, assigns, gnorms, opt = run_engine(dev, cfg, V, batches)
