@@ -62,7 +62,7 @@ class ModelConfig(_Section):
     # initialisation of W1 and W2 (engine/params.py): lecun N(0,1/fan_in) (the engine's always),
     # xavier N(0,2/(fan_in+fan_out)), kaiming N(0,2/fan_in); the embedding is N(0,1)
     init: str = _f("lecun", choices=("lecun", "xavier", "kaiming"))
-    family: str = _f("hybrid", choices=("hybrid",))   # the model family (engine/models/)
+    family: str = _f("hybrid", choices=("hybrid", "transformer"))   # the model family (engine/models/)
     # bio-associative layers (hybrid family): each after the first reads the previous one
     # through h = x + GELU(x·W + b) and has its own memory, spikes and prototypes
     num_layers: int = _f(1, ge=1)
@@ -141,6 +141,32 @@ class TrainConfig(_Section):
 
 
 @dataclass(frozen=True)
+class TransformerConfig(_Section):
+    """The transformer family (engine/models/transformer.py; nanoGPT's GPT): token and learned
+    positional embeddings, n_layer pre-LayerNorm blocks (causal self-attention, MLP of 4·n_embd
+    with GELU), a final LayerNorm and the task's head. model.* sizes do not apply to it."""
+    SECTION: ClassVar[str] = "transformer"
+    n_layer: int = _f(4, ge=1)             # blocks
+    n_head: int = _f(4, ge=1)              # attention heads per block (head width n_embd / n_head)
+    n_embd: int = _f(128, ge=1)            # C: width of the residual stream
+    block_size: int = _f(64, ge=1)         # rows of the positional embedding: the longest train.seq_len
+    dropout: float = _f(0.0, ge=0, lt=1)   # on the embeddings, attention probabilities and residual branches
+    bias: bool = False                     # biases in the linear layers and LayerNorm β (nanoGPT's bias)
+    tie_weights: bool = True               # the head's weight is the token embedding (logits = x·wteᵀ)
+    # local rules inside the blocks (bio layers, engine/layers/bio.py, width n_embd): "hebb" adds the
+    # fast-weight memory as a residual branch after each block's attention (cfg.hebb, its values
+    # spikes or activity as hebb.post), "proto" adds prototype features to the residual stream
+    # after each block (cfg.proto); "none" is the plain transformer
+    hybrid: str = _f("none", choices=("none", "hebb", "proto", "hebb+proto"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"config key 'transformer.n_head' must divide transformer.n_embd="
+                              f"{self.n_embd}, got {self.n_head}")
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     """The whole run. `Config()` is the default run; see `from_dict`, `apply_overrides`."""
     seed: int = _f(0, ge=0, lt=2**32)      # seeds init, batches, re-seeding (uint32: enters the hash)
@@ -157,9 +183,14 @@ class Config(_Section):
     proto: ProtoConfig = field(default_factory=ProtoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.model.family == "transformer" and self.train.seq_len > self.transformer.block_size:
+            raise ConfigError(f"config key 'train.seq_len' must be <= transformer.block_size="
+                              f"{self.transformer.block_size} (the positional embedding's rows), "
+                              f"got {self.train.seq_len}")
         if self.proto.mode == "key" and self.hebb.mode != "fast_weights":
             raise ConfigError(f"proto.mode='key' addresses the fast-weight memory: it needs "
                               f"hebb.mode='fast_weights', got hebb.mode={self.hebb.mode!r}")

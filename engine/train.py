@@ -47,7 +47,7 @@ def fixed_on_resume(cfg: Config) -> dict:
     arrays and vocabulary), the wirings that decide which state exists, and the batch shape
     (the validation batches and the saved prototype assignments are per (B,S))."""
     d = cfg.to_dict()
-    return {"model": d["model"], "data": d["data"], "hebb": {k: d["hebb"][k] for k in ("mode", "norm", "rule")},
+    return {"model": d["model"], "transformer": d["transformer"], "data": d["data"], "hebb": {k: d["hebb"][k] for k in ("mode", "norm", "rule")},
             "proto": {"mode": d["proto"]["mode"]}, "optim": {"name": d["optim"]["name"]},
             "train": {"batch_size": d["train"]["batch_size"], "seq_len": d["train"]["seq_len"]}}
 
