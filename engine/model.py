@@ -175,12 +175,14 @@ class Workspace:
             self.buf[layer.name] = SimpleNamespace(**{
                 k: (dev.zeros if k in zeroed else dev.empty)(shape, dtype)
                 for k, (shape, dtype) in layer.buffers(B, S).items()})
-            n = len(layer.prefix)
+            n, shared = len(layer.prefix), layer.shared()
             self.ctx[layer.name] = Ctx(
                 dev=dev, model=model, ws=self, b=self.buf[layer.name], B=B, S=S, N=B * S, fw_state=None, row0=0,
                 decay_ready=False, training=True,
-                p={s.name[n:]: model.p[s.name] for s in layer.params()},
-                g={s.name[n:]: model.g[s.name] for s in layer.params()},
+                p={**{s.name[n:]: model.p[s.name] for s in layer.params()},
+                   **{k: model.p[full] for k, full in shared.items()}},
+                g={**{s.name[n:]: model.g[s.name] for s in layer.params()},
+                   **{k: model.g[full] for k, full in shared.items()}},
                 st={s.name[n:]: model.st[s.name] for s in layer.state()})
         self.head = model.layers[-1].name
 
@@ -335,11 +337,24 @@ class Model:
             layer.local_update(ws.ctx[layer.name])
 
     def assignments(self, ws: Workspace):
-        """The first bio layer's prototype assignments of the last forward pass (N,) int32, or None."""
-        b = ws.buf.get("bio0")
-        return b.assign if b is not None and hasattr(b, "assign") else None
+        """The first bio layer's prototype assignments of the last forward pass (N,) int32, or None
+        (the first bio layer that assigns: a transformer's hebb layers do not)."""
+        for layer in self.layers:
+            b = ws.buf[layer.name]
+            if layer.kind == "bio" and hasattr(b, "assign"):
+                return b.assign
+        return None
 
     # -- telemetry (logging points only: these read the device) ------------------------------------
+    def param_groups(self) -> dict:
+        """{group: [parameter names]} of the layers that name one (Layer.group: a transformer
+        block's attention and MLP together), for the optimiser's grad_norm/<group>."""
+        out = {}
+        for layer in self.layers:
+            if layer.group:
+                out.setdefault(layer.group, []).extend(p.name for p in layer.params())
+        return out
+
     def telemetry(self, ws: Workspace) -> dict:
         """Every layer's telemetry of the last forward pass (the gradient norms are the optimiser's)."""
         out = {}

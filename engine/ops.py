@@ -551,3 +551,45 @@ def fast_weights_delta_backward(dev, dm, k, eta, lam, dk, B, S, H, scratch):
     causal_dots_decay(dev, dk, scratch["u"], w, dgm, B, S, H, tmp=dgm)
     gemm(dev, dgm, k, dk, S, H, S, batch=B)
     gemm(dev, dgm, k, dk, S, H, S, beta=1.0, trans_a=True, batch=B)
+
+
+# -- causal self-attention and the transformer's embedding (kernels/attention.cl) ------------------------
+def tok_pos_embed_forward(dev, wte, tok, wpe, x, N, S, C):
+    """x (N,C) = wte (V,C)[tok (N,)] + wpe (≥S,C)[n mod S]: token plus position within its window."""
+    dev.launch(dev.kernel("attention.cl", "tok_pos_embed_forward"), (C, N), None,
+               wte.data, tok.data, wpe.data, i32(S), i32(C), x.data)
+
+
+def heads_split(dev, x, out, N, S, n_head, d, parts=1):
+    """out (parts, B·n_head, S, d) from x (N, parts·C), C = n_head·d, N = B·S: part p, head h of
+    row b·S + t is out[p, b·n_head + h, t] = x[b·S + t, p·C + h·d : p·C + (h+1)·d]."""
+    dev.launch(dev.kernel("attention.cl", "heads_split"), (parts * n_head * d, N), None,
+               x.data, i32(S), i32(n_head), i32(d), out.data)
+
+
+def heads_merge(dev, x, out, N, S, n_head, d, parts=1):
+    """The inverse of heads_split: out (N, parts·C) from x (parts, B·n_head, S, d)."""
+    dev.launch(dev.kernel("attention.cl", "heads_merge"), (parts * n_head * d, N), None,
+               x.data, i32(S), i32(n_head), i32(d), out.data)
+
+
+def causal_softmax(dev, s, p, R, S, scale):
+    """p (R,S) = softmax over τ ≤ t of scale·s (R,S) per row, t = row mod S; 0 for τ > t."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("attention.cl", "causal_softmax_wg", (("WG", wg),)), (R * wg,), (wg,),
+                   s.data, i32(S), f32(scale), p.data)
+        return
+    dev.launch(dev.kernel("attention.cl", "causal_softmax"), (R,), None, s.data, i32(S), f32(scale), p.data)
+
+
+def causal_softmax_backward(dev, p, dp, ds, R, S, scale):
+    """ds (R,S) = scale·p ⊙ (dp − Σ_τ p·dp) per row: the gradient of the scores of causal_softmax
+    from that of its probabilities dp (R,S). ds may be dp (in place)."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("attention.cl", "causal_softmax_backward_wg", (("WG", wg),)), (R * wg,), (wg,),
+                   p.data, dp.data, i32(S), f32(scale), ds.data)
+        return
+    dev.launch(dev.kernel("attention.cl", "causal_softmax_backward"), (R,), None,
+               p.data, dp.data, i32(S), f32(scale), ds.data)

@@ -39,8 +39,10 @@ class Optimizer:
     gradient-norm tables of the layout it was made for."""
     STATE: tuple[str, ...] = ()
 
-    def __init__(self, dev, o, layout, chunk: int, total_steps: int = 1):
+    def __init__(self, dev, o, layout, chunk: int, total_steps: int = 1, groups: dict | None = None):
+        """groups: {name: [parameter names]} reported together as grad_norm/<name> as well."""
         self.dev, self.o, self.layout, self.chunk, self.total_steps = dev, o, layout, chunk, total_steps
+        self.groups = dict(groups or {})
         self.n = layout.total
         self.n_chunks = self.n // chunk
         buf = self.buffers(self.n, chunk)
@@ -77,6 +79,9 @@ class Optimizer:
         owner = self.layout.chunk_owner()
         for name in self.layout.names:
             out[f"grad_norm/{name}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o == name)))
+        for group, members in self.groups.items():
+            members = set(members)
+            out[f"grad_norm/{group}"] = float(np.sqrt(sum(p for p, o in zip(partials, owner) if o in members)))
         out["grad_norm"] = float(self.gnorm.get()[0])
         return out
 
@@ -110,4 +115,5 @@ def optimizer_class(name: str) -> type[Optimizer]:
 def make_optimizer(dev, cfg, model) -> Optimizer:
     """cfg.optim's optimiser for model's flat buffers."""
     from .model import CHUNK
-    return optimizer_class(cfg.optim.name)(dev, cfg.optim, model.layout, CHUNK, cfg.train.steps)
+    return optimizer_class(cfg.optim.name)(dev, cfg.optim, model.layout, CHUNK, cfg.train.steps,
+                                           groups=model.param_groups())

@@ -36,6 +36,18 @@ CASES = [
     ("layernorm", LayerDecl("layernorm", "ln", "", dict(C=H)), "float"),
     ("batchnorm", LayerDecl("batchnorm", "bn", "", dict(C=H, momentum=0.2)), "float"),
     ("dropout", LayerDecl("dropout", "drop", "", dict(C=H, p=0.3, seed=5, index=2)), "float"),
+    ("char_head (lm_head, no bias)", LayerDecl("char_head", "head", "", dict(
+        V=V, H=H, names=("W", "b"), bias=False, init="normal", scale=0.02)), "float"),
+    ("layernorm (no beta)", LayerDecl("layernorm", "ln", "", dict(C=H, bias=False)), "float"),
+    ("tok_pos_embed", LayerDecl("tok_pos_embed", "tok_pos", "", dict(V=V, C=H, block_size=S + 2)), "ids"),
+    ("tok_pos_embed (dropout)", LayerDecl("tok_pos_embed", "tok_pos", "", dict(V=V, C=H, block_size=S, dropout=0.3,
+                                                                               seed=5, index=0)), "ids"),
+    ("attn_block (2 heads)", LayerDecl("attn_block", "attn0", "", dict(C=H, n_head=2)), "float"),
+    ("attn_block (4 heads, bias, dropout)", LayerDecl("attn_block", "attn1", "", dict(
+        C=H, n_head=4, bias=True, dropout=0.25, proj_scale=0.01, seed=5, index=1)), "float"),
+    ("mlp_block", LayerDecl("mlp_block", "mlp0", "", dict(C=H)), "float"),
+    ("mlp_block (bias, dropout)", LayerDecl("mlp_block", "mlp1", "", dict(C=H, bias=True, dropout=0.25, seed=5,
+                                                                             index=3)), "float"),
     _bio("bio off/off", "hebb.mode=off", "proto.mode=off"),
     _bio("bio shadow/shadow dot", "hebb.mode=shadow", "proto.mode=shadow", "proto.similarity=dot"),
     _bio("bio modulate/feature", "hebb.mode=modulate", "proto.mode=feature"),
@@ -220,8 +232,8 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, embed, head, norm, residual
+    from engine.layers import bio, embed, head, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, embed, head, norm, residual) for c in vars(m).values()
-             if isinstance(c, type) and issubclass(c, Layer) and c is not Layer}
+    kinds = {c.kind for m in (bio, embed, head, norm, residual, transformer) for c in vars(m).values()
+             if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

@@ -55,6 +55,14 @@ class Layer:
         """([(M, N, K, batch) of trans_b products], [(M, N, K) of trans_a products])."""
         return [], []
 
+    def shared(self) -> dict:
+        """{local name: full name} of parameters another layer declares and this one reads and
+        adds its gradient to (the tied head reads the token embedding). The owner runs earlier
+        in the forward pass, so this layer's gradient is written first and the owner's added."""
+        return {}
+
+    group = None   # a name for this layer's parameters together: grad_norm/<group> (a transformer block)
+
     def forward(self, c, x):
         return x
 
@@ -84,7 +92,8 @@ f32, i32 = np.float32, np.int32
 
 def build(decl):
     """The device layer of a declaration (engine.models.LayerDecl)."""
-    from . import bio, embed, head, norm, residual
+    from . import bio, embed, head, norm, residual, transformer
     classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
-                                   norm.LayerNorm, norm.BatchNorm, norm.Dropout)}
+                                   norm.LayerNorm, norm.BatchNorm, norm.Dropout, transformer.TokPosEmbed,
+                                   transformer.AttnBlock, transformer.MlpBlock)}
     return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)

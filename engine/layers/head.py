@@ -2,7 +2,8 @@
 character (docs/model.md). z (N,H) -> the loss summary in b.loss_out:
 [mean loss over valid targets, correct predictions, valid targets, summed loss].
 W2, b2 are stored with Vp = V rounded up to 8 columns (zero padding that stays zero:
-its gradient is zero), so every product takes the vector GEMM path.
+its gradient is zero), so every product takes the vector GEMM path; a tied weight is stored
+with Vp rows, zero and staying zero in the same way.
 Reference: engine.reference.layers.CharHead.
 """
 from __future__ import annotations
@@ -13,16 +14,26 @@ from . import Layer, f32, i32
 
 
 class CharHead(Layer):
+    """names: the local names of the weight and bias (the hybrid's W2, b2; the transformer's
+    lm_head.W, lm_head.b with its prefix). bias=False: no bias. tie: the full name of a (V, C)
+    parameter stored (Vp, C) that IS the weight (logits = z·tieᵀ, the transformer's wte): this
+    head then declares no weight, and its gradient is written into the tied parameter's first
+    (the owner, earlier in the forward pass, adds its own after: engine.layers.Layer.shared).
+    init, scale: the weight's initialisation (engine.params)."""
     kind = "char_head"
 
-    def __init__(self, name, prefix="", V=1, H=1, init="lecun"):
+    def __init__(self, name, prefix="", V=1, H=1, init="lecun", scale=1.0, names=("W2", "b2"), bias=True, tie=""):
         super().__init__(name, prefix)
-        self.V, self.H, self.Vp, self.init = V, H, padded(V), init
+        self.V, self.H, self.Vp, self.init, self.scale = V, H, padded(V), init, scale
+        self.w, self.b, self.bias, self.tie = names[0], names[1], bias, tie
 
     def params(self):
         p, V, H, Vp = self.prefix, self.V, self.H, self.Vp
-        return [ParamSpec(p + "W2", (H, V), (H, Vp), init=self.init),
-                ParamSpec(p + "b2", (V,), (Vp,), init="zeros", decay=False)]
+        out = [] if self.tie else [ParamSpec(p + self.w, (H, V), (H, Vp), init=self.init, scale=self.scale)]
+        return out + ([ParamSpec(p + self.b, (V,), (Vp,), init="zeros", decay=False)] if self.bias else [])
+
+    def shared(self):
+        return {"tied": self.tie} if self.tie else {}
 
     def buffers(self, B, S):
         N, H, Vp = B * S, self.H, self.Vp
@@ -33,12 +44,18 @@ class CharHead(Layer):
 
     def products(self, B, S):
         N = B * S
+        if self.tie:   # logits = z·Wᵀ (W stored (Vp, H)); dW = dlogitsᵀ·z
+            return [(N, self.Vp, self.H, 1)], [(self.Vp, self.H, N)]
         return [(N, self.H, self.Vp, 1)], [(self.H, self.Vp, N)]
 
     def forward(self, c, z, loss=True):
         dev, p, b, N, V, Vp, H = c.dev, c.p, c.b, c.N, self.V, self.Vp, self.H
-        ops.gemm(dev, z, p["W2"], b.logits, N, Vp, H)
-        ops.add_bias(dev, b.logits, p["b2"], N, Vp)
+        if self.tie:
+            ops.gemm(dev, z, p["tied"], b.logits, N, Vp, H, trans_b=True)
+        else:
+            ops.gemm(dev, z, p[self.w], b.logits, N, Vp, H)
+        if self.bias:
+            ops.add_bias(dev, b.logits, p[self.b], N, Vp)
         c.x_in = z
         if loss:
             y = c.ws.y
@@ -49,7 +66,14 @@ class CharHead(Layer):
 
     def backward(self, c, dy=None):
         dev, p, g, b, N, Vp, H = c.dev, c.p, c.g, c.b, c.N, self.Vp, self.H
-        ops.gemm(dev, c.x_in, b.dlogits, g["W2"], H, Vp, N, trans_a=True)
-        ops.colsum(dev, b.dlogits, g["b2"], N, Vp)
-        ops.gemm(dev, b.dlogits, p["W2"], b.dz, N, H, Vp, trans_b=True)
+        if self.tie:
+            ops.gemm(dev, b.dlogits, c.x_in, g["tied"], Vp, H, N, trans_a=True)
+        else:
+            ops.gemm(dev, c.x_in, b.dlogits, g[self.w], H, Vp, N, trans_a=True)
+        if self.bias:
+            ops.colsum(dev, b.dlogits, g[self.b], N, Vp)
+        if self.tie:
+            ops.gemm(dev, b.dlogits, p["tied"], b.dz, N, H, Vp)
+        else:
+            ops.gemm(dev, b.dlogits, p[self.w], b.dz, N, H, Vp, trans_b=True)
         return b.dz

@@ -22,28 +22,36 @@ def affine(prefix, C):
 
 
 class LayerNorm(Layer):
+    """bias=False: γ only, no β (nanoGPT's LayerNorm(bias=False)); the kernels read a zero β."""
     kind = "layernorm"
 
-    def __init__(self, name, prefix="", C=1, eps=1e-5):
+    def __init__(self, name, prefix="", C=1, eps=1e-5, bias=True):
         super().__init__(name, prefix)
-        self.C, self.eps = C, eps
+        self.C, self.eps, self.bias = C, eps, bias
 
     def params(self):
-        return affine(self.prefix, self.C)
+        return affine(self.prefix, self.C) if self.bias else affine(self.prefix, self.C)[:1]
 
     def buffers(self, B, S):
         N, C = B * S, self.C
-        return {"y": ((N, C), f32), "mean": ((N,), f32), "rstd": ((N,), f32), "dx": ((N, C), f32)}
+        out = {"y": ((N, C), f32), "mean": ((N,), f32), "rstd": ((N,), f32), "dx": ((N, C), f32)}
+        return out if self.bias else {**out, "beta0": ((C,), f32), "dbeta": ((C,), f32)}
+
+    @property
+    def zeroed(self):
+        return () if self.bias else ("beta0",)
 
     def forward(self, c, x):
         b = c.b
-        ops.layernorm_forward(c.dev, x, c.p["gamma"], c.p["beta"], b.y, b.mean, b.rstd, c.N, self.C, self.eps)
+        beta = c.p["beta"] if self.bias else b.beta0
+        ops.layernorm_forward(c.dev, x, c.p["gamma"], beta, b.y, b.mean, b.rstd, c.N, self.C, self.eps)
         c.x_in = x
         return b.y
 
     def backward(self, c, dy):
         b = c.b
-        ops.layernorm_backward(c.dev, dy, c.x_in, c.p["gamma"], b.mean, b.rstd, b.dx, c.g["gamma"], c.g["beta"],
+        dbeta = c.g["beta"] if self.bias else b.dbeta
+        ops.layernorm_backward(c.dev, dy, c.x_in, c.p["gamma"], b.mean, b.rstd, b.dx, c.g["gamma"], dbeta,
                                c.N, self.C)
         return b.dx
 

@@ -18,9 +18,25 @@ class LayerDecl:
     args: dict = field(default_factory=dict)
 
 
+def _modules() -> dict:
+    from . import hybrid, transformer
+    return {"hybrid": hybrid, "transformer": transformer}
+
+
 def families() -> dict:
-    from . import hybrid
-    return {"hybrid": hybrid.layers}
+    return {name: m.layers for name, m in _modules().items()}
+
+
+def head_args(cfg) -> dict:
+    """What the family asks of the task's head: its input width H (the body's output width),
+    and where it differs from the task's defaults its prefix, parameter names, bias, tying
+    and initialisation (each family module's head_args(cfg))."""
+    return _modules()[cfg.model.family].head_args(cfg)
+
+
+def out_width(cfg) -> int:
+    """The width of the family's output (the head's input)."""
+    return head_args(cfg)["H"]
 
 
 def layers_of(cfg, V: int) -> list[LayerDecl]:

@@ -28,3 +28,8 @@ def layers(cfg, V: int) -> list[LayerDecl]:
                                                          seed=(cfg.seed + 1000003 * i) % 2**32,
                                                          tprefix=f"bio{i}/" if i else "")))
     return out
+
+
+def head_args(cfg) -> dict:
+    """The head reads h (N, model.hidden_dim), its weight W2 drawn by model.init."""
+    return {"H": cfg.model.hidden_dim, "init": cfg.model.init}

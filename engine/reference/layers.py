@@ -50,19 +50,26 @@ class ResidualGelu:
 
 
 class CharHead:
+    """tie: the weight is p["tied"], (V, H) as the tied embedding is seen: logits = z·Wᵀ."""
     kind = "char_head"
 
-    def __init__(self, name, prefix="", V=1, H=1, init="lecun"):
-        self.name = name
+    def __init__(self, name, prefix="", V=1, H=1, init="lecun", scale=1.0, names=("W2", "b2"), bias=True, tie=""):
+        self.name, self.w, self.b, self.bias, self.tie = name, names[0], names[1], bias, tie
 
     def forward(self, p, st, z, c):
-        logits = z @ p["W2"] + p["b2"]
+        logits = z @ (p["tied"].T if self.tie else p[self.w]) + (p[self.b] if self.bias else 0.0)
         loss, loss_rows, dlogits, n_valid = softmax_xent_forward(logits, c["y"])
         return loss, dict(z=z, logits=logits, loss_rows=loss_rows, dlogits=dlogits, n_valid=n_valid)
 
     def backward(self, p, st, cache, dy=None):
         d = cache["dlogits"]
-        return d @ p["W2"].T, {"W2": cache["z"].T @ d, "b2": d.sum(axis=0)}
+        if self.tie:
+            grads, dz = {"tied": d.T @ cache["z"]}, d @ p["tied"]
+        else:
+            grads, dz = {self.w: cache["z"].T @ d}, d @ p[self.w].T
+        if self.bias:
+            grads[self.b] = d.sum(axis=0)
+        return dz, grads
 
 
 class BioAssociative:
@@ -157,15 +164,15 @@ def build(decl):
 class LayerNorm:
     kind = "layernorm"
 
-    def __init__(self, name, prefix="", C=1, eps=1e-5):
-        self.name, self.eps = name, eps
+    def __init__(self, name, prefix="", C=1, eps=1e-5, bias=True):
+        self.name, self.eps, self.bias = name, eps, bias
 
     def forward(self, p, st, x, c):
-        return layernorm_forward(x, p["gamma"], p["beta"], self.eps)
+        return layernorm_forward(x, p["gamma"], p["beta"] if self.bias else 0.0, self.eps)
 
     def backward(self, p, st, cache, dy):
         dx, dg, db = layernorm_backward(dy, cache)
-        return dx, {"gamma": dg, "beta": db}
+        return dx, ({"gamma": dg, "beta": db} if self.bias else {"gamma": dg})
 
 
 class BatchNorm:
@@ -204,3 +211,7 @@ class Dropout:
 
 
 CLASSES.update({c.kind: c for c in (LayerNorm, BatchNorm, Dropout)})
+
+from .attention import AttnBlock, MlpBlock, TokPosEmbed  # noqa: E402  (the transformer family's)
+
+CLASSES.update({c.kind: c for c in (TokPosEmbed, AttnBlock, MlpBlock)})

@@ -39,7 +39,8 @@ class RefModel:
     def _local(self, i, params, state):
         pn, n = self._views(i, "p")
         sn, _ = self._views(i, "s")
-        return {k[n:]: params[k] for k in pn}, {k[n:]: state[k] for k in sn}
+        shared = {k: params[full] for k, full in self.decl[i].shared().items()}
+        return {**{k[n:]: params[k] for k in pn}, **shared}, {k[n:]: state[k] for k in sn}
 
     def forward(self, params, state, x, y, warm_start=False, frozen_post=None):
         """x, y int (B,S) -> (loss, caches). warm_start: each bio layer's k-means++ from its own
@@ -63,8 +64,10 @@ class RefModel:
         for i in reversed(range(len(self.layers))):
             p, st = self._local(i, params, state)
             dy, g = self.layers[i].backward(p, st, caches[i], dy)
-            prefix = self.decl[i].prefix
-            grads.update({prefix + k: v for k, v in g.items()})
+            prefix, shared = self.decl[i].prefix, self.decl[i].shared()
+            for k, v in g.items():   # a shared parameter (a tied head): the later layer's gradient is added
+                name = shared.get(k, prefix + k)
+                grads[name] = grads[name] + v if name in grads else v
         return grads
 
     def local_updates(self, params, state, caches, step):

@@ -15,14 +15,17 @@ import numpy as np
 
 from .. import ops
 from ..data import Batches, Vocab, load_text, split_text, text_digest, val_batches
-from ..models import LayerDecl
+from ..models import LayerDecl, head_args
 
 LN2 = math.log(2.0)
 
 
 def head_layers(cfg, V: int) -> list:
-    """The loss head after the family's body (whose output is (N, model.hidden_dim))."""
-    return [LayerDecl("char_head", "head", "", dict(V=V, H=cfg.model.hidden_dim, init=cfg.model.init))]
+    """The loss head after the family's body (its width and the head's options from the family:
+    engine.models.head_args; the hybrid's: (N, model.hidden_dim), W2 and b2)."""
+    args = dict(head_args(cfg))
+    prefix = args.pop("prefix", "")
+    return [LayerDecl("char_head", "head", prefix, dict(V=V, **args))]
 
 
 class CharLM:
@@ -78,8 +81,9 @@ class CharLM:
             model.forward(ws, training=False)
             out = ws.loss_out.get().astype(np.float64)
             total, hits, count = total + out[3], hits + out[1], count + out[2]
-            if first_assign is None and self.cfg.proto.mode != "off":
-                first_assign = model.assignments(ws).get()
+            assign = model.assignments(ws) if first_assign is None and self.cfg.proto.mode != "off" else None
+            if assign is not None:   # None: no bio layer assigns (e.g. a plain transformer)
+                first_assign = assign.get()
         val_loss = total / max(count, 1.0)
         return {"val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2}, first_assign
 
