@@ -4,13 +4,17 @@
     python -m benchmarks.speed --sizes reference,gpu_sized    # and hidden 1024, batch 256, one JSON
     python -m benchmarks.speed --wirings all --json           # every preset but smoke, one JSON object
     python -m benchmarks.speed --quick --steps 2 --repeats 1 --set model.hidden_dim=32
+    python -m benchmarks.speed --wirings attention_baseline --sizes batch12,batch64 --quick   # the transformer
 
 One run measures, at each size of --sizes (reference: the config, defaults E=128, H=384,
 T=72, B=64, S=64, V from the corpus; gpu_sized: the same with H=1024, B=256, which fills
 a GPU):
 
 - training throughput of each wiring (experiments/presets.py) on the engine and,
-  when torch imports, on benchmarks/torch_model.py's TorchHybrid: fixed pre-drawn
+  when torch imports, on its PyTorch twin (benchmarks/torch_model.py's TorchHybrid; the
+  transformer family's: benchmarks/torch_transformer.py), from the same initial
+  parameters (the hybrid's engine.reference.init_params, any other family's declared
+  draws, engine.params.init_params): fixed pre-drawn
   batches, 3 warm-up steps, then `--repeats` timings of `--steps` steps each; the
   engine's clock stops after `dev.finish()`, torch's on a GPU after
   `torch.cuda.synchronize()`. torch runs on the GPU (CUDA, or ROCm, which reports
@@ -21,13 +25,18 @@ a GPU):
   each kernel's work from its launches (benchmarks/costs.py): GFLOP/s of the products,
   GB/s of the rest, and the share of the device's nominal FP32 peak or of its measured
   memory bandwidth (benchmarks/peak.py; both once per run);
-- the numpy reference (engine/reference.py) on the same batches, a few steps (first size);
-- each matrix product shape of the model: engine `ops.gemm` (with the transpose
-  it does for trans_b) against `np.matmul` on the same float32 layout, GFLOP/s (first size);
+- the numpy reference (engine/reference.py) on the same batches, a few steps (first size;
+  the seed and hybrid wirings);
+- each matrix product shape of the hybrid model: engine `ops.gemm` (with the transpose
+  it does for trans_b) against `np.matmul` on the same float32 layout, GFLOP/s (first size;
+  hybrid family only);
 - generation latency of 200 characters (engine/generate.py; first size);
-- warm start: a fresh `python -c` that imports the engine, builds a Trainer at
-  this size with the program cache warm and runs the first step (--quick skips it,
-  and the numpy reference).
+- warm start: a fresh `python -c` that imports the engine, builds a Trainer of the
+  headline wiring (hybrid if measured, else the first) at this size with the program cache
+  warm and runs the first step (--quick skips it, and the numpy reference).
+
+The transformer family: `--wirings attention_baseline --sizes batch12,batch64` measures the
+baseline's size (batch 12) and batch 64 in one run, engine and torch alternating.
 
 Every timing starts after a 0.2 s pause and 0.15 s of untimed work: numpy's OpenBLAS and torch's OpenMP
 threads spin for ~0.1 s after their last call, and on two cores that spinning
@@ -70,7 +79,8 @@ from . import costs, peak
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_WIRINGS = ("seed", "hybrid")
 # each size's overrides, applied over --set (a size decides its own keys)
-SIZES = {"reference": (), "gpu_sized": ("model.hidden_dim=1024", "train.batch_size=256")}
+SIZES = {"reference": (), "gpu_sized": ("model.hidden_dim=1024", "train.batch_size=256"),
+         "batch12": ("train.batch_size=12",), "batch64": ("train.batch_size=64",)}
 PROFILED = ("seed", "hybrid")
 WARMUP_STEPS = 3
 N_BATCHES = 8             # distinct pre-drawn batches, cycled
@@ -126,6 +136,24 @@ def try_torch():
     return torch_model, None
 
 
+def initial_params(cfg, V, layers) -> dict:
+    """The parameters both sides start from: the hybrid's engine.reference.init_params (as the
+    benchmark always did), any other family's declared draws (engine.params.init_params)."""
+    if cfg.model.family == "hybrid":
+        return ref.init_params(V, cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.seed)
+    from engine.model import param_specs
+    from engine.params import init_params
+    return init_params(param_specs(layers), cfg.seed)
+
+
+def torch_twin(tm, cfg, V, params, device):
+    """cfg's family in PyTorch: TorchHybrid (tm, benchmarks.torch_model) or TorchTransformer."""
+    if cfg.model.family == "transformer":
+        from .torch_transformer import TorchTransformer
+        return TorchTransformer(cfg, V, params, device=device)
+    return tm.TorchHybrid(cfg, V, params, device=device)
+
+
 def torch_device(torch, engine_kind: str, choice: str = "auto") -> tuple[str, str, object]:
     """(torch device, its description, the function that waits for it). auto: the GPU when the
     engine's device is a GPU and torch.cuda.is_available() (ROCm builds answer there too), else
@@ -147,7 +175,8 @@ class EngineRunner:
     def __init__(self, dev, cfg, V, batches):
         self.dev, self.cfg = dev, cfg
         self.model = Model(dev, cfg, V)
-        self.model.set_params(ref.init_params(V, cfg.model.embedding_dim, cfg.model.hidden_dim, cfg.seed))
+        self.params = initial_params(cfg, V, self.model.layers)
+        self.model.set_params(self.params)
         self.opt = make_optimizer(dev, cfg, self.model)
         self.ws = self.model.workspace(cfg.train.batch_size, cfg.train.seq_len)
         self.batches = [(np.ascontiguousarray(x.ravel(), np.int32), np.ascontiguousarray(y.ravel(), np.int32))
@@ -180,9 +209,9 @@ class EngineRunner:
 class TorchRunner:
     """TorchHybrid's step on fixed batches, already on its device; `sync` waits for that device."""
 
-    def __init__(self, tm, cfg, V, batches, device="cpu", sync=lambda: None):
+    def __init__(self, tm, cfg, V, batches, device="cpu", sync=lambda: None, params=None):
         import torch
-        self.model = tm.TorchHybrid(cfg, V, device=device)
+        self.model = torch_twin(tm, cfg, V, params, device)
         self.batches = [(torch.from_numpy(x.astype(np.int64)).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
                         for x, y in batches]
         self.sync = sync
@@ -224,7 +253,7 @@ def bench_training(dev, tm, cfgs, V, batches, steps, repeats, torch_on=("cpu", l
         eng[name] = EngineRunner(dev, cfg, V, batches)
         eng[name].run(WARMUP_STEPS)
         if tm:
-            tor[name] = TorchRunner(tm, cfg, V, batches, *torch_on)
+            tor[name] = TorchRunner(tm, cfg, V, batches, *torch_on, params=eng[name].params)
             tor[name].run(WARMUP_STEPS)
     times = {name: {"engine": [], "torch": []} for name in cfgs}
     for r in range(repeats):
@@ -430,10 +459,10 @@ WARM_START_CODE = r"""
 import json, sys, time
 t0 = time.perf_counter()
 from engine import ops
-from engine.config import Config, apply_overrides
+from engine.config import Config
 from engine.train import Trainer
 t1 = time.perf_counter()
-tr = Trainer(apply_overrides(Config(), sys.argv[1:]))
+tr = Trainer(Config.from_json(sys.argv[1]))
 t2 = time.perf_counter()
 m, ws, dev = tr.model, tr.ws, tr.dev
 ws.offsets.set(tr.batches.next_offsets())
@@ -449,9 +478,9 @@ print(json.dumps({"import_s": t1 - t0, "trainer_s": t2 - t1, "first_step_s": t3 
 """
 
 
-def bench_warm_start(overrides, runs=3) -> dict:
+def bench_warm_start(cfg, runs=3) -> dict:
     """Wall time of a fresh process: imports, Trainer(cfg) at this size, first training step."""
-    cmd = [sys.executable, "-c", WARM_START_CODE, *overrides]
+    cmd = [sys.executable, "-c", WARM_START_CODE, cfg.to_json()]
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     walls, parts = [], []
@@ -678,15 +707,19 @@ def run_size(label, cfgs, V, vocab, ids, devs, tm, torch_on, limits, args, first
     gemm = generation = numpy_ref = warm = "first size only"
     if first:
         log("matrix products")
-        gemm = timed("gemm", bench_gemm, dev, base, V, args.repeats)
+        gemm = "hybrid family only"
+        if base.model.family == "hybrid":
+            gemm = timed("gemm", bench_gemm, dev, base, V, args.repeats)
         gen_name = "hybrid" if "hybrid" in runners else names[0]
         log(f"generation ({gen_name})")
         generation = timed("generation", bench_generation, runners[gen_name].model, vocab, args.repeats)
         numpy_ref = warm = "skipped (--quick)"
         if not args.quick:
-            numpy_ref = timed("numpy_reference", bench_numpy, cfgs, V, batches, args.numpy_steps)
+            numpy_ref = "seed and hybrid wirings only"
+            if any(n in PROFILED for n in cfgs):
+                numpy_ref = timed("numpy_reference", bench_numpy, cfgs, V, batches, args.numpy_steps)
             log("warm start")
-            warm = timed("warm_start", bench_warm_start, [*args.set, *SIZES[label]])
+            warm = timed("warm_start", bench_warm_start, cfgs["hybrid" if "hybrid" in cfgs else names[0]])
     head = "hybrid" if "hybrid" in training else names[0]
     hr = training[head]
     return {
