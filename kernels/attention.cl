@@ -8,6 +8,7 @@
  *   heads_split     in (N, P·C) -> out (P, BH, S, d): out[p][b·nh+h][t][j] =
  *                   in[b·S+t][p·C + h·d + j] (q, k, v of nanoGPT's c_attn split)  global (P·C, N)
  *   heads_merge     the inverse: out (N, P·C) from in (P, BH, S, d)          global (P·C, N)
+ *   heads_split8 / heads_merge8   the same, a float8 per work-item (d % 8 == 0)  global (P·C/8, N)
  *   causal_softmax  p (R,S) = softmax over τ ≤ t of scale·s[r,τ], 0 for τ > t, with
  *                   t = r mod S (R = BH·S rows of S scores), max subtracted   global (R)
  *   causal_softmax_backward  ds = scale·p ⊙ (dp − Σ_τ p·dp) per row          global (R)
@@ -51,6 +52,30 @@ __kernel void heads_merge(__global const float* in, const int S, const int nh, c
     const int p = i / C, h = (i - p * C) / d, j = i - p * C - h * d;
     const int b = n / S, t = n - b * S;
     out[(size_t)n * PC + i] = in[(size_t)p * N * C + ((size_t)(b * nh + h) * S + t) * d + j];
+}
+
+/* heads_split8 / heads_merge8: the same, eight floats of one head per work-item (d % 8 == 0,
+ * host checks): float8 loads and stores, one index computation per eight.  global (P·C/8, N) */
+__kernel void heads_split8(__global const float* in, const int S, const int nh, const int d,
+                           __global float* out)
+{
+    const int i = get_global_id(0) * 8, n = get_global_id(1);
+    const int PC = get_global_size(0) * 8, C = nh * d, N = get_global_size(1);
+    const int p = i / C, h = (i - p * C) / d, j = i - p * C - h * d;
+    const int b = n / S, t = n - b * S;
+    *(__global float8*)(out + (size_t)p * N * C + ((size_t)(b * nh + h) * S + t) * d + j) =
+        *(__global const float8*)(in + (size_t)n * PC + i);
+}
+
+__kernel void heads_merge8(__global const float* in, const int S, const int nh, const int d,
+                           __global float* out)
+{
+    const int i = get_global_id(0) * 8, n = get_global_id(1);
+    const int PC = get_global_size(0) * 8, C = nh * d, N = get_global_size(1);
+    const int p = i / C, h = (i - p * C) / d, j = i - p * C - h * d;
+    const int b = n / S, t = n - b * S;
+    *(__global float8*)(out + (size_t)n * PC + i) =
+        *(__global const float8*)(in + (size_t)p * N * C + ((size_t)(b * nh + h) * S + t) * d + j);
 }
 
 __kernel void causal_softmax(__global const float* s, const int S, const float scale, __global float* p)
