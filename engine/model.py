@@ -74,9 +74,13 @@ class Layout:
 
 
 # -- what a model of cfg puts on the device (the memory check sizes exactly this) ----------------
-def model_layers(cfg: Config, V: int) -> list:
-    """The device layers of cfg's family (nothing allocated)."""
-    return [build_layer(d) for d in layers_of(cfg, V)]
+def model_layers(cfg: Config, V: int, variant: str = "cpu") -> list:
+    """The device layers of cfg's family (nothing allocated), for a device of kernel `variant`
+    (Layer.variant: a layer's buffers may depend on the kernels it runs)."""
+    layers = [build_layer(d) for d in layers_of(cfg, V)]
+    for layer in layers:
+        layer.variant = variant
+    return layers
 
 
 def param_specs(layers) -> list:
@@ -88,11 +92,12 @@ def task_buffers(B, S) -> dict:
     return {"x": ((N,), np.int32), "y": ((N,), np.int32), "offsets": ((B,), np.int32)}
 
 
-def workspace_buffers(cfg: Config, V: int, B: int, S: int, layers=None) -> dict[str, tuple[tuple, type]]:
+def workspace_buffers(cfg: Config, V: int, B: int, S: int, layers=None, variant: str = "cpu") \
+        -> dict[str, tuple[tuple, type]]:
     """{name: (shape, dtype)} of every buffer a (B,S) Workspace allocates: the batch (x, y,
     window offsets), then each layer's buffers as `<layer>.<buffer>`."""
     out = dict(task_buffers(B, S))
-    for layer in layers or model_layers(cfg, V):
+    for layer in layers or model_layers(cfg, V, variant):
         out.update({f"{layer.name}.{k}": v for k, v in layer.buffers(B, S).items()})
     return out
 
@@ -113,7 +118,7 @@ def gemm_scratch(cfg: Config, V: int, B: int, S: int, variant: str = "cpu", laye
     B transposed for trans_b products, K-split partials and packed A panels of trans_a ones,
     from the products each layer declares (forward, backward, local rules, telemetry)."""
     tn, tk = [], []
-    for layer in layers or model_layers(cfg, V):
+    for layer in layers or model_layers(cfg, V, variant):
         a, b = layer.products(B, S)
         tn += a
         tk += b
@@ -134,7 +139,7 @@ def gemm_scratch(cfg: Config, V: int, B: int, S: int, variant: str = "cpu", laye
 def device_buffers(cfg: Config, V: int, B: int, S: int, variant: str = "cpu") -> dict[str, tuple[tuple, type]]:
     """{name: (shape, dtype)} of everything a Model of cfg, its optimiser and its (B,S) Workspace
     put on the device (model.*, optim.*, workspace.*, ops.* scratch): for Device.check_memory."""
-    layers = model_layers(cfg, V)
+    layers = model_layers(cfg, V, variant)
     out = {f"model.{k}": v for k, v in model_buffers(cfg, V, layers).items()}
     n = Layout.of(param_specs(layers)).total
     out.update({f"optim.{k}": v for k, v in optim.optimizer_class(cfg.optim.name).buffers(n, CHUNK).items()})
@@ -210,7 +215,9 @@ class Model:
         m = cfg.model
         self.V, self.E, self.H, self.T = vocab_size, m.embedding_dim, m.hidden_dim, m.num_prototypes
         self.Vp = padded(self.V)
-        self.layers = list(layers) if layers is not None else model_layers(cfg, self.V)
+        self.layers = list(layers) if layers is not None else model_layers(cfg, self.V, dev.variant)
+        for layer in self.layers:
+            layer.variant = dev.variant
         self.layout = Layout.of(param_specs(self.layers))
         buf = model_buffers(cfg, self.V, self.layers)   # what the memory check sized
         self.theta, self.grad = dev.zeros(*buf["theta"]), dev.zeros(*buf["grad"])

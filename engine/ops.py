@@ -600,3 +600,21 @@ def causal_softmax_backward(dev, p, dp, ds, R, S, scale):
         return
     dev.launch(dev.kernel("attention.cl", "causal_softmax_backward"), (R,), None,
                p.data, dp.data, i32(S), f32(scale), ds.data)
+
+
+def attention_forward(dev, qkv, p, y, B, S, n_head, d, scale):
+    """Fused causal attention of every head (CPU variant, d % 8 == 0): from qkv (N, 3C) (q | k | v,
+    head h at columns h·d of each), p (B·n_head, S, S) = causal_softmax(scale·q·kᵀ) and y (N, C)
+    = p·v with head h at columns h·d. No split, transpose or merge: one launch."""
+    dev.launch(dev.kernel("attention.cl", "attention_forward8", (("D8", d // 8),)), (S, B * n_head), None,
+               qkv.data, i32(S), i32(n_head), f32(scale), p.data, y.data)
+
+
+def attention_backward(dev, qkv, p, dy, ds, dqkv, B, S, n_head, d, scale):
+    """The backward of attention_forward: dqkv (N, 3C) = [dq | dk | dv] from dy (N, C) and the
+    forward's qkv and p; ds (B·n_head, S, S) is scratch (the scores' gradient)."""
+    defines = (("D8", d // 8),)
+    dev.launch(dev.kernel("attention.cl", "attention_backward_rows8", defines), (S, B * n_head), None,
+               qkv.data, p.data, dy.data, i32(S), i32(n_head), f32(scale), ds.data, dqkv.data)
+    dev.launch(dev.kernel("attention.cl", "attention_backward_cols8", defines), (S, B * n_head), None,
+               qkv.data, p.data, ds.data, dy.data, i32(S), i32(n_head), dqkv.data)

@@ -198,7 +198,7 @@ class Trainer:
         out["train.step_acc"] = ((3,), np.float32)
         if n_devices > 1:
             n0 = split_batch(B, n_devices)[0][1]
-            out.update({f"replica.{k}": v for k, v in workspace_buffers(cfg, V, n0, S).items()})
+            out.update({f"replica.{k}": v for k, v in workspace_buffers(cfg, V, n0, S, variant=variant).items()})
             n = Layout.of(param_specs(model_layers(cfg, V))).total
             out.update(Replicas.buffers(n, n_devices))
         return out

@@ -149,3 +149,121 @@ void causal_softmax_backward_wg(__global const float* p, __global const float* d
     dot = wg_sum(dot, red);
     for (int u = l; u < S; u += WG) out[u] = u <= t ? scale * pr[u] * (dr[u] - dot) : 0.0f;
 }
+
+/* ---- fused causal attention, CPU variant (d % 8 == 0, no dropout): reads q, k, v straight from
+ * the c_attn output qkv (N, 3C) and writes y (N, C) merged, so no head split, transpose or merge.
+ * Built with D8 = d/8 (the head row as D8 float8 registers). Per head (b, h), rows t, τ:
+ *   attention_forward8        (t, bh): s_τ = q_t·k_τ (τ ≤ t), p = softmax(scale·s), y_t = Σ p_τ v_τ;
+ *                             p (BH,S,S) kept for the backward, 0 above t      global (S, BH)
+ *   attention_backward_rows8  (t, bh): dp_τ = dy_t·v_τ, ds = scale·p ⊙ (dp − Σ p·dp) into ds
+ *                             (BH,S,S), dq_t = Σ_τ ds_τ k_τ into dqkv[:, 0:C]   global (S, BH)
+ *   attention_backward_cols8  (τ, bh): dk_τ = Σ_{t≥τ} ds[t,τ] q_t, dv_τ = Σ_{t≥τ} p[t,τ] dy_t
+ *                             into dqkv[:, C:2C] and dqkv[:, 2C:3C]             global (S, BH)
+ * Dots are summed in eight lanes, then the lanes in a fixed tree (hsum8); every loop runs in τ
+ * (or t) order: bit-identical runs. */
+#ifdef D8
+static inline __attribute__((always_inline)) float hsum8(const float8 a)
+{
+    const float4 h = a.lo + a.hi;
+    const float2 g = h.lo + h.hi;
+    return g.x + g.y;
+}
+
+__kernel void attention_forward8(__global const float* qkv, const int S, const int nh, const float scale,
+                                 __global float* p, __global float* y)
+{
+    const int t = get_global_id(0), bh = get_global_id(1);
+    const int b = bh / nh, h = bh - b * nh, C = nh * D8 * 8;
+    __global const float* qr = qkv + (size_t)(b * S + t) * 3 * C + h * D8 * 8;
+    __global const float* kr = qkv + (size_t)b * S * 3 * C + C + h * D8 * 8;
+    __global float* pr = p + ((size_t)bh * S + t) * S;
+    float8 q[D8], acc[D8];
+    #pragma unroll
+    for (int j = 0; j < D8; j++) { q[j] = ((__global const float8*)qr)[j] * scale; acc[j] = 0.0f; }
+    float mx = -INFINITY;
+    for (int u = 0; u <= t; u++) {
+        __global const float8* kv = (__global const float8*)(kr + (size_t)u * 3 * C);
+        float8 d = q[0] * kv[0];
+        #pragma unroll
+        for (int j = 1; j < D8; j++) d += q[j] * kv[j];
+        const float sc = hsum8(d);
+        pr[u] = sc;
+        mx = sc > mx ? sc : mx;
+    }
+    float sum = 0.0f;
+    for (int u = 0; u <= t; u++) { const float e = exp_fast(pr[u] - mx); pr[u] = e; sum += e; }
+    const float inv = 1.0f / sum;
+    for (int u = 0; u <= t; u++) {
+        const float w = pr[u] * inv;
+        pr[u] = w;
+        __global const float8* vv = (__global const float8*)(kr + (size_t)u * 3 * C + C);
+        #pragma unroll
+        for (int j = 0; j < D8; j++) acc[j] += w * vv[j];
+    }
+    for (int u = t + 1; u < S; u++) pr[u] = 0.0f;
+    __global float8* yr = (__global float8*)(y + (size_t)(b * S + t) * C + h * D8 * 8);
+    #pragma unroll
+    for (int j = 0; j < D8; j++) yr[j] = acc[j];
+}
+
+__kernel void attention_backward_rows8(__global const float* qkv, __global const float* p,
+                                       __global const float* dy, const int S, const int nh, const float scale,
+                                       __global float* ds, __global float* dqkv)
+{
+    const int t = get_global_id(0), bh = get_global_id(1);
+    const int b = bh / nh, h = bh - b * nh, C = nh * D8 * 8;
+    __global const float* kr = qkv + (size_t)b * S * 3 * C + C + h * D8 * 8;
+    __global const float* pr = p + ((size_t)bh * S + t) * S;
+    __global float* dr = ds + ((size_t)bh * S + t) * S;
+    __global const float8* dyr = (__global const float8*)(dy + (size_t)(b * S + t) * C + h * D8 * 8);
+    float8 g[D8], acc[D8];
+    #pragma unroll
+    for (int j = 0; j < D8; j++) { g[j] = dyr[j]; acc[j] = 0.0f; }
+    float dot = 0.0f;
+    for (int u = 0; u <= t; u++) {
+        __global const float8* vv = (__global const float8*)(kr + (size_t)u * 3 * C + C);
+        float8 d = g[0] * vv[0];
+        #pragma unroll
+        for (int j = 1; j < D8; j++) d += g[j] * vv[j];
+        const float dp = hsum8(d);
+        dr[u] = dp;
+        dot += pr[u] * dp;
+    }
+    for (int u = 0; u <= t; u++) {
+        const float w = scale * pr[u] * (dr[u] - dot);
+        dr[u] = w;
+        __global const float8* kv = (__global const float8*)(kr + (size_t)u * 3 * C);
+        #pragma unroll
+        for (int j = 0; j < D8; j++) acc[j] += w * kv[j];
+    }
+    for (int u = t + 1; u < S; u++) dr[u] = 0.0f;
+    __global float8* o = (__global float8*)(dqkv + (size_t)(b * S + t) * 3 * C + h * D8 * 8);
+    #pragma unroll
+    for (int j = 0; j < D8; j++) o[j] = acc[j];
+}
+
+__kernel void attention_backward_cols8(__global const float* qkv, __global const float* p,
+                                       __global const float* ds, __global const float* dy, const int S,
+                                       const int nh, __global float* dqkv)
+{
+    const int u = get_global_id(0), bh = get_global_id(1);
+    const int b = bh / nh, h = bh - b * nh, C = nh * D8 * 8;
+    __global const float* qr = qkv + (size_t)b * S * 3 * C + h * D8 * 8;
+    __global const float* dyr = dy + (size_t)b * S * C + h * D8 * 8;
+    __global const float* pc = p + (size_t)bh * S * S + u;
+    __global const float* dc = ds + (size_t)bh * S * S + u;
+    float8 dk[D8], dv[D8];
+    #pragma unroll
+    for (int j = 0; j < D8; j++) { dk[j] = 0.0f; dv[j] = 0.0f; }
+    for (int t = u; t < S; t++) {
+        const float w = dc[(size_t)t * S], pw = pc[(size_t)t * S];
+        __global const float8* qv = (__global const float8*)(qr + (size_t)t * 3 * C);
+        __global const float8* gv = (__global const float8*)(dyr + (size_t)t * C);
+        #pragma unroll
+        for (int j = 0; j < D8; j++) { dk[j] += w * qv[j]; dv[j] += pw * gv[j]; }
+    }
+    __global float8* o = (__global float8*)(dqkv + (size_t)(b * S + u) * 3 * C + C + h * D8 * 8);
+    #pragma unroll
+    for (int j = 0; j < D8; j++) { o[j] = dk[j]; o[j + C / 8] = dv[j]; }
+}
+#endif

@@ -43,6 +43,7 @@ CASES = [
     ("tok_pos_embed (dropout)", LayerDecl("tok_pos_embed", "tok_pos", "", dict(V=V, C=H, block_size=S, dropout=0.3,
                                                                                seed=5, index=0)), "ids"),
     ("attn_block (2 heads)", LayerDecl("attn_block", "attn0", "", dict(C=H, n_head=2)), "float"),
+    ("attn_block (4 heads: d = 4, bias)", LayerDecl("attn_block", "attn2", "", dict(C=H, n_head=4, bias=True)), "float"),
     ("attn_block (4 heads, bias, dropout)", LayerDecl("attn_block", "attn1", "", dict(
         C=H, n_head=4, bias=True, dropout=0.25, proj_scale=0.01, seed=5, index=1)), "float"),
     ("mlp_block", LayerDecl("mlp_block", "mlp0", "", dict(C=H)), "float"),

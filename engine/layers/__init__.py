@@ -62,6 +62,7 @@ class Layer:
         return {}
 
     group = None   # a name for this layer's parameters together: grad_norm/<group> (a transformer block)
+    variant = "cpu"   # the kernel variant of the device it runs on (engine.model sets it)
 
     def forward(self, c, x):
         return x

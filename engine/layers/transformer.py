@@ -165,18 +165,26 @@ class AttnBlock(_Block):
         return (_ln_params(p + "ln_1.", C, bias) + _linear(p + "attn.", "qkv", (C, 3 * C), bias, 0.02)
                 + _linear(p + "attn.", "proj", (C, C), bias, self.proj_scale))
 
+    @property
+    def fused(self) -> bool:
+        """The CPU variant's fused attention kernels (ops.attention_forward): d % 8 == 0, no dropout.
+        Otherwise (the GPU variant, dropout) heads split, batched products, softmax, merge."""
+        return self.variant != "gpu" and self.d % 8 == 0 and self.rate == 0
+
     def buffers(self, B, S):
         N, C, BH = B * S, self.C, B * self.nh
         out = self._norm_buffers(N)
-        out.update(qkv=((N, 3 * C), f32), qkvh=((3 * N * C,), f32), s=((BH, S, S), f32), p=((BH, S, S), f32),
-                   yh=((N * C,), f32), y=((N, C), f32), dy=((N, C), f32), dyh=((N * C,), f32),
-                   dqkvh=((3 * N * C,), f32), dqkv=((N, 3 * C), f32))
+        out.update(qkv=((N, 3 * C), f32), s=((BH, S, S), f32), p=((BH, S, S), f32), y=((N, C), f32),
+                   dy=((N, C), f32), dqkv=((N, 3 * C), f32))
+        if not self.fused:
+            out.update(qkvh=((3 * N * C,), f32), yh=((N * C,), f32), dyh=((N * C,), f32), dqkvh=((3 * N * C,), f32))
         out.update({"pd": ((BH, S, S), f32)} if self.rate > 0 else {})
         return out
 
     def products(self, B, S):
         N, C, BH, d = B * S, self.C, B * self.nh, self.d
-        return ([(S, S, d, BH), (N, C, C, 1), (N, C, 3 * C, 1)], [(C, C, N), (C, 3 * C, N)])
+        heads = [] if self.fused else [(S, S, d, BH)]
+        return (heads + [(N, C, C, 1), (N, C, 3 * C, 1)], [(C, C, N), (C, 3 * C, N)])
 
     @staticmethod
     def _parts(buf, N, C):
@@ -184,9 +192,9 @@ class AttnBlock(_Block):
         return buf[:N * C], buf[N * C:2 * N * C], buf[2 * N * C:]
 
     def kv(self, c):
-        """(k, v) of the last forward, each (B·nh, S, d): the hook for a key-value cache."""
-        _, k, v = self._parts(c.b.qkvh, c.N, self.C)
-        return k, v
+        """The last forward's qkv (N, 3C): the key and value of row b·S + t, head h, are at columns
+        C + h·d and 2C + h·d (nanoGPT's c_attn layout): the hook for a key-value cache."""
+        return c.b.qkv
 
     def forward(self, c, x):
         dev, p, b, N, S, C, nh, d = c.dev, c.p, c.b, c.N, c.S, self.C, self.nh, self.d
@@ -196,6 +204,9 @@ class AttnBlock(_Block):
         ops.gemm(dev, b.ln, p["attn.W_qkv"], b.qkv, N, 3 * C, C)
         if self.bias:
             ops.add_bias(dev, b.qkv, p["attn.b_qkv"], N, 3 * C)
+        if self.fused:
+            ops.attention_forward(dev, b.qkv, b.p, b.y, c.B, S, nh, d, self.scale)
+            return self._residual(c, x, b.y, "attn.W_proj", "attn.b_proj", C, self.keys[1])
         ops.heads_split(dev, b.qkv, b.qkvh, N, S, nh, d, parts=3)
         q, k, v = self._parts(b.qkvh, N, C)
         ops.gemm(dev, q, k, b.s, S, S, d, trans_b=True, batch=BH)
@@ -210,12 +221,27 @@ class AttnBlock(_Block):
 
     def backward(self, c, dout):
         dev, p, g, b, N, S, C, nh, d = c.dev, c.p, c.g, c.b, c.N, c.S, self.C, self.nh, self.d
-        BH = c.B * nh
         dbr = self._branch_grad(c, dout, self.keys[1])
         ops.gemm(dev, b.y, dbr, g["attn.W_proj"], C, C, N, trans_a=True)
         if self.bias:
             ops.colsum(dev, dbr, g["attn.b_proj"], N, C)
         ops.gemm(dev, dbr, p["attn.W_proj"], b.dy, N, C, C, trans_b=True)
+        if self.fused:
+            ops.attention_backward(dev, b.qkv, b.p, b.dy, b.s, b.dqkv, c.B, S, nh, d, self.scale)
+        else:
+            self._heads_backward(c)
+        ops.gemm(dev, b.ln, b.dqkv, g["attn.W_qkv"], C, 3 * C, N, trans_a=True)
+        if self.bias:
+            ops.colsum(dev, b.dqkv, g["attn.b_qkv"], N, 3 * C)
+        ops.gemm(dev, b.dqkv, p["attn.W_qkv"], b.dln, N, C, 3 * C, trans_b=True)
+        self._ln_backward(c, "ln_1")
+        ops.add_inplace(dev, dout, b.dx, N * C)
+        return b.dx
+
+    def _heads_backward(self, c):
+        """dqkv from b.dy through the split heads: batched products and the softmax's backward."""
+        dev, b, N, S, C, nh, d = c.dev, c.b, c.N, c.S, self.C, self.nh, self.d
+        BH = c.B * nh
         ops.heads_split(dev, b.dy, b.dyh, N, S, nh, d)
         q, k, v = self._parts(b.qkvh, N, C)
         dq, dk, dv = self._parts(b.dqkvh, N, C)
@@ -228,13 +254,6 @@ class AttnBlock(_Block):
         ops.gemm(dev, b.s, k, dq, S, d, S, batch=BH)                                         # dq = ds·k
         ops.gemm(dev, b.s, q, dk, S, d, S, trans_a=True, batch=BH)                           # dk = dsᵀ·q
         ops.heads_merge(dev, b.dqkvh, b.dqkv, N, S, nh, d, parts=3)
-        ops.gemm(dev, b.ln, b.dqkv, g["attn.W_qkv"], C, 3 * C, N, trans_a=True)
-        if self.bias:
-            ops.colsum(dev, b.dqkv, g["attn.b_qkv"], N, 3 * C)
-        ops.gemm(dev, b.dqkv, p["attn.W_qkv"], b.dln, N, C, 3 * C, trans_b=True)
-        self._ln_backward(c, "ln_1")
-        ops.add_inplace(dev, dout, b.dx, N * C)
-        return b.dx
 
     def telemetry(self, c) -> dict:
         """attn_entropy/h{l}: the mean over rows (heads, positions) of −Σ_τ p log p of the last

@@ -58,6 +58,21 @@ def causal_softmax_backward(p, dp, scale):
     return scale * p * (dp - (p * dp).sum(axis=-1, keepdims=True))
 
 
+def attention_forward(qkv, S, n_head, scale):
+    """qkv (N, 3C) -> (p (B·nh, S, S), y (N, C)): every head's causal attention, merged."""
+    q, k, v = heads_split(qkv, S, n_head, parts=3)
+    p = causal_softmax(q @ k.transpose(0, 2, 1), S, scale)
+    return p, heads_merge((p @ v)[None], S, n_head)
+
+
+def attention_backward(qkv, p, dy, S, n_head, scale):
+    """-> dqkv (N, 3C) = [dq | dk | dv] of attention_forward from dy (N, C)."""
+    q, k, v = heads_split(qkv, S, n_head, parts=3)
+    dyh = heads_split(dy, S, n_head)[0]
+    ds = causal_softmax_backward(p, dyh @ v.transpose(0, 2, 1), scale)
+    return heads_merge(np.stack([ds @ k, ds.transpose(0, 2, 1) @ q, p.transpose(0, 2, 1) @ dyh]), S, n_head)
+
+
 def attention_entropy(p):
     """Mean over rows (every head and position) of −Σ_τ p log p (nats)."""
     with np.errstate(divide="ignore", invalid="ignore"):
