@@ -116,6 +116,17 @@ def gemm(dev, a, b, c, M, N, K, alpha=1.0, beta=0.0, trans_a=False, trans_b=Fals
         transpose(dev, b, ws, N, K, batch)
         bB, oB = _buf(ws)
     kc = _k_chunk(K) if trans_a and batch == 1 else 0
+    if trans_a and batch == 1 and not kc and _packs(dev.variant, M, N, K) and oA % 4 == 0 and oB % 8 == 0:
+        # a medium K (weight gradients at batch·seq < K_SPLIT_MIN): A packed into 4-column panels, one
+        # chunk of gemm_tn_split, then gemm_reduce of that one chunk applies alpha and beta as gemm_tn's
+        # store does; k ascending as gemm_tn: the same bits, 1.2-1.4x faster here
+        pack, part = _workspace(dev, "gemm_apack", K * M), _workspace(dev, "gemm_partial", M * N)
+        dev.launch(dev.kernel("gemm.cl", "pack_a4"), (M // 4, K // 8), None, i32(K), i32(M), bA, i32(oA), pack.data)
+        dev.launch(dev.kernel("gemm.cl", "gemm_tn_split"), (M // 4, -(-N // TN), 1), None,
+                   i32(M), i32(N), i32(K), i32(K), pack.data, bB, i32(oB), part.data)
+        dev.launch(dev.kernel("gemm.cl", "gemm_reduce"), (M * N,), None, i32(M * N), i32(1),
+                   f32(alpha), f32(beta), part.data, bC, i32(oC))
+        return
     if kc:  # long K (weight gradients): per-chunk partial products, then an ordered sum
         chunks = K // kc
         part = _workspace(dev, "gemm_partial", chunks * M * N)
@@ -138,6 +149,13 @@ def gemm(dev, a, b, c, M, N, K, alpha=1.0, beta=0.0, trans_a=False, trans_b=Fals
 
 
 K_SPLIT_MIN = 2048  # below this K the whole product stays in cache anyway
+K_PACK_MIN = 256    # from this K (and below K_SPLIT_MIN) an unsplit Aᵀ·B packs A first (gemm, _packs)
+
+
+def _packs(variant: str, M: int, N: int, K: int) -> bool:
+    """An unsplit Aᵀ·B takes pack_a4 + gemm_tn_split + gemm_reduce: the CPU variant, K in
+    [K_PACK_MIN, K_SPLIT_MIN), M % 4 == 0, N % 8 == 0, K % 8 == 0 (and aligned offsets)."""
+    return variant != "gpu" and K_PACK_MIN <= K < K_SPLIT_MIN and M % 4 == 0 and N % 8 == 0 and K % 8 == 0
 
 
 def _k_chunk(K: int) -> int:

@@ -145,6 +145,27 @@ def test_fused_attention_forward_backward(dev):
     assert [a.get().tobytes() for a in (p, y, dqkv)] == first
 
 
+@pytest.mark.opencl
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 0.75)])
+def test_medium_k_packed_product_is_gemm_tn_bit_for_bit(dev, alpha, beta):
+    """Aᵀ·B with K_PACK_MIN ≤ K < K_SPLIT_MIN (the weight gradients at batch·seq of 256..2047) packs
+    A and takes gemm_tn_split: exactly the bits of the plain gemm_tn (k ascending in both)."""
+    if dev.variant == "gpu":
+        pytest.skip("the packed path is the CPU variant's")
+    rng = np.random.default_rng(5)
+    M, N, K = 12, 24, 264
+    assert ops._packs(dev.variant, M, N, K) and not ops._k_chunk(K)
+    a = dev.to_device(rng.standard_normal((K, M)).astype(np.float32))
+    b = dev.to_device(rng.standard_normal((K, N)).astype(np.float32))
+    c0 = rng.standard_normal((M, N)).astype(np.float32)
+    got, want = dev.to_device(c0), dev.to_device(c0)
+    ops.gemm(dev, a, b, got, M, N, K, alpha=alpha, beta=beta, trans_a=True)
+    ops._gemm_raw(dev, True, M, N, K, alpha, a.data, 0, M * K, b.data, 0, K * N, beta, want.data, 0, M * N, 1)
+    assert got.get().tobytes() == want.get().tobytes()
+    np.testing.assert_allclose(got.get(), alpha * a.get().T.astype(np.float64) @ b.get() + beta * c0, rtol=1e-5,
+                               atol=1e-4)
+
+
 # -- the reference model ---------------------------------------------------------------------------
 @pytest.mark.parametrize("wiring", ["tied", "untied_bias"])
 def test_reference_model_matches_finite_differences(wiring):
