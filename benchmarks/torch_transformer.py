@@ -102,7 +102,7 @@ class TorchTransformer:
         self.opt = torch.optim.AdamW([{"params": decayed, "weight_decay": o.weight_decay},
                                       {"params": plain, "weight_decay": 0.0}],
                                      lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                     fused=self.device.type != "cpu" or None)
+                                     fused=True)
         self.step = 0                                  # optimiser steps taken
         self.gnorm = torch.zeros((), device=self.device)
 

@@ -324,3 +324,21 @@ def test_torch_timing_waits_for_its_device():
     runner.run(2)
     steps_done = runner.i
     assert calls[-1] == steps_done and calls[-2] == steps_done - 2     # around the 2 timed steps
+
+
+def test_bench_transformer_against_its_twin(dev, capsys):
+    """The transformer family in the benchmark: engine and its PyTorch twin (from the same
+    declared initial draws) at two batch sizes in one run; the hybrid-only tables say so."""
+    from benchmarks import speed
+    args = ["--json", "--steps", "2", "--repeats", "1", "--quick", "--wirings", "hybrid", "--sizes", "batch12,batch64",
+            "--set", "model.family=transformer", "--set", "transformer.n_layer=1", "--set", "transformer.n_embd=16",
+            "--set", "transformer.n_head=2", "--set", "transformer.block_size=8", "--set", "train.seq_len=8"]
+    assert speed.main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    for label, B in (("batch12", 12), ("batch64", 64)):
+        size = res["sizes"][label]
+        assert size["config"]["B"] == B and size["tokens_per_s"] > 0
+        assert size["kernels"]["hybrid"]["device_ms_per_step"] > 0
+        if res["torch"] == "ok":
+            assert size["torch_tokens_per_s"] > 0 and size["ratio"] > 0
+    assert res["gemm"] == "hybrid family only" and res["generation_s"] > 0
