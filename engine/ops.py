@@ -434,27 +434,45 @@ def proto_qerr_rows(dev, v, P, k, q, N, H):
 LN_WG = 64   # work-group of the GPU variant: one group per row
 
 
-def layernorm_forward(dev, x, gamma, beta, y, mean, rstd, N, C, eps=1e-5):
-    """y (N,C) = LayerNorm(x) with γ, β (C,); mean and rstd (N,) kept for the backward pass."""
+def layernorm_forward(dev, x, gamma, beta, y, mean, rstd, N, C, eps=1e-5, vec=False):
+    """y (N,C) = LayerNorm(x) with γ, β (C,); mean and rstd (N,) kept for the backward pass.
+    vec: on the CPU variant with C % 8 == 0, the float8 row kernel (other last bits than the serial
+    one: the transformer's blocks ask for it, the hybrid keeps its recorded bits)."""
     if dev.variant == "gpu":
         dev.launch(dev.kernel("norm.cl", "layernorm_forward_wg", (("WG", LN_WG),)), (N * LN_WG,), (LN_WG,),
+                   x.data, gamma.data, beta.data, i32(C), f32(eps), y.data, mean.data, rstd.data)
+    elif vec and _rows8(C, x, y, gamma, beta):
+        dev.launch(dev.kernel("norm.cl", "layernorm_forward_rows8"), (N,), None,
                    x.data, gamma.data, beta.data, i32(C), f32(eps), y.data, mean.data, rstd.data)
     else:
         dev.launch(dev.kernel("norm.cl", "layernorm_forward_rows"), (N,), None,
                    x.data, gamma.data, beta.data, i32(C), f32(eps), y.data, mean.data, rstd.data)
 
 
-def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C):
-    """dx (N,C), dγ and dβ (C,) of LayerNorm from dy (N,C) and the forward's mean and rstd."""
-    if dev.variant == "gpu":
+def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C, vec=False, dres=None):
+    """dx (N,C), dγ and dβ (C,) of LayerNorm from dy (N,C) and the forward's mean and rstd.
+    dres (N,C): a residual's gradient added into dx (a pre-LayerNorm block's dx = dres + ∂LN).
+    vec: as layernorm_forward (the float8 row kernel, dres added in it)."""
+    if dev.variant != "gpu" and vec and _rows8(C, dy, x, dx, gamma, *([dres] if dres is not None else [])):
+        dev.launch(dev.kernel("norm.cl", "layernorm_backward_rows8", (("ADD", int(dres is not None)),)), (N,), None,
+                   dy.data, x.data, gamma.data, mean.data, rstd.data, i32(C),
+                   (dres if dres is not None else dy).data, dx.data)
+        dres = None
+    elif dev.variant == "gpu":
         dev.launch(dev.kernel("norm.cl", "layernorm_backward_wg", (("WG", LN_WG),)), (N * LN_WG,), (LN_WG,),
                    dy.data, x.data, gamma.data, mean.data, rstd.data, i32(C), dx.data)
     else:
         dev.launch(dev.kernel("norm.cl", "layernorm_backward_rows"), (N,), None,
                    dy.data, x.data, gamma.data, mean.data, rstd.data, i32(C), dx.data)
+    if dres is not None:
+        add_inplace(dev, dres, dx, N * C)
     if dev.variant == "gpu":   # column sums over N: 16 row lanes per column, a fixed tree
         dev.launch(dev.kernel("norm.cl", "layernorm_param_grads_wg", (("WG", LN_WG),)), (-(-C // 16) * 16, 16),
                    (16, 16), dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
+        return
+    if _rows8(C, dy, x, dgamma, dbeta):   # eight columns per item, the same sums in the same order: same bits
+        dev.launch(dev.kernel("norm.cl", "layernorm_param_grads8"), (C // 8,), (1,),
+                   dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
         return
     dev.launch(dev.kernel("norm.cl", "layernorm_param_grads"), (C,), None,
                dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)

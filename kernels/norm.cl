@@ -15,6 +15,13 @@
  *   layernorm_param_grads_wg  a 16×16 group per 16 columns: row lane r sums rows r, r+16, …
  *            (coalesced), then a fixed tree over the 16 lanes (as colsum_wg)
  *                                                    global (⌈C/16⌉·16, 16), local (16, 16)   GPU
+ *   layernorm_forward_rows8 / layernorm_backward_rows8   *_rows with float8 row chunks (C % 8 == 0,
+ *            aligned rows: host checks): eight lane sums, then the lanes in a fixed tree (hsum8),
+ *            so the last bits differ from *_rows (the transformer family's blocks use them, the
+ *            hybrid keeps *_rows); built with ADD=1 the backward adds a residual's gradient dres
+ *            into dx                                                global (N)       CPU
+ *   layernorm_param_grads8  layernorm_param_grads on eight columns per work-item: the same sums
+ *            in the same order, so the same bits                   global (C/8), local (1)   CPU
  * GPU note: every row or column loop here has a _wg variant; batchnorm_apply and
  * batchnorm_eval_stats are element-wise (GPU-suitable as they are).
  * Reference: engine.reference.layernorm_forward / layernorm_backward.
@@ -114,6 +121,70 @@ __kernel void layernorm_param_grads(__global const float* dy, __global const flo
     }
     dgamma[c] = g;
     dbeta[c] = b;
+}
+
+static inline __attribute__((always_inline)) float hsum8(const float8 a)
+{
+    const float4 h = a.lo + a.hi;
+    const float2 g = h.lo + h.hi;
+    return g.x + g.y;
+}
+
+__kernel void layernorm_forward_rows8(__global const float* x, __global const float* gamma,
+                                      __global const float* beta, const int C, const float eps,
+                                      __global float* y, __global float* mean, __global float* rstd)
+{
+    const int n = get_global_id(0), C8 = C / 8;
+    __global const float8* xr = (__global const float8*)(x + (size_t)n * C);
+    __global const float8* g = (__global const float8*)gamma;
+    __global const float8* b = (__global const float8*)beta;
+    __global float8* yr = (__global float8*)(y + (size_t)n * C);
+    float8 s = 0.0f;
+    for (int c = 0; c < C8; c++) s += xr[c];
+    const float mu = hsum8(s) / C;
+    float8 v = 0.0f;
+    for (int c = 0; c < C8; c++) { const float8 d = xr[c] - mu; v += d * d; }
+    const float r = 1.0f / sqrt(hsum8(v) / C + eps);
+    for (int c = 0; c < C8; c++) yr[c] = (xr[c] - mu) * r * g[c] + b[c];
+    mean[n] = mu;
+    rstd[n] = r;
+}
+
+__kernel void layernorm_backward_rows8(__global const float* dy, __global const float* x,
+                                       __global const float* gamma, __global const float* mean,
+                                       __global const float* rstd, const int C, __global const float* dres,
+                                       __global float* dx)
+{
+    const int n = get_global_id(0), C8 = C / 8;
+    __global const float8* dr = (__global const float8*)(dy + (size_t)n * C);
+    __global const float8* xr = (__global const float8*)(x + (size_t)n * C);
+    __global const float8* g = (__global const float8*)gamma;
+    __global float8* o = (__global float8*)(dx + (size_t)n * C);
+    const float mu = mean[n], r = rstd[n];
+    float8 a = 0.0f, b = 0.0f;   /* Σ dŷ, Σ dŷ·x̂ */
+    for (int c = 0; c < C8; c++) { const float8 dh = dr[c] * g[c]; a += dh; b += dh * (xr[c] - mu) * r; }
+    const float ma = hsum8(a) / C, mb = hsum8(b) / C;
+#if ADD
+    __global const float8* rr = (__global const float8*)(dres + (size_t)n * C);
+    for (int c = 0; c < C8; c++) o[c] = rr[c] + r * (dr[c] * g[c] - ma - (xr[c] - mu) * r * mb);
+#else
+    for (int c = 0; c < C8; c++) o[c] = r * (dr[c] * g[c] - ma - (xr[c] - mu) * r * mb);
+#endif
+}
+
+__kernel void layernorm_param_grads8(__global const float* dy, __global const float* x,
+                                     __global const float* mean, __global const float* rstd,
+                                     const int N, const int C, __global float* dgamma, __global float* dbeta)
+{
+    const int c = get_global_id(0);
+    float8 g = 0.0f, b = 0.0f;
+    for (int n = 0; n < N; n++) {
+        const float8 d = ((__global const float8*)(dy + (size_t)n * C))[c];
+        g += d * (((__global const float8*)(x + (size_t)n * C))[c] - mean[n]) * rstd[n];
+        b += d;
+    }
+    ((__global float8*)dgamma)[c] = g;
+    ((__global float8*)dbeta)[c] = b;
 }
 
 __kernel __attribute__((reqd_work_group_size(16, 16, 1)))

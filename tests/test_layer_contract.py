@@ -38,7 +38,7 @@ CASES = [
     ("dropout", LayerDecl("dropout", "drop", "", dict(C=H, p=0.3, seed=5, index=2)), "float"),
     ("char_head (lm_head, no bias)", LayerDecl("char_head", "head", "", dict(
         V=V, H=H, names=("W", "b"), bias=False, init="normal", scale=0.02)), "float"),
-    ("layernorm (no beta)", LayerDecl("layernorm", "ln", "", dict(C=H, bias=False)), "float"),
+    ("layernorm (no beta, float8 rows)", LayerDecl("layernorm", "ln", "", dict(C=H, bias=False, vec=True)), "float"),
     ("tok_pos_embed", LayerDecl("tok_pos_embed", "tok_pos", "", dict(V=V, C=H, block_size=S + 2)), "ids"),
     ("tok_pos_embed (dropout)", LayerDecl("tok_pos_embed", "tok_pos", "", dict(V=V, C=H, block_size=S, dropout=0.3,
                                                                                seed=5, index=0)), "ids"),

@@ -166,6 +166,40 @@ def test_medium_k_packed_product_is_gemm_tn_bit_for_bit(dev, alpha, beta):
                                atol=1e-4)
 
 
+@pytest.mark.opencl
+@pytest.mark.parametrize("residual", [False, True])
+def test_layernorm_float8_rows(dev, residual):
+    """The float8 row kernels (vec=True, the transformer's) against the reference; the float8 column
+    sums of dγ, dβ give exactly the serial kernel's bits (every caller takes them)."""
+    if dev.variant == "gpu":
+        pytest.skip("the float8 row kernels are the CPU variant's")
+    from engine.reference import layernorm_backward, layernorm_forward
+    rng = np.random.default_rng(6)
+    N, Ck = 37, 24
+    x, dy, dres = (rng.standard_normal((N, Ck)).astype(np.float32) for _ in range(3))
+    g, beta = (1 + 0.3 * rng.standard_normal(Ck)).astype(np.float32), rng.standard_normal(Ck).astype(np.float32)
+    d = {k: dev.to_device(v) for k, v in dict(x=x, dy=dy, dres=dres, g=g, beta=beta).items()}
+    y, mean, rstd, dx = dev.empty((N, Ck)), dev.empty((N,)), dev.empty((N,)), dev.empty((N, Ck))
+    dg, db, dg1, db1, dx1 = dev.empty((Ck,)), dev.empty((Ck,)), dev.empty((Ck,)), dev.empty((Ck,)), dev.empty((N, Ck))
+    ops.layernorm_forward(dev, d["x"], d["g"], d["beta"], y, mean, rstd, N, Ck, vec=True)
+    ops.layernorm_backward(dev, d["dy"], d["x"], d["g"], mean, rstd, dx, dg, db, N, Ck, vec=True,
+                           dres=d["dres"] if residual else None)
+    want_y, cache = layernorm_forward(x.astype(np.float64), g.astype(np.float64), beta.astype(np.float64))
+    want_dx, want_dg, want_db = layernorm_backward(dy.astype(np.float64), cache)
+    want_dx = want_dx + (dres if residual else 0)
+    # float32 sums of 24 terms: observed ≤ 1e-6 relative to the largest element
+    np.testing.assert_allclose(y.get(), want_y, rtol=1e-5, atol=2e-6 * np.abs(want_y).max())
+    np.testing.assert_allclose(dx.get(), want_dx, rtol=1e-5, atol=2e-6 * np.abs(want_dx).max())
+    np.testing.assert_allclose(dg.get(), want_dg, rtol=1e-5, atol=1e-5)
+    serial = dev.kernel("norm.cl", "layernorm_param_grads")
+    dev.launch(serial, (Ck,), None, d["dy"].data, d["x"].data, mean.data, rstd.data, np.int32(N), np.int32(Ck),
+               dg1.data, db1.data)
+    assert dg1.get().tobytes() == dg.get().tobytes() and db1.get().tobytes() == db.get().tobytes()
+    ops.layernorm_backward(dev, d["dy"], d["x"], d["g"], mean, rstd, dx1, dg1, db1, N, Ck, vec=True,
+                           dres=d["dres"] if residual else None)
+    assert dx1.get().tobytes() == dx.get().tobytes()
+
+
 # -- the reference model ---------------------------------------------------------------------------
 @pytest.mark.parametrize("wiring", ["tied", "untied_bias"])
 def test_reference_model_matches_finite_differences(wiring):

@@ -22,12 +22,13 @@ def affine(prefix, C):
 
 
 class LayerNorm(Layer):
-    """bias=False: γ only, no β (nanoGPT's LayerNorm(bias=False)); the kernels read a zero β."""
+    """bias=False: γ only, no β (nanoGPT's LayerNorm(bias=False)); the kernels read a zero β.
+    vec: the float8 row kernels on the CPU variant (ops.layernorm_forward; other last bits)."""
     kind = "layernorm"
 
-    def __init__(self, name, prefix="", C=1, eps=1e-5, bias=True):
+    def __init__(self, name, prefix="", C=1, eps=1e-5, bias=True, vec=False):
         super().__init__(name, prefix)
-        self.C, self.eps, self.bias = C, eps, bias
+        self.C, self.eps, self.bias, self.vec = C, eps, bias, vec
 
     def params(self):
         return affine(self.prefix, self.C) if self.bias else affine(self.prefix, self.C)[:1]
@@ -44,7 +45,7 @@ class LayerNorm(Layer):
     def forward(self, c, x):
         b = c.b
         beta = c.p["beta"] if self.bias else b.beta0
-        ops.layernorm_forward(c.dev, x, c.p["gamma"], beta, b.y, b.mean, b.rstd, c.N, self.C, self.eps)
+        ops.layernorm_forward(c.dev, x, c.p["gamma"], beta, b.y, b.mean, b.rstd, c.N, self.C, self.eps, vec=self.vec)
         c.x_in = x
         return b.y
 
@@ -52,7 +53,7 @@ class LayerNorm(Layer):
         b = c.b
         dbeta = c.g["beta"] if self.bias else b.dbeta
         ops.layernorm_backward(c.dev, dy, c.x_in, c.p["gamma"], b.mean, b.rstd, b.dx, c.g["gamma"], dbeta,
-                               c.N, self.C)
+                               c.N, self.C, vec=self.vec)
         return b.dx
 
 

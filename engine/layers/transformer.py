@@ -116,14 +116,15 @@ class _Block(Layer):
     def _ln_forward(self, c, x, ln):
         b = c.b
         beta = c.p[f"{ln}.beta"] if self.bias else b.beta0
-        ops.layernorm_forward(c.dev, x, c.p[f"{ln}.gamma"], beta, b.ln, b.mean, b.rstd, c.N, self.C)
+        ops.layernorm_forward(c.dev, x, c.p[f"{ln}.gamma"], beta, b.ln, b.mean, b.rstd, c.N, self.C, vec=True)
 
-    def _ln_backward(self, c, ln):
-        """dx = LayerNorm backward of b.dln, plus the residual's dout (added by the caller)."""
+    def _ln_backward(self, c, ln, dout):
+        """b.dx = dout (the residual) + the LayerNorm backward of b.dln."""
         b, g = c.b, c.g
         dbeta = g[f"{ln}.beta"] if self.bias else b.dbeta
         ops.layernorm_backward(c.dev, b.dln, c.x_in, c.p[f"{ln}.gamma"], b.mean, b.rstd, b.dx,
-                               g[f"{ln}.gamma"], dbeta, c.N, self.C)
+                               g[f"{ln}.gamma"], dbeta, c.N, self.C, vec=True, dres=dout)
+        return b.dx
 
     def _residual(self, c, x, a, W, bias_name, K, key):
         """out = x + dropout(a·W (+ bias)): a (N,K), W (K,C)."""
@@ -234,9 +235,7 @@ class AttnBlock(_Block):
         if self.bias:
             ops.colsum(dev, b.dqkv, g["attn.b_qkv"], N, 3 * C)
         ops.gemm(dev, b.dqkv, p["attn.W_qkv"], b.dln, N, C, 3 * C, trans_b=True)
-        self._ln_backward(c, "ln_1")
-        ops.add_inplace(dev, dout, b.dx, N * C)
-        return b.dx
+        return self._ln_backward(c, "ln_1", dout)
 
     def _heads_backward(self, c):
         """dqkv from b.dy through the split heads: batched products and the softmax's backward."""
@@ -309,6 +308,4 @@ class MlpBlock(_Block):
         if self.bias:
             ops.colsum(dev, b.dh, g["mlp.b_fc"], N, 4 * C)
         ops.gemm(dev, b.dh, p["mlp.W_fc"], b.dln, N, C, 4 * C, trans_b=True)
-        self._ln_backward(c, "ln_2")
-        ops.add_inplace(dev, dout, b.dx, N * C)
-        return b.dx
+        return self._ln_backward(c, "ln_2", dout)

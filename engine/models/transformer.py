@@ -52,7 +52,7 @@ def layers(cfg, V: int) -> list[LayerDecl]:
         if "proto" in t.hybrid:
             out.append(_bio(cfg, f"proto{l}", pre + "proto.", f"h{l}/proto/", 2 * l + 2,
                             hebb=replace(cfg.hebb, mode="off"), proto=cfg.proto))
-    out.append(LayerDecl("layernorm", "ln_f", "ln_f.", dict(C=C, bias=t.bias)))
+    out.append(LayerDecl("layernorm", "ln_f", "ln_f.", dict(C=C, bias=t.bias, vec=True)))
     return out
 
 

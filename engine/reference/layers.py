@@ -164,7 +164,7 @@ def build(decl):
 class LayerNorm:
     kind = "layernorm"
 
-    def __init__(self, name, prefix="", C=1, eps=1e-5, bias=True):
+    def __init__(self, name, prefix="", C=1, eps=1e-5, bias=True, vec=False):
         self.name, self.eps, self.bias = name, eps, bias
 
     def forward(self, p, st, x, c):
