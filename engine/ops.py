@@ -470,7 +470,7 @@ def layernorm_backward(dev, dy, x, gamma, mean, rstd, dx, dgamma, dbeta, N, C, v
         dev.launch(dev.kernel("norm.cl", "layernorm_param_grads_wg", (("WG", LN_WG),)), (-(-C // 16) * 16, 16),
                    (16, 16), dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
         return
-    if _rows8(C, dy, x, dgamma, dbeta):   # eight columns per item, the same sums in the same order: same bits
+    if vec and _rows8(C, dy, x, dgamma, dbeta):   # eight columns per item, the same sums and order: same bits
         dev.launch(dev.kernel("norm.cl", "layernorm_param_grads8"), (C // 8,), (1,),
                    dy.data, x.data, mean.data, rstd.data, i32(N), i32(C), dgamma.data, dbeta.data)
         return

@@ -21,7 +21,7 @@
  *            hybrid keeps *_rows); built with ADD=1 the backward adds a residual's gradient dres
  *            into dx                                                global (N)       CPU
  *   layernorm_param_grads8  layernorm_param_grads on eight columns per work-item: the same sums
- *            in the same order, so the same bits                   global (C/8), local (1)   CPU
+ *            in the same order, so the same bits (taken with the rows8 kernels)   global (C/8), local (1)   CPU
  * GPU note: every row or column loop here has a _wg variant; batchnorm_apply and
  * batchnorm_eval_stats are element-wise (GPU-suitable as they are).
  * Reference: engine.reference.layernorm_forward / layernorm_backward.

@@ -169,8 +169,8 @@ def test_medium_k_packed_product_is_gemm_tn_bit_for_bit(dev, alpha, beta):
 @pytest.mark.opencl
 @pytest.mark.parametrize("residual", [False, True])
 def test_layernorm_float8_rows(dev, residual):
-    """The float8 row kernels (vec=True, the transformer's) against the reference; the float8 column
-    sums of dγ, dβ give exactly the serial kernel's bits (every caller takes them)."""
+    """The float8 row kernels (vec=True, the transformer's) against the reference; their float8
+    column sums of dγ, dβ give exactly the serial kernel's bits."""
     if dev.variant == "gpu":
         pytest.skip("the float8 row kernels are the CPU variant's")
     from engine.reference import layernorm_backward, layernorm_forward
