@@ -354,8 +354,11 @@ def global_norm(dev, partial, n_chunks, out):
 
 def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
           clip_norm, clip_value, chunk):
-    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,)."""
-    dev.launch(dev.kernel("optim.cl", "adamw", (("CHUNK", chunk),)), (n,), None,
+    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,). The CPU variant takes
+    eight elements per work-item (VEC8: the same bits, ~6x faster on PoCL)."""
+    vec = dev.variant != "gpu" and n % 8 == 0 and chunk % 8 == 0
+    dev.launch(dev.kernel("optim.cl", "adamw", (("CHUNK", chunk),) + ((("VEC8", 1),) if vec else ())),
+               (n // 8 if vec else n,), None,
                theta.data, grad.data, m.data, v.data, wd_mask.data, gnorm.data,
                f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1), f32(bc2),
                f32(clip_norm), f32(clip_value))
