@@ -126,8 +126,8 @@ def gemm_scratch(cfg: Config, V: int, B: int, S: int, variant: str = "cpu", laye
     partial = pack = 0
     for m, n, k in tk:
         kc = ops._k_chunk(k)
-        if ops._packs(variant, m, n, k):   # the unsplit packed path (ops.gemm): one chunk
-            pack, partial = max(pack, k * m), max(partial, m * n)
+        if ops._packs(variant, m, n, k):   # the unsplit packed path (ops.gemm)
+            pack = max(pack, k * m)
         if kc:
             partial = max(partial, k // kc * m * n)
             if variant != "gpu" and n >= m and m % 4 == 0 and n % 8 == 0 and k % 8 == 0:

@@ -116,16 +116,15 @@ def gemm(dev, a, b, c, M, N, K, alpha=1.0, beta=0.0, trans_a=False, trans_b=Fals
         transpose(dev, b, ws, N, K, batch)
         bB, oB = _buf(ws)
     kc = _k_chunk(K) if trans_a and batch == 1 else 0
-    if trans_a and batch == 1 and not kc and _packs(dev.variant, M, N, K) and oA % 4 == 0 and oB % 8 == 0:
-        # a medium K (weight gradients at batch·seq < K_SPLIT_MIN): A packed into 4-column panels, one
-        # chunk of gemm_tn_split, then gemm_reduce of that one chunk applies alpha and beta as gemm_tn's
-        # store does; k ascending as gemm_tn: the same bits, 1.2-1.4x faster here
-        pack, part = _workspace(dev, "gemm_apack", K * M), _workspace(dev, "gemm_partial", M * N)
+    if trans_a and batch == 1 and not kc and _packs(dev.variant, M, N, K) and oA % 4 == 0 and oB % 8 == 0 \
+            and oC % 8 == 0:
+        # a medium K (weight gradients at batch·seq < K_SPLIT_MIN): A packed into 4-column panels, then
+        # gemm_tn_packed over the whole K, stored as gemm_tn stores; k ascending as gemm_tn: the same
+        # bits, 1.2-1.4x faster here
+        pack = _workspace(dev, "gemm_apack", K * M)
         dev.launch(dev.kernel("gemm.cl", "pack_a4"), (M // 4, K // 8), None, i32(K), i32(M), bA, i32(oA), pack.data)
-        dev.launch(dev.kernel("gemm.cl", "gemm_tn_split"), (M // 4, -(-N // TN), 1), None,
-                   i32(M), i32(N), i32(K), i32(K), pack.data, bB, i32(oB), part.data)
-        dev.launch(dev.kernel("gemm.cl", "gemm_reduce"), (M * N,), None, i32(M * N), i32(1),
-                   f32(alpha), f32(beta), part.data, bC, i32(oC))
+        dev.launch(dev.kernel("gemm.cl", "gemm_tn_packed"), (M // 4, -(-N // TN)), None,
+                   i32(M), i32(N), i32(K), f32(alpha), f32(beta), pack.data, bB, i32(oB), bC, i32(oC))
         return
     if kc:  # long K (weight gradients): per-chunk partial products, then an ordered sum
         chunks = K // kc
@@ -153,7 +152,7 @@ K_PACK_MIN = 256    # from this K (and below K_SPLIT_MIN) an unsplit Aᵀ·B pac
 
 
 def _packs(variant: str, M: int, N: int, K: int) -> bool:
-    """An unsplit Aᵀ·B takes pack_a4 + gemm_tn_split + gemm_reduce: the CPU variant, K in
+    """An unsplit Aᵀ·B takes pack_a4 + gemm_tn_packed: the CPU variant, K in
     [K_PACK_MIN, K_SPLIT_MIN), M % 4 == 0, N % 8 == 0, K % 8 == 0 (and aligned offsets)."""
     return variant != "gpu" and K_PACK_MIN <= K < K_SPLIT_MIN and M % 4 == 0 and N % 8 == 0 and K % 8 == 0
 

@@ -145,7 +145,8 @@ GEMM_EDGE(gemm_tn_edge, TN_ATC)
  * L1) and the chunk of Ap stays in L2: 1.2-1.5x the plain gemm_tn on the
  * model's weight gradients here. gemm_reduce sums the partials in chunk order.
  * Host checks M % 4 == 0, N % 8 == 0, offA % 4 == 0, offB % 8 == 0.
- * Launch (pack_a4): global = (M/4, K/8), K % 8 == 0. (gemm_tn_split): global = (M/4, ceil(N/16), K/kc). */
+ * Launch (pack_a4): global = (M/4, K/8), K % 8 == 0. (gemm_tn_split): global = (M/4, ceil(N/16), K/kc).
+ * gemm_tn_packed: the same tiles over the whole K into C with alpha, beta (an unsplit medium K). */
 __kernel void pack_a4(const int K, const int M, __global const float* A, const int offA, __global float* Ap)
 {   /* eight k per work-item: 128 contiguous bytes written (one float4 per item was 5x slower) */
     const int mt = get_global_id(0), k0 = get_global_id(1) * 8;
@@ -157,6 +158,25 @@ __kernel void pack_a4(const int K, const int M, __global const float* A, const i
     o[6] = *(__global const float4*)(a + 6 * M); o[7] = *(__global const float4*)(a + 7 * M);
 }
 
+/* The 4×16 tile of a packed-A product over kc values of k (ap: the tile's panel, bp: B's strip). */
+#define PACKED_TILE(kc)                                                                  \
+    float8 c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;      \
+    if (n0 + TN <= N) {                                                                 \
+        for (int k = 0; k < (kc); k++, bp += N) {                                       \
+            const float8 b0 = *(__global const float8*)bp;                              \
+            const float8 b1 = *(__global const float8*)(bp + 8);                        \
+            const float4 a = ap[k];                                                     \
+            FMA_ROW(c00, c01, a.s0) FMA_ROW(c10, c11, a.s1) FMA_ROW(c20, c21, a.s2) FMA_ROW(c30, c31, a.s3) \
+        }                                                                               \
+    } else { /* 8 columns left */                                                       \
+        const float8 b1 = 0;                                                            \
+        for (int k = 0; k < (kc); k++, bp += N) {                                       \
+            const float8 b0 = *(__global const float8*)bp;                              \
+            const float4 a = ap[k];                                                     \
+            FMA_ROW(c00, c01, a.s0) FMA_ROW(c10, c11, a.s1) FMA_ROW(c20, c21, a.s2) FMA_ROW(c30, c31, a.s3) \
+        }                                                                               \
+    }
+
 __kernel void gemm_tn_split(const int M, const int N, const int kc, const int K,
                             __global const float* Ap, __global const float* B, const int offB,
                             __global float* P)
@@ -167,28 +187,34 @@ __kernel void gemm_tn_split(const int M, const int N, const int kc, const int K,
     if (n0 >= N) return;
     __global const float4* ap = (__global const float4*)(Ap + ((size_t)mt * K + (size_t)b * kc) * 4);
     __global const float* bp = B + offB + (size_t)b * kc * N + n0;
-    float8 c00 = 0, c01 = 0, c10 = 0, c11 = 0, c20 = 0, c21 = 0, c30 = 0, c31 = 0;
-    if (n0 + TN <= N) {
-        for (int k = 0; k < kc; k++, bp += N) {
-            const float8 b0 = *(__global const float8*)bp;
-            const float8 b1 = *(__global const float8*)(bp + 8);
-            const float4 a = ap[k];
-            FMA_ROW(c00, c01, a.s0) FMA_ROW(c10, c11, a.s1) FMA_ROW(c20, c21, a.s2) FMA_ROW(c30, c31, a.s3)
-        }
-    } else { /* 8 columns left */
-        const float8 b1 = 0;
-        for (int k = 0; k < kc; k++, bp += N) {
-            const float8 b0 = *(__global const float8*)bp;
-            const float4 a = ap[k];
-            FMA_ROW(c00, c01, a.s0) FMA_ROW(c10, c11, a.s1) FMA_ROW(c20, c21, a.s2) FMA_ROW(c30, c31, a.s3)
-        }
-    }
+    PACKED_TILE(kc)
     __global float* cp = P + (size_t)b * M * N + mt * TM * N + n0;
     const int two = n0 + TN <= N;
     *(__global float8*)cp = c00; if (two) *(__global float8*)(cp + 8) = c01; cp += N;
     *(__global float8*)cp = c10; if (two) *(__global float8*)(cp + 8) = c11; cp += N;
     *(__global float8*)cp = c20; if (two) *(__global float8*)(cp + 8) = c21; cp += N;
     *(__global float8*)cp = c30; if (two) *(__global float8*)(cp + 8) = c31;
+}
+
+/* gemm_tn_packed: C = alpha·Aᵀ·B + beta·C over the whole K from pack_a4's panels, stored as gemm_tn
+ * stores (an unsplit medium K: the same sums in the same order as gemm_tn, so the same bits).
+ * Host checks as gemm_tn_split and offC % 8 == 0. Launch: global = (M/4, ceil(N/16)). */
+__kernel void gemm_tn_packed(const int M, const int N, const int K, const float alpha, const float beta,
+                             __global const float* Ap, __global const float* B, const int offB,
+                             __global float* C, const int offC)
+{
+    const int mt = get_global_id(0);
+    const int n0 = get_global_id(1) * TN;
+    if (n0 >= N) return;
+    __global const float4* ap = (__global const float4*)(Ap + (size_t)mt * K * 4);
+    __global const float* bp = B + offB + n0;
+    PACKED_TILE(K)
+    __global float* cp = C + offC + mt * TM * N + n0;
+    const int two = n0 + TN <= N;
+    STORE8(cp, c00) if (two) STORE8(cp + 8, c01) cp += N;
+    STORE8(cp, c10) if (two) STORE8(cp + 8, c11) cp += N;
+    STORE8(cp, c20) if (two) STORE8(cp + 8, c21) cp += N;
+    STORE8(cp, c30) if (two) STORE8(cp + 8, c31)
 }
 
 __kernel void gemm_reduce(const int MN, const int chunks, const float alpha, const float beta,

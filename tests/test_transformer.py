@@ -386,10 +386,12 @@ def allocated(obj):
 
 @pytest.mark.opencl
 @pytest.mark.parametrize("extra,batch_size", [(["transformer.dropout=0.1", "transformer.bias=true"], B),
+                                              ([], 40),
                                               (["transformer.hybrid=hebb+proto", "model.num_prototypes=5"], 256)])
 def test_declared_buffers_are_what_a_step_allocates(dev, extra, batch_size):
     """The memory check (device_buffers) sizes exactly what a step, telemetry and an evaluation
-    allocate; batch 256 (N = 2048) takes the K-split weight gradients."""
+    allocate; batch 40 (N = 320) takes the packed weight gradients, batch 256 (N = 2048) the
+    K-split ones."""
     cfg = config(*extra, f"train.batch_size={batch_size}")
     saved = dev.__dict__.pop("_workspace", None)
     try:
@@ -417,6 +419,7 @@ def test_declared_buffers_are_what_a_step_allocates(dev, extra, batch_size):
     assert allocated(ws_arrays) == declared(workspace_buffers(cfg, V, batch_size, S))
     assert scratch == declared(gemm_scratch(cfg, V, batch_size, S, dev.variant))
     assert ("gemm_partial" in scratch) == (batch_size == 256)
+    assert ("gemm_apack" in scratch) == (batch_size > B and dev.variant != "gpu")
     assert set(device_buffers(cfg, V, batch_size, S)) >= {f"workspace.{k}" for k in ws_arrays}
 
 
