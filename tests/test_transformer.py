@@ -451,3 +451,43 @@ def test_hybrid_wirings_change_the_prediction():
         rm.forward(params, state, x, y, warm_start=True)
         losses[hybrid] = round(float(rm.forward(params, state, x, y)[0]), 6)
     assert len(set(losses.values())) == 4, losses
+
+
+@pytest.mark.opencl
+def test_trainer_resumes_bit_for_bit_with_telemetry(dev, tmp_path):
+    """The Trainer on the hebb+proto hybrid: telemetry per block (attention entropy, block norms,
+    the bio layers' own), and a run stopped at step 5 and resumed prints the numbers of the
+    uninterrupted one; a checkpoint of other transformer sizes is refused before allocation."""
+    from engine.checkpoint import CheckpointError
+    from engine.train import Callback, Trainer
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT * 4, encoding="utf-8")
+    cfg = config(*WIRINGS["hebb+proto"], f"data.path={text}", "train.steps=8", "train.eval_every=4",
+                 "train.eval_batches=2", "train.checkpoint_every=4", "train.log_every=2", "optim.warmup_steps=2")
+
+    class Logs(Callback):
+        records = []
+
+        def on_log(self, rec):
+            self.records.append(rec)
+
+    full = Trainer(cfg, device=dev, callbacks=[Logs()]).train()
+    rec = Logs.records[-1]
+    assert {"attn_entropy/h0", "attn_entropy/h1", "grad_norm/h0", "grad_norm/h1", "h1/hebb/hebb_norm",
+            "h0/proto/proto_perplexity", "grad_norm/wte"} <= set(rec)
+    assert rec["h0/hebb/hebb_norm"] > 0 and 0 < rec["attn_entropy/h1"] < math.log(S)
+    t = Trainer(cfg, str(tmp_path / "run"), device=dev)
+    updates = t.model.local_updates
+
+    def then_stop(ws):
+        updates(ws)
+        if t.model.step == 5:
+            t.request_stop()
+    t.model.local_updates = then_stop
+    stopped = t.train()
+    resumed = Trainer(cfg, str(tmp_path / "run"), resume=stopped["checkpoint"], device=dev).train()
+    strip = lambda h: [{k: v for k, v in r.items() if k != "train_time_s"} for r in h]   # noqa: E731
+    assert strip(resumed["history"]) == strip(full["history"])
+    with pytest.raises(CheckpointError, match="transformer.n_layer"):
+        Trainer(apply_overrides(cfg, ["transformer.n_layer=3"]), str(tmp_path / "run"),
+                resume=stopped["checkpoint"], device=dev)
