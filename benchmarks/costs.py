@@ -149,6 +149,11 @@ def _gemm_split(a, L):          # partial products per K chunk: every chunk's (M
     return Cost(2.0 * M * N * a["kc"] * chunks, F * (M * K + K * N + chunks * M * N), COMPUTE)
 
 
+@model("gemm_tn_packed", "M N K alpha beta Ap B offB C offC")
+def _gemm_packed(a, L):          # Aᵀ·B from pack_a4's panels over the whole K
+    return _product(a["M"], a["N"], a["K"], 1, a["beta"])
+
+
 @model("gemm_reduce", "MN chunks alpha beta partial C offC")
 def _gemm_reduce(a, L):
     MN, ch = a["MN"], a["chunks"]
@@ -301,9 +306,9 @@ def _global_norm(a, L):
     return _mem(F * (a["n_chunks"] + 1))
 
 
-@model("adamw")
-def _adamw(a, L):               # reads θ, g, m, v, the decay mask; writes θ, m, v
-    return _mem(F * 8 * L.dim(0))
+@model("adamw", "theta grad m v wd_mask gnorm lr beta1 beta2 eps weight_decay bc1 bc2 clip_norm clip_value")
+def _adamw(a, L):               # reads θ, g, m, v, the decay mask; writes θ, m, v (n from θ: VEC8 launches n/8)
+    return _mem(8.0 * a["theta"])
 
 
 @model("sgd_momentum")
@@ -347,7 +352,7 @@ def _qerr(a, L):
     return _mem(F * (N * H + 2 * N) + a["P"])
 
 
-@model("layernorm_forward_rows layernorm_forward_wg", "x gamma beta C eps y mean rstd")
+@model("layernorm_forward_rows layernorm_forward_rows8 layernorm_forward_wg", "x gamma beta C eps y mean rstd")
 def _ln_fwd(a, L):
     N, C = L.groups, a["C"]
     return _mem(F * (2 * N * C + 2 * C + 2 * N))
@@ -359,7 +364,13 @@ def _ln_bwd(a, L):
     return _mem(F * (3 * N * C + C + 2 * N))
 
 
-@model("layernorm_param_grads layernorm_param_grads_wg", "dy x mean rstd N C dgamma dbeta")
+@model("layernorm_backward_rows8", "dy x gamma mean rstd C dres dx")
+def _ln_bwd8(a, L):             # dres read too (it is dy again when no residual is added)
+    N, C = L.groups, a["C"]
+    return _mem(F * (4 * N * C + C + 2 * N))
+
+
+@model("layernorm_param_grads layernorm_param_grads8 layernorm_param_grads_wg", "dy x mean rstd N C dgamma dbeta")
 def _ln_params(a, L):
     N, C = a["N"], a["C"]
     return _mem(F * (2 * N * C + 2 * N + 2 * C))
@@ -384,6 +395,49 @@ def _bn_bwd(a, L):
 @model("dropout")
 def _dropout(a, L):
     return _mem(F * 2 * L.dim(0))
+
+
+# -- the transformer family (kernels/attention.cl) ----------------------------------------------------
+@model("tok_pos_embed_forward", "wte tok wpe S C x")
+def _tok_pos(a, L):
+    return _mem(F * 3 * L.dim(0) * L.dim(1) + a["tok"])
+
+
+@model("heads_split heads_merge heads_split8 heads_merge8", "x S nh d out")
+def _heads(a, L):
+    return _mem(2.0 * a["out"])
+
+
+@model("causal_softmax causal_softmax_wg", "s S scale p")
+def _causal_softmax(a, L):
+    return _mem(2.0 * a["p"])
+
+
+@model("causal_softmax_backward causal_softmax_backward_wg", "p dp S scale ds")
+def _causal_softmax_bwd(a, L):
+    return _mem(3.0 * a["ds"])
+
+
+def _attention(a, L, products, bytes_):
+    """`products` causal (S,S,d) products per head: S(S+1)/2 dots of d each; d from qkv (N, 3C)."""
+    BH, S = L.dim(1), a["S"]
+    d = a["qkv"] / (F * 3 * BH * S)
+    return Cost(products * d * S * (S + 1) * BH, bytes_, COMPUTE)
+
+
+@model("attention_forward8", "qkv S nh scale p y")
+def _attention_fwd(a, L):       # s = q·kᵀ and y = p·v over τ ≤ t
+    return _attention(a, L, 2, a["qkv"] + a["p"] + a["y"])
+
+
+@model("attention_backward_rows8", "qkv p dy S nh scale ds dqkv")
+def _attention_bwd_rows(a, L):  # dp = dy·vᵀ and dq = ds·k over τ ≤ t
+    return _attention(a, L, 2, a["qkv"] * 2 / 3 + a["p"] + a["dy"] + a["ds"] + a["dqkv"] / 3)
+
+
+@model("attention_backward_cols8", "qkv p ds dy S nh dqkv")
+def _attention_bwd_cols(a, L):  # dk = dsᵀ·q and dv = pᵀ·dy over t ≥ τ
+    return _attention(a, L, 2, a["qkv"] / 3 + a["p"] + a["ds"] + a["dy"] + a["dqkv"] * 2 / 3)
 
 
 # -- the table ---------------------------------------------------------------------------------------
