@@ -28,6 +28,15 @@ class Experiment:
 # dot-product assignment, no Hebbian decay; the seed's sizes are the defaults.
 _SEED = {"hebb.mode": "shadow", "proto.mode": "shadow", "proto.similarity": "dot", "hebb.decay": 0.0}
 
+# nanoGPT's train_shakespeare_char with its README's CPU overrides (block 64, batch 12, 4 layers, 4 heads,
+# 128 wide, 2000 iterations, lr decay over 2000, dropout 0); lr, warm-up, min lr, β2, decay, clip as there
+_ATTN = {"model.family": "transformer", "transformer.n_layer": 4, "transformer.n_head": 4, "transformer.n_embd": 128,
+         "transformer.block_size": 64, "transformer.dropout": 0.0, "transformer.bias": False,
+         "transformer.tie_weights": True, "train.batch_size": 12, "train.seq_len": 64, "train.steps": 2000,
+         "train.eval_every": 200, "optim.lr": 1e-3, "optim.warmup_steps": 100, "optim.schedule": "cosine",
+         "optim.min_lr_ratio": 0.1, "optim.beta1": 0.9, "optim.beta2": 0.99, "optim.weight_decay": 0.1,
+         "optim.clip_norm": 1.0}
+
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("hybrid", "the default: fast-weight Hebbian memory + prototype features on its state"),
     Experiment("seed", "the seed design: Hebbian and prototype rules in shadow (updated, never read)", _SEED),
@@ -54,6 +63,23 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                {"proto.mode": "token"}),
     Experiment("proto_key", "hybrid with the memory addressed by the assigned prototype (k = P_k/|P_k|)",
                {"proto.mode": "key"}),
+    # the transformer family (issue 13): nanoGPT's CPU "baby" Shakespeare configuration and the
+    # hybrids with the local rules inside its blocks; the bio models at the same schedule
+    Experiment("attention_baseline", "nanoGPT's baby GPT: 4 layers, 4 heads, 128 wide, block 64, batch 12, "
+               "2000 iterations, AdamW 1e-3 (100 warm-up, cosine to 1e-4), wd 0.1", _ATTN),
+    Experiment("transformer_hebb", "attention_baseline + the fast-weight Hebbian memory (spikes as values) as a "
+               "residual branch after each block's attention", {**_ATTN, "transformer.hybrid": "hebb"}),
+    Experiment("transformer_hebb_activity", "transformer_hebb with the activity x as the memory's values "
+               "instead of spikes", {**_ATTN, "transformer.hybrid": "hebb", "hebb.post": "activity"}),
+    Experiment("transformer_proto", "attention_baseline + prototype features on the residual stream after "
+               "each block", {**_ATTN, "transformer.hybrid": "proto"}),
+    Experiment("transformer_hebb_proto", "attention_baseline + both: the Hebbian branch and the prototype "
+               "features in every block", {**_ATTN, "transformer.hybrid": "hebb+proto"}),
+    Experiment("hybrid_b12", "the 1-layer bio model (hybrid) at attention_baseline's schedule",
+               {k: v for k, v in _ATTN.items() if not k.startswith(("model.family", "transformer."))}),
+    Experiment("stack3_b12", "the best stacked bio model (stack3) at attention_baseline's schedule",
+               {**{k: v for k, v in _ATTN.items() if not k.startswith(("model.family", "transformer."))},
+                "model.num_layers": 3}),
     Experiment("smoke", "hybrid at tiny sizes for tests: finishes in seconds",
                {"model.embedding_dim": 16, "model.hidden_dim": 32, "model.num_prototypes": 8,
                 "train.batch_size": 8, "train.seq_len": 16, "train.steps": 30, "train.eval_every": 10,
