@@ -101,6 +101,24 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
            ("token prototypes: proto_token vs ablation_no_proto", "proto_token", "ablation_no_proto"),
            ("key prototypes: proto_key vs ablation_no_proto", "proto_key", "ablation_no_proto"),
            ("feature prototypes: hybrid vs ablation_no_proto", "hybrid", "ablation_no_proto"))),
+    Study("transformer", "the transformer baseline (nanoGPT's baby GPT) against the hybrids with the local rules "
+          "inside its blocks, each rule against the hybrid without it, and the bio models at the same schedule",
+          ("attention_baseline", "transformer_hebb_activity", "transformer_proto", "transformer_hebb_proto",
+           "hybrid_b12", "stack3_b12", "transformer_hebb"), "attention_baseline",
+          (("Hebbian branch (activity values): transformer_hebb_activity vs attention_baseline",
+            "transformer_hebb_activity", "attention_baseline"),
+           ("Hebbian branch (spike values): transformer_hebb vs attention_baseline", "transformer_hebb",
+            "attention_baseline"),
+           ("prototype features: transformer_proto vs attention_baseline", "transformer_proto", "attention_baseline"),
+           ("both: transformer_hebb_proto vs attention_baseline", "transformer_hebb_proto", "attention_baseline"),
+           ("prototypes with the memory: transformer_hebb_proto vs transformer_hebb", "transformer_hebb_proto",
+            "transformer_hebb"),
+           ("the memory with prototypes: transformer_hebb_proto vs transformer_proto", "transformer_hebb_proto",
+            "transformer_proto"),
+           ("spikes as values: transformer_hebb vs transformer_hebb_activity", "transformer_hebb",
+            "transformer_hebb_activity"),
+           ("1-layer bio model: hybrid_b12 vs attention_baseline", "hybrid_b12", "attention_baseline"),
+           ("3-layer bio model: stack3_b12 vs attention_baseline", "stack3_b12", "attention_baseline"))),
 ]}
 
 
