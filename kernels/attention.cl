@@ -159,9 +159,12 @@ void causal_softmax_backward_wg(__global const float* p, __global const float* d
  *                             (BH,S,S), dq_t = Σ_τ ds_τ k_τ into dqkv[:, 0:C]   global (S, BH)
  *   attention_backward_cols8  (τ, bh): dk_τ = Σ_{t≥τ} ds[t,τ] q_t, dv_τ = Σ_{t≥τ} p[t,τ] dy_t
  *                             into dqkv[:, C:2C] and dqkv[:, 2C:3C]             global (S, BH)
- * Dots are summed in eight lanes, then the lanes in a fixed tree (hsum8); every loop runs in τ
- * (or t) order: bit-identical runs. */
+ * Dots are summed in eight lanes, then the lanes in a fixed tree (hsum8), and so are the softmax
+ * sums over blocks of eight keys (exp_fast8) when S % 8 == 0 (else one key at a time); every loop
+ * runs in τ (or t) order: bit-identical runs. */
 #ifdef D8
+#define LANES ((float8)(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f))
+
 static inline __attribute__((always_inline)) float hsum8(const float8 a)
 {
     const float4 h = a.lo + a.hi;
@@ -190,8 +193,17 @@ __kernel void attention_forward8(__global const float* qkv, const int S, const i
         pr[u] = sc;
         mx = sc > mx ? sc : mx;
     }
-    float sum = 0.0f;
-    for (int u = 0; u <= t; u++) { const float e = exp_fast(pr[u] - mx); pr[u] = e; sum += e; }
+    /* the exponentials eight keys at a time (lanes past t are 0); one by one when S % 8 ≠ 0 */
+    const int nb = S % 8 ? 0 : t / 8 + 1;   /* float8 rows need S % 8 == 0 (32-byte aligned rows) */
+    float8 sum8 = 0.0f;
+    for (int ib = 0; ib < nb; ib++) {
+        __global float8* p8 = (__global float8*)(pr + ib * 8);
+        const float8 e = (float)(ib * 8) + LANES <= (float)t ? exp_fast8(*p8 - mx) : (float8)(0.0f);
+        *p8 = e;
+        sum8 += e;
+    }
+    float sum = hsum8(sum8);
+    for (int u = nb * 8; u <= t; u++) { const float e = exp_fast(pr[u] - mx); pr[u] = e; sum += e; }
     const float inv = 1.0f / sum;
     for (int u = 0; u <= t; u++) {
         const float w = pr[u] * inv;
@@ -200,7 +212,7 @@ __kernel void attention_forward8(__global const float* qkv, const int S, const i
         #pragma unroll
         for (int j = 0; j < D8; j++) acc[j] += w * vv[j];
     }
-    for (int u = t + 1; u < S; u++) pr[u] = 0.0f;
+    for (int u = max(t + 1, nb * 8); u < S; u++) pr[u] = 0.0f;
     __global float8* yr = (__global float8*)(y + (size_t)(b * S + t) * C + h * D8 * 8);
     #pragma unroll
     for (int j = 0; j < D8; j++) yr[j] = acc[j];
@@ -219,24 +231,35 @@ __kernel void attention_backward_rows8(__global const float* qkv, __global const
     float8 g[D8], acc[D8];
     #pragma unroll
     for (int j = 0; j < D8; j++) { g[j] = dyr[j]; acc[j] = 0.0f; }
-    float dot = 0.0f;
     for (int u = 0; u <= t; u++) {
         __global const float8* vv = (__global const float8*)(kr + (size_t)u * 3 * C + C);
         float8 d = g[0] * vv[0];
         #pragma unroll
         for (int j = 1; j < D8; j++) d += g[j] * vv[j];
-        const float dp = hsum8(d);
-        dr[u] = dp;
-        dot += pr[u] * dp;
+        dr[u] = hsum8(d);
     }
+    /* Σ p·dp and ds eight keys at a time (lanes past t masked: dr holds old values there) */
+    const int nb = S % 8 ? 0 : t / 8 + 1;   /* float8 rows need S % 8 == 0 (32-byte aligned rows) */
+    float8 dot8 = 0.0f;
+    for (int ib = 0; ib < nb; ib++) {
+        const float8 pd = *(__global const float8*)(pr + ib * 8) * *(__global const float8*)(dr + ib * 8);
+        dot8 += (float)(ib * 8) + LANES <= (float)t ? pd : (float8)(0.0f);
+    }
+    float dot = hsum8(dot8);
+    for (int u = nb * 8; u <= t; u++) dot += pr[u] * dr[u];
+    for (int ib = 0; ib < nb; ib++) {
+        __global float8* d8 = (__global float8*)(dr + ib * 8);
+        const float8 w = scale * *(__global const float8*)(pr + ib * 8) * (*d8 - dot);
+        *d8 = (float)(ib * 8) + LANES <= (float)t ? w : (float8)(0.0f);
+    }
+    for (int u = nb * 8; u <= t; u++) dr[u] = scale * pr[u] * (dr[u] - dot);
     for (int u = 0; u <= t; u++) {
-        const float w = scale * pr[u] * (dr[u] - dot);
-        dr[u] = w;
+        const float w = dr[u];
         __global const float8* kv = (__global const float8*)(kr + (size_t)u * 3 * C);
         #pragma unroll
         for (int j = 0; j < D8; j++) acc[j] += w * kv[j];
     }
-    for (int u = t + 1; u < S; u++) dr[u] = 0.0f;
+    for (int u = max(t + 1, nb * 8); u < S; u++) dr[u] = 0.0f;
     __global float8* o = (__global float8*)(dqkv + (size_t)(b * S + t) * 3 * C + h * D8 * 8);
     #pragma unroll
     for (int j = 0; j < D8; j++) o[j] = acc[j];
