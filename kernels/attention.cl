@@ -1,5 +1,5 @@
 /* attention.cl — causal multi-head self-attention and the transformer's embedding
- * (engine/layers/attention.py, engine/layers/embed_pos.py; the products are ops.gemm's).
+ * (engine/layers/transformer.py; the products of the split-heads path are ops.gemm's).
  *
  * Letters: B batch, S sequence, C width, nh heads, d = C/nh head width, BH = B·nh,
  * P parts (3 for q|k|v, 1 for the attention output), N = B·S rows. Row-major float32.
@@ -15,12 +15,14 @@
  *   causal_softmax_wg / causal_softmax_backward_wg   the same for GPUs: a work-group of WG
  *                   items per row (item l takes τ = l, l + WG, …: coalesced), a tree max and
  *                   tree sums in a fixed order (reduce.cl)      global (R·WG), local (WG)
+ *   attention_forward8, attention_backward_rows8, attention_backward_cols8   the CPU variant's
+ *                   fused attention straight from qkv (N, 3C) (described below)  global (S, BH)
  *
  * The CPU kernels loop over a row in one work-item in τ order; the GPU ones sum in a tree:
  * both fixed, so every run is bit-identical on one device (no atomics), and the two differ
  * in the last bits. exp_fast: see fastmath.cl (masked columns are never exponentiated).
  * References: engine.reference.attention.{tok_pos_embed_forward, heads_split, heads_merge,
- * causal_softmax, causal_softmax_backward}.
+ * causal_softmax, causal_softmax_backward, attention_forward, attention_backward}.
  */
 #include "fastmath.cl"
 #include "reduce.cl"
