@@ -403,6 +403,16 @@ def _tok_pos(a, L):
     return _mem(F * 3 * L.dim(0) * L.dim(1) + a["tok"])
 
 
+@model("gelu_forward8", "a h")
+def _gelu8(a, L):
+    return _mem(2.0 * a["h"])
+
+
+@model("gelu_backward8", "dh a da")
+def _gelu_bwd8(a, L):
+    return _mem(3.0 * a["da"])
+
+
 @model("heads_split heads_merge heads_split8 heads_merge8", "x S nh d out")
 def _heads(a, L):
     return _mem(2.0 * a["out"])

@@ -215,6 +215,17 @@ def bias_gelu_forward(dev, a, bias, h, N, H):
     dev.launch(dev.kernel("layers.cl", "bias_gelu_forward"), (H, N), None, a.data, bias.data, i32(H), h.data)
 
 
+def gelu_forward8(dev, a, h, n):
+    """h (n,) = GELU(a) (n % 8 == 0, float8-aligned; the CPU variant's: bias_gelu_forward at bias
+    0 without writing a back)."""
+    dev.launch(dev.kernel("layers.cl", "gelu_forward8"), (n // 8,), None, a.data, h.data)
+
+
+def gelu_backward8(dev, dh, a, da, n):
+    """da (n,) = dh · GELU'(a), eight per work-item: gelu_backward's values."""
+    dev.launch(dev.kernel("layers.cl", "gelu_backward8"), (n // 8,), None, dh.data, a.data, da.data)
+
+
 def gelu_backward(dev, dh, a, da, N, H):
     """da (N,H) = dh · GELU'(a)."""
     dev.launch(dev.kernel("layers.cl", "gelu_backward"), (N * H,), None, dh.data, a.data, i32(H), da.data)

@@ -14,6 +14,7 @@
  *   bias_gelu_forward   a += b (in place), h = GELU(a)                      global (H, N)
  *   embed_bias_gelu     a = EW[x] + b, h = GELU(a)  (EW = W_emb·W1)          global (H, N)
  *   gelu_backward       da = dh · GELU'(a)                                  global (N·H)
+ *   gelu_forward8 / gelu_backward8   h = GELU(a), da = dh·GELU'(a), a float8 per item   global (n/8)
  *   add_bias            X (N,C) += b                                        global (C, N)
  *   add_inplace         y (n,) += x (n,)                                    global (n)
  *   colsum(8)           out (C,) = Σ_n X[n]                                 global (C) / (C/8)
@@ -171,6 +172,27 @@ __kernel void gelu_backward(__global const float* dh, __global const float* a, c
     float cdf, pdf;
     gelu_parts(x, &cdf, &pdf);
     da[i] = dh[i] * (cdf + x * pdf);
+}
+
+/* gelu_forward8 / gelu_backward8: h = GELU(a) (no bias: a is only read) and da = dh·GELU'(a),
+ * eight elements per work-item (n % 8 == 0) with gelu_parts8: the same values lane by lane as
+ * gelu_parts (the transformer's MLP; bias_gelu_forward's h at bias 0).   global (n/8) */
+__kernel void gelu_forward8(__global const float* a, __global float* h)
+{
+    const int i = get_global_id(0);
+    const float8 x = ((__global const float8*)a)[i];
+    float8 cdf, pdf;
+    gelu_parts8(x, &cdf, &pdf);
+    ((__global float8*)h)[i] = x * cdf;
+}
+
+__kernel void gelu_backward8(__global const float* dh, __global const float* a, __global float* da)
+{
+    const int i = get_global_id(0);
+    const float8 x = ((__global const float8*)a)[i];
+    float8 cdf, pdf;
+    gelu_parts8(x, &cdf, &pdf);
+    ((__global float8*)da)[i] = ((__global const float8*)dh)[i] * (cdf + x * pdf);
 }
 
 __kernel void add_bias(__global float* X, __global const float* bias, const int C)

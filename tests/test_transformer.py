@@ -226,6 +226,28 @@ def test_adamw_eight_per_item_is_the_scalar_kernel_bit_for_bit(dev, clip_value):
     assert not np.array_equal(a[0].get(), th)
 
 
+@pytest.mark.opencl
+def test_gelu_eight_per_item_is_the_scalar_kernels_bit_for_bit(dev):
+    """gelu_forward8 / gelu_backward8 (the MLP without bias, CPU variant) give exactly the values of
+    bias_gelu_forward at bias 0 and of gelu_backward; and the reference's within the erf fit."""
+    from engine.reference import gelu_backward, gelu_forward
+    rng = np.random.default_rng(8)
+    N, H = 16, 40
+    a0 = (3 * rng.standard_normal((N, H))).astype(np.float32)
+    dh0 = rng.standard_normal((N, H)).astype(np.float32)
+    a, dh = dev.to_device(a0), dev.to_device(dh0)
+    h1, h2, d1, d2 = (dev.empty((N, H)) for _ in range(4))
+    ops.bias_gelu_forward(dev, dev.to_device(a0), dev.zeros((H,)), h1, N, H)
+    ops.gelu_forward8(dev, a, h2, N * H)
+    ops.gelu_backward(dev, dh, a, d1, N, H)
+    ops.gelu_backward8(dev, dh, a, d2, N * H)
+    assert h1.get().tobytes() == h2.get().tobytes() and d1.get().tobytes() == d2.get().tobytes()
+    # A&S 7.1.26 (|error| ≤ 1.5e-7 in erf) and exp_fast: observed ≤ 5e-7 absolute
+    np.testing.assert_allclose(h2.get(), gelu_forward(a0.astype(np.float64)), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(d2.get(), gelu_backward(dh0.astype(np.float64), a0.astype(np.float64)), rtol=0,
+                               atol=2e-6)
+
+
 # -- the reference model ---------------------------------------------------------------------------
 @pytest.mark.parametrize("wiring", ["tied", "untied_bias"])
 def test_reference_model_matches_finite_differences(wiring):

@@ -288,12 +288,19 @@ class MlpBlock(_Block):
         N, C = B * S, self.C
         return [(N, 4 * C, C, 1), (N, C, 4 * C, 1)], [(4 * C, C, N), (C, 4 * C, N)]
 
+    def _vec(self, *arrays) -> bool:
+        """The CPU variant's float8 GELU kernels apply (4·C % 8 == 0 rows, aligned buffers)."""
+        return self.variant != "gpu" and ops._rows8(4 * self.C, *arrays)
+
     def forward(self, c, x):
         dev, p, b, N, C = c.dev, c.p, c.b, c.N, self.C
         c.x_in = x
         self._ln_forward(c, x, "ln_2")
         ops.gemm(dev, b.ln, p["mlp.W_fc"], b.a, N, 4 * C, C)
-        ops.bias_gelu_forward(dev, b.a, p["mlp.b_fc"] if self.bias else b.b0, b.h, N, 4 * C)
+        if self.bias or not self._vec(b.a, b.h):
+            ops.bias_gelu_forward(dev, b.a, p["mlp.b_fc"] if self.bias else b.b0, b.h, N, 4 * C)
+        else:
+            ops.gelu_forward8(dev, b.a, b.h, N * 4 * C)
         return self._residual(c, x, b.h, "mlp.W_proj", "mlp.b_proj", 4 * C, self.key)
 
     def backward(self, c, dout):
@@ -303,7 +310,10 @@ class MlpBlock(_Block):
         if self.bias:
             ops.colsum(dev, dbr, g["mlp.b_proj"], N, C)
         ops.gemm(dev, dbr, p["mlp.W_proj"], b.dh, N, 4 * C, C, trans_b=True)
-        ops.gelu_backward(dev, b.dh, b.a, b.dh, N, 4 * C)    # da, in place (element-wise)
+        if self._vec(b.dh, b.a):                              # da, in place (element-wise)
+            ops.gelu_backward8(dev, b.dh, b.a, b.dh, N * 4 * C)
+        else:
+            ops.gelu_backward(dev, b.dh, b.a, b.dh, N, 4 * C)
         ops.gemm(dev, b.ln, b.dh, g["mlp.W_fc"], C, 4 * C, N, trans_a=True)
         if self.bias:
             ops.colsum(dev, b.dh, g["mlp.b_fc"], N, 4 * C)
