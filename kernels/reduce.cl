@@ -15,33 +15,24 @@
 #define WG 64
 #endif
 
-inline float wg_sum(float value, __local float* red)
-{
-    const int l = get_local_id(0);
-    red[l] = value;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int step = WG / 2; step > 0; step >>= 1) {
-        if (l < step) red[l] += red[l + step];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    const float total = red[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return total;
+/* One tree sum per element type: every work-item of the group calls it with its value and gets
+ * the group's total; the halving order is fixed, so a rerun gives the same bits. */
+#define WG_SUM(NAME, T)                                               \
+inline T NAME(T value, __local T* red)                                \
+{                                                                     \
+    const int l = get_local_id(0);                                    \
+    red[l] = value;                                                   \
+    barrier(CLK_LOCAL_MEM_FENCE);                                     \
+    for (int step = WG / 2; step > 0; step >>= 1) {                   \
+        if (l < step) red[l] += red[l + step];                        \
+        barrier(CLK_LOCAL_MEM_FENCE);                                 \
+    }                                                                 \
+    const T total = red[0];                                           \
+    barrier(CLK_LOCAL_MEM_FENCE);                                     \
+    return total;                                                     \
 }
-
-inline int wg_sum_int(int value, __local int* red)
-{
-    const int l = get_local_id(0);
-    red[l] = value;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int step = WG / 2; step > 0; step >>= 1) {
-        if (l < step) red[l] += red[l + step];
-        barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    const int total = red[0];
-    barrier(CLK_LOCAL_MEM_FENCE);
-    return total;
-}
+WG_SUM(wg_sum, float)
+WG_SUM(wg_sum_int, int)
 
 inline float wg_argmax(float value, int index, __local float* red, __local int* idx, int* arg)
 {
