@@ -3,7 +3,8 @@
     python -m experiments.compare [--experiment-name hybrid-lm] [--runs ID ...] [--baseline hybrid] [--csv FILE]
 
 Per run: the experiment name, seed, status, the params that differ between
-the runs shown, and the final value of each headline metric. Then the finished
+the runs shown, and the final value of each headline metric (with the transformer
+family's attention entropy per block, attn_entropy/h0, h1, ...). Then the finished
 runs (reproductions and study parents left out) grouped by experiment (and by
 config, where runs of one experiment name differ in more than the seed):
 mean, std and 95 % interval of the final and best validation loss and of the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 from . import analysis
@@ -24,6 +26,8 @@ from .run import DEFAULT_EXPERIMENT
 from .tracking import TrackingError, check_store, client, resolve_tracking_uri
 
 FINAL_METRICS = ("val_loss", "val_acc", "val_bpc", "train_loss", "proto_perplexity", "proto_dead", "hebb_norm")
+# per-layer headline metrics, a column each where a run has them (the transformer family's blocks)
+LAYER_METRIC = re.compile(r"^attn_entropy/h(\d+)$")
 HIDDEN_PARAMS = {"overrides"}
 # params that do not change a run's numbers: runs differing only in them belong to one group
 NOT_GROUPING = {"seed", "experiment", "overrides", "train.profile", "train.log_every", "train.checkpoint_every"}
@@ -49,23 +53,30 @@ def runs_frame(cl, experiment_name: str | None, run_ids: list[str] | None, runs=
     import pandas as pd
     if runs is None:
         runs = fetch_runs(cl, experiment_name, run_ids)
+    layer_cols = layer_metrics(runs)
     rows = []
     for r in runs:
         row = {"run_id": r.info.run_id, "experiment": r.data.params.get("experiment", "?"),
                "seed": r.data.params.get("seed", "?"), "status": r.info.status,
                "reproduces": r.data.tags.get("reproduces", "")}
         row.update({f"param:{k}": v for k, v in r.data.params.items() if k not in HIDDEN_PARAMS})
-        row.update({m: r.data.metrics.get(m) for m in FINAL_METRICS})
+        row.update({m: r.data.metrics.get(m) for m in (*FINAL_METRICS, *layer_cols)})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     pcols = [c for c in df.columns if c.startswith("param:")]
     varying = [c for c in pcols if df[c].astype(str).nunique() > 1 and c not in ("param:experiment", "param:seed")]
-    df = df[["run_id", "experiment", "seed", "status", "reproduces", *varying, *FINAL_METRICS]]
+    df = df[["run_id", "experiment", "seed", "status", "reproduces", *varying, *FINAL_METRICS, *layer_cols]]
     df = df.rename(columns={c: c[len("param:"):] for c in varying})
     order = pd.to_numeric(df["seed"], errors="coerce")
     return df.assign(_o=order).sort_values(["experiment", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+def layer_metrics(runs) -> list[str]:
+    """The per-layer headline metrics any of the runs logged (attn_entropy/h0, h1, ...), by layer."""
+    keys = {k for r in runs for k in r.data.metrics if LAYER_METRIC.match(k)}
+    return sorted(keys, key=lambda k: int(LAYER_METRIC.match(k).group(1)))
 
 
 def group_labels(runs) -> dict[str, str]:

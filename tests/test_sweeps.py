@@ -15,6 +15,8 @@ Fixed seeds: `--sampler-seed 1` for the 3-trial study (trials 1-2 are TPE start-
 draws, which do not depend on objective values), `--sampler-seed 0` for the pruning
 study (its trial 3 draws hebb.lr = 3.69, proto.lr = 0.78: validation loss ~6.7 at the
 first check against a median of ~4.8, so MedianPruner prunes it every time).
+The transformer family (section i): 2 trials of `transformer_balance` at n_layer 1, width
+16, 5 steps, one of its runs reproduced bit for bit and compared (~22 s).
 """
 import csv
 import json
@@ -672,3 +674,88 @@ def test_postgres_killed_worker_trial_is_retried_and_its_runs_failed(template_db
     assert runs[parent].info.status == "FINISHED"
     assert runs[parent].data.tags["optuna_storage"].startswith("postgresql+psycopg2://postgres")
     assert [r.info.run_name for r in runs.values() if r.info.status == "RUNNING"] == []
+
+
+# -- i. the transformer family: transformer_balance, its runs reproduced and compared ---------------------
+TRANSFORMER_DEFAULTS = {"optim.lr": 1e-3, "hebb.lr": 1.0, "proto.lr": 0.05}   # transformer_hebb_proto's
+TINY_TRANSFORMER = {"transformer.n_layer": 1, "transformer.n_embd": 16, "transformer.block_size": 16,
+                    "train.seq_len": 16, "train.batch_size": 4, "model.num_prototypes": 8, "train.steps": 5,
+                    "train.eval_every": 5, "train.log_every": 5, "train.eval_batches": 1}
+
+
+@pytest.fixture(scope="module")
+def transformer_study(template_db, tmp_path_factory):
+    """2 trials of transformer_balance (1 repeat, sampler seed 2) at tiny sizes, then
+    `experiments.reproduce` of trial 1's run: (snapshot, repeat run per trial, reproduce process)."""
+    d = tmp_path_factory.mktemp("transformer")
+    uri = new_store(template_db, d)
+    storage = f"sqlite:///{d}/optuna.db"
+    sets = [a for k, v in TINY_TRANSFORMER.items() for a in ("--set", f"{k}={v}")]
+    parent = ok(sweep("transformer_balance", "--trials", 2, "--repeats", 1, "--sampler-seed", 2, "--storage", storage,
+                      "--tracking-uri", uri, *sets, cwd=d))
+    snap = _snapshot(d, uri, storage, "transformer_balance", parent)
+    repeats = {t.number: next(r for r in snap.runs if r.data.tags.get("mlflow.parentRunId") == t.user_attrs[
+        "mlflow_run_id"]) for t in snap.trials}
+    rep = sweep(repeats[1].info.run_id, "--tracking-uri", uri, cwd=d, module="experiments.reproduce")
+    return SimpleNamespace(snap=snap, repeats=repeats, reproduce=rep)
+
+
+def test_transformer_balance_searches_the_three_rates_of_its_base():
+    from sweeps import spaces
+    space = spaces.get("transformer_balance")
+    assert space.base == "transformer_hebb_proto" and space.defaults() == TRANSFORMER_DEFAULTS
+    assert {p.key: (p.low, p.high) for p in space.params} == RANGES
+
+
+def test_transformer_trials_differ_in_the_rates_and_log_attention(transformer_study):
+    s = transformer_study.snap
+    assert states(s.trials) == ["COMPLETE"] * 2
+    assert s.trials[0].params == TRANSFORMER_DEFAULTS
+    assert s.trials[1].params["hebb.lr"] != s.trials[0].params["hebb.lr"]
+    cl = mlflow_client(s.uri)
+    values = []
+    for t in s.trials:
+        run = transformer_study.repeats[t.number]
+        assert run.info.status == "FINISHED" and run.data.params["experiment"] == "transformer_hebb_proto"
+        assert run.data.params["model.family"] == "transformer" and run.data.params["transformer.hybrid"] == "hebb+proto"
+        assert float(run.data.params["hebb.lr"]) == pytest.approx(t.params["hebb.lr"], rel=1e-12)
+        assert float(run.data.params["proto.lr"]) == pytest.approx(t.params["proto.lr"], rel=1e-12)
+        # the block's telemetry at the log step: attention entropy (≤ the uniform causal row's
+        # mean, (1/S)·Σ ln t), the block's gradient norm, its memory and prototypes
+        uniform = sum(math.log(k) for k in range(1, 17)) / 16
+        for key in ("attn_entropy/h0", "grad_norm.h0", "h0/hebb/hebb_norm", "h0/proto/proto_perplexity"):
+            assert [m.step for m in cl.get_metric_history(run.info.run_id, key)] == [5], key
+        assert 0 < run.data.metrics["attn_entropy/h0"] <= uniform + 1e-6
+        assert run.data.metrics["grad_norm.h0"] > 0
+        assert t.value == pytest.approx(best_val_loss(cl, run.info.run_id), rel=1e-12)
+        values.append(t.value)
+    assert values[0] != values[1], "the rates must change the result"
+
+
+def test_transformer_trial_reproduces_bit_for_bit(transformer_study):
+    p = transformer_study.reproduce
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "bit-identical (same device)" in p.stdout, p.stdout
+    rows = {ln.split()[0]: ln.split() for ln in p.stdout.splitlines() if ln.strip()}
+    assert rows["attn_entropy/h0"][-1] == "True" and rows["grad_norm.h0"][-1] == "True", p.stdout
+    new_id = re.search(r"new run ([0-9a-f]{32})", p.stdout).group(1)
+    orig = transformer_study.repeats[1].info.run_id
+    cl = mlflow_client(transformer_study.snap.uri)
+    assert cl.get_run(new_id).data.tags["reproduces"] == orig
+    for key in ("val_loss", "train_loss", "attn_entropy/h0"):
+        a = [(m.step, m.value) for m in cl.get_metric_history(orig, key)]
+        assert a and a == [(m.step, m.value) for m in cl.get_metric_history(new_id, key)], key
+
+
+def test_compare_shows_attention_entropy_per_block(transformer_study, capsys):
+    from experiments import compare
+    s = transformer_study.snap
+    ids = [r.info.run_id for r in transformer_study.repeats.values()]
+    assert compare.main(["--tracking-uri", s.uri, "--runs", *ids]) == 0
+    out = capsys.readouterr().out
+    header = out.splitlines()[0].split()
+    assert header[-1] == "attn_entropy/h0" and "hebb.lr" in header, header
+    cl = mlflow_client(s.uri)
+    for rid in ids:
+        row = next(ln.split() for ln in out.splitlines() if ln.startswith(rid))
+        assert row[-1] == f"{cl.get_run(rid).data.metrics['attn_entropy/h0']:.4f}"
