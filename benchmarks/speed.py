@@ -29,7 +29,7 @@ a GPU):
   the seed and hybrid wirings);
 - each matrix product shape of the hybrid model: engine `ops.gemm` (with the transpose
   it does for trans_b) against `np.matmul` on the same float32 layout, GFLOP/s (first size;
-  hybrid family only);
+  hybrid family only; --quick times each once, not --repeats times);
 - generation latency of 200 characters (engine/generate.py; first size);
 - warm start: a fresh `python -c` that imports the engine, builds a Trainer of the
   headline wiring (hybrid if measured, else the first) at this size with the program cache
@@ -38,7 +38,8 @@ a GPU):
 The transformer family: `--wirings attention_baseline --sizes batch12,batch64` measures the
 baseline's size (batch 12) and batch 64 in one run, engine and torch alternating.
 
-Every timing starts after a 0.2 s pause and 0.15 s of untimed work: numpy's OpenBLAS and torch's OpenMP
+Every timing starts after a 0.2 s pause and 0.15 s of untimed work (Pace; --smoke, for the tests,
+drops both and shortens the gemm timings to 2 ms): numpy's OpenBLAS and torch's OpenMP
 threads spin for ~0.1 s after their last call, and on two cores that spinning
 slowed whatever was timed next (the engine's matrix products by up to 2x);
 and after the pause this VM ran the engine at half speed for 50-100 ms, which
@@ -85,25 +86,36 @@ PROFILED = ("seed", "hybrid")
 WARMUP_STEPS = 3
 N_BATCHES = 8             # distinct pre-drawn batches, cycled
 GEN_LENGTH, GEN_PROMPT = 200, "The "
-GEMM_MIN_S = 0.05         # each gemm timing covers at least this much wall time
-SETTLE_S = 0.2            # pause before every timing: OpenBLAS (numpy) and OpenMP (torch) worker
-                          # threads keep spinning ~0.1 s after their last call, and on 2 cores that
-                          # spinning, billed to whatever runs next, halved the engine's GFLOP/s
 
 
-WARM_S = 0.15             # then this much untimed work: after 0.2 s idle this VM ran the engine
-                          # at half speed for ~50-100 ms (a training loop never idles)
+@dataclasses.dataclass(frozen=True)
+class Pace:
+    """The pauses around every timing, and the least wall time of one gemm timing (seconds)."""
+    settle_s: float = 0.2     # pause before every timing: OpenBLAS (numpy) and OpenMP (torch) worker
+                              # threads keep spinning ~0.1 s after their last call, and on 2 cores that
+                              # spinning, billed to whatever runs next, halved the engine's GFLOP/s
+    warm_s: float = 0.15      # then this much untimed work: after 0.2 s idle this VM ran the engine
+                              # at half speed for ~50-100 ms (a training loop never idles)
+    gemm_min_s: float = 0.05  # each gemm timing covers at least this much wall time
 
 
-def settle(fn, finish=lambda: None):
+PACE = Pace()
+# --smoke (the tests): no pauses, one untimed call before each clock, 2 ms gemm timings. The same
+# code runs and every figure is still measured, but the 2-core noise the pauses keep out is back in
+SMOKE = Pace(settle_s=0.0, warm_s=0.0, gemm_min_s=0.002)
+
+
+def settle(fn, finish=lambda: None, pace: Pace = PACE):
     """Before a clock starts: let the previous timing's worker threads (any library's) go idle,
-    then run `fn` untimed for WARM_S so that this library's threads and cores are awake again."""
-    time.sleep(SETTLE_S)
+    then run `fn` untimed for pace.warm_s (at least once) so that this library's threads and cores
+    are awake again."""
+    if pace.settle_s:
+        time.sleep(pace.settle_s)
     t = time.perf_counter()
     while True:
         fn()
         finish()
-        if time.perf_counter() - t >= WARM_S:
+        if time.perf_counter() - t >= pace.warm_s:
             return
 
 
@@ -172,8 +184,8 @@ def torch_device(torch, engine_kind: str, choice: str = "auto") -> tuple[str, st
 class EngineRunner:
     """The Trainer's step (forward, backward, AdamW, local rules) on fixed host batches."""
 
-    def __init__(self, dev, cfg, V, batches):
-        self.dev, self.cfg = dev, cfg
+    def __init__(self, dev, cfg, V, batches, pace: Pace = PACE):
+        self.dev, self.cfg, self.pace = dev, cfg, pace
         self.model = Model(dev, cfg, V)
         self.params = initial_params(cfg, V, self.model.layers)
         self.model.set_params(self.params)
@@ -195,7 +207,7 @@ class EngineRunner:
     def run(self, n: int) -> float:
         """Seconds for n steps, the device drained before the clock stops."""
         self.dev.finish()
-        settle(self.step, self.dev.finish)
+        settle(self.step, self.dev.finish, self.pace)
         t = time.perf_counter()
         for _ in range(n):
             self.step()
@@ -209,8 +221,9 @@ class EngineRunner:
 class TorchRunner:
     """TorchHybrid's step on fixed batches, already on its device; `sync` waits for that device."""
 
-    def __init__(self, tm, cfg, V, batches, device="cpu", sync=lambda: None, params=None):
+    def __init__(self, tm, cfg, V, batches, device="cpu", sync=lambda: None, params=None, pace: Pace = PACE):
         import torch
+        self.pace = pace
         self.model = torch_twin(tm, cfg, V, params, device)
         self.batches = [(torch.from_numpy(x.astype(np.int64)).to(device), torch.from_numpy(y.astype(np.int64)).to(device))
                         for x, y in batches]
@@ -226,7 +239,7 @@ class TorchRunner:
     def run(self, n: int) -> float:
         """Seconds for n steps; on a GPU the queue is drained before the clock starts and stops
         (on the CPU every op has finished when it returns: sync does nothing)."""
-        settle(self.step, self.sync)
+        settle(self.step, self.sync, self.pace)
         self.sync()
         t = time.perf_counter()
         for _ in range(n):
@@ -244,16 +257,16 @@ def rate(times, steps, N) -> dict:
             "step_ms": summary([1e3 * t / steps for t in times])}
 
 
-def bench_training(dev, tm, cfgs, V, batches, steps, repeats, torch_on=("cpu", lambda: None)):
+def bench_training(dev, tm, cfgs, V, batches, steps, repeats, torch_on=("cpu", lambda: None), pace=PACE):
     """{wiring: {"engine": rate, "torch": rate | None}} and the engine runners (for generation).
     torch_on: (torch device, its sync function)."""
     eng, tor = {}, {}
     for name, cfg in cfgs.items():
         log(f"warm-up {name}: engine" + (", torch" if tm else ""))
-        eng[name] = EngineRunner(dev, cfg, V, batches)
+        eng[name] = EngineRunner(dev, cfg, V, batches, pace)
         eng[name].run(WARMUP_STEPS)
         if tm:
-            tor[name] = TorchRunner(tm, cfg, V, batches, *torch_on, params=eng[name].params)
+            tor[name] = TorchRunner(tm, cfg, V, batches, *torch_on, params=eng[name].params, pace=pace)
             tor[name].run(WARMUP_STEPS)
     times = {name: {"engine": [], "torch": []} for name in cfgs}
     for r in range(repeats):
@@ -281,7 +294,7 @@ def bench_training(dev, tm, cfgs, V, batches, steps, repeats, torch_on=("cpu", l
     return out, eng
 
 
-def bench_kernels(dev, cfgs, V, batches, peak_gflops=None, bandwidth_gb_s=None, steps=5) -> dict:
+def bench_kernels(dev, cfgs, V, batches, peak_gflops=None, bandwidth_gb_s=None, steps=5, pace=PACE) -> dict:
     """Per-kernel device time of one step (mean over `steps`) on `dev`, a profiling Device, and
     each kernel's achieved rate from the work of its recorded launches (benchmarks/costs.py)."""
     names = [n for n in PROFILED if n in cfgs] or list(cfgs)[:1]
@@ -289,7 +302,7 @@ def bench_kernels(dev, cfgs, V, batches, peak_gflops=None, bandwidth_gb_s=None, 
     with costs.Recorder(dev) as rec:
         for name in names:
             log(f"profiled pass {name}")
-            runner = EngineRunner(dev, cfgs[name], V, batches)
+            runner = EngineRunner(dev, cfgs[name], V, batches, pace)
             runner.run(WARMUP_STEPS)
             dev.take_timings()
             rec.take()
@@ -369,34 +382,34 @@ def gemm_shapes(cfg, V):
     ]
 
 
-def _calibrate(fn, finish) -> int:
-    """Calls per timing so that one timing covers at least GEMM_MIN_S."""
+def _calibrate(fn, finish, min_s) -> int:
+    """Calls per timing so that one timing covers at least min_s."""
     fn()
     finish()
     t = time.perf_counter()
     fn()
     finish()
     one = max(time.perf_counter() - t, 1e-6)
-    return max(1, min(2000, math.ceil(GEMM_MIN_S / one)))
+    return max(1, min(2000, math.ceil(min_s / one)))
 
 
-def _time_calls(fn, finish, reps) -> float:
-    """Seconds per call over `reps` calls, cut short after 4·GEMM_MIN_S (a load burst elsewhere
-    on the machine must not stretch the whole benchmark)."""
+def _time_calls(fn, finish, reps, pace: Pace) -> float:
+    """Seconds per call over `reps` calls, cut short after 4·pace.gemm_min_s (a load burst
+    elsewhere on the machine must not stretch the whole benchmark)."""
     finish()
-    settle(fn, finish)
+    settle(fn, finish, pace)
     t = time.perf_counter()
     for i in range(reps):
         fn()
         if i + 1 < reps and (i & 63) == 63:
             finish()
-            if time.perf_counter() - t > 4 * GEMM_MIN_S:
+            if time.perf_counter() - t > 4 * pace.gemm_min_s:
                 return (time.perf_counter() - t) / (i + 1)
     finish()
     return (time.perf_counter() - t) / reps
 
 
-def bench_gemm(dev, cfg, V, repeats) -> list:
+def bench_gemm(dev, cfg, V, repeats, pace=PACE) -> list:
     """Engine vs numpy per product shape; the repeats sweep over all shapes in turn, so a burst
     of load from elsewhere on the machine lands on one repeat of several shapes, not on every
     repeat of one."""
@@ -422,11 +435,12 @@ def bench_gemm(dev, cfg, V, repeats) -> list:
         np.testing.assert_allclose(dc.get().reshape(c.shape), np.matmul(opa, opb), rtol=1e-3,
                                    atol=1e-3 * math.sqrt(K), err_msg=label)
         cases.append({"label": label, "shape": (M, N, K, batch, ta, tb), "eng": eng, "npy": npy,
-                      "reps": (_calibrate(eng, dev.finish), _calibrate(npy, lambda: None)), "te": [], "tn": []})
+                      "reps": (_calibrate(eng, dev.finish, pace.gemm_min_s),
+                               _calibrate(npy, lambda: None, pace.gemm_min_s)), "te": [], "tn": []})
     for _ in range(repeats):
         for cs in cases:
-            cs["te"].append(_time_calls(cs["eng"], dev.finish, cs["reps"][0]))
-            cs["tn"].append(_time_calls(cs["npy"], lambda: None, cs["reps"][1]))
+            cs["te"].append(_time_calls(cs["eng"], dev.finish, cs["reps"][0], pace))
+            cs["tn"].append(_time_calls(cs["npy"], lambda: None, cs["reps"][1], pace))
     rows = []
     for cs in cases:
         M, N, K, batch, ta, tb = cs["shape"]
@@ -441,13 +455,13 @@ def bench_gemm(dev, cfg, V, repeats) -> list:
 
 
 # -- generation and warm start ------------------------------------------------------------------------------
-def bench_generation(model, vocab, repeats) -> dict:
+def bench_generation(model, vocab, repeats, pace=PACE) -> dict:
     from engine.generate import Generator
     gen = Generator(model, vocab)
     gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, 0)          # warm-up: builds the B = S = 1 kernels
     times = []
     for r in range(repeats):
-        settle(lambda: gen.sample(GEN_PROMPT, 20, 1.0, 0, 0))
+        settle(lambda: gen.sample(GEN_PROMPT, 20, 1.0, 0, 0), pace=pace)
         t = time.perf_counter()
         gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, r)
         times.append(time.perf_counter() - t)
@@ -695,24 +709,25 @@ def run_size(label, cfgs, V, vocab, ids, devs, tm, torch_on, limits, args, first
         f"B={B} S={S} V={V}")
     sections = {}
 
-    def timed(section, fn, *a):
+    def timed(section, fn, *a, **kw):
         t = time.perf_counter()
-        out = fn(*a)
+        out = fn(*a, **kw)
         sections[section] = time.perf_counter() - t
         return out
 
+    pace = SMOKE if args.smoke else PACE
     training, runners = timed("training", bench_training, dev, tm, cfgs, V, batches, args.steps, args.repeats,
-                              torch_on)
-    kernels = timed("kernels", bench_kernels, pdev, cfgs, V, batches, *limits)
+                              torch_on, pace)
+    kernels = timed("kernels", bench_kernels, pdev, cfgs, V, batches, *limits, pace=pace)
     gemm = generation = numpy_ref = warm = "first size only"
     if first:
         log("matrix products")
         gemm = "hybrid family only"
         if base.model.family == "hybrid":
-            gemm = timed("gemm", bench_gemm, dev, base, V, args.repeats)
+            gemm = timed("gemm", bench_gemm, dev, base, V, 1 if args.quick else args.repeats, pace)
         gen_name = "hybrid" if "hybrid" in runners else names[0]
         log(f"generation ({gen_name})")
-        generation = timed("generation", bench_generation, runners[gen_name].model, vocab, args.repeats)
+        generation = timed("generation", bench_generation, runners[gen_name].model, vocab, args.repeats, pace)
         numpy_ref = warm = "skipped (--quick)"
         if not args.quick:
             numpy_ref = "seed and hybrid wirings only"
@@ -738,7 +753,8 @@ def run_size(label, cfgs, V, vocab, ids, devs, tm, torch_on, limits, args, first
         "warm_start_s": warm["seconds"]["median"] if isinstance(warm, dict) else None,
         "config": {"E": base.model.embedding_dim, "H": base.model.hidden_dim, "T": base.model.num_prototypes,
                    "B": B, "S": S, "V": V, "N": B * S, "steps": args.steps, "repeats": args.repeats,
-                   "warmup_steps": WARMUP_STEPS, "wirings": names, "overrides": [*args.set, *SIZES[label]],
+                   "warmup_steps": WARMUP_STEPS, "pace": dataclasses.asdict(pace), "wirings": names,
+                   "overrides": [*args.set, *SIZES[label]],
                    "numpy_steps": None if args.quick or not first else args.numpy_steps},
         "section_s": sections,
     }
@@ -825,7 +841,11 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="where torch runs: auto = the GPU (torch.cuda: CUDA or ROCm) when the engine's device "
                          "is a GPU and torch.cuda.is_available(), else the CPU")
-    ap.add_argument("--quick", action="store_true", help="skip the numpy reference and the warm start")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the numpy reference and the warm start, and time each matrix product once")
+    ap.add_argument("--smoke", action="store_true",
+                    help="for tests: no pauses before the timings and 2 ms gemm timings (every figure still "
+                         "measured, but noisier)")
     args = ap.parse_args(argv)
     if args.repeats < 1 or args.steps < 1 or args.numpy_steps < 1:
         print("error: --repeats, --steps and --numpy-steps must be >= 1", file=sys.stderr)

@@ -33,7 +33,8 @@ def export(commit: str, folder: Path) -> Path:
 def speed(tree: Path, args) -> dict:
     entry = "benchmarks.speed" if (tree / "benchmarks" / "speed.py").exists() else "engine.bench"
     cmd = [sys.executable, "-m", entry, "--quick", "--json", "--repeats", str(args.repeats),
-           "--steps", str(args.steps), "--wirings", args.wirings, *[a for kv in args.set for a in ("--set", kv)]]
+           "--steps", str(args.steps), "--wirings", args.wirings, *[a for kv in args.set for a in ("--set", kv)],
+           *(["--smoke"] if args.smoke else [])]
     r = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, env={"PYTHONPATH": str(tree), "PATH": "/usr/bin:/bin",
                                                                             "HOME": str(Path.home())})
     if r.returncode != 0:
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to both benchmarks")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--smoke", action="store_true",
+                    help="for tests: pass --smoke to both benchmarks (no pauses; the old tree's must know it)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="versus-") as tmp:
         old_tree = export(args.commit, Path(tmp))

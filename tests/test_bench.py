@@ -129,7 +129,7 @@ def test_five_step_tolerance_is_discriminating(dev):
 
 QUICK = ["--json", "--steps", "2", "--repeats", "1", "--set", "model.hidden_dim=32", "--set", "model.embedding_dim=16",
          "--set", "train.batch_size=4", "--set", "train.seq_len=8", "--set", "model.num_prototypes=4",
-         "--wirings", "seed,hybrid", "--quick"]
+         "--wirings", "seed,hybrid", "--quick", "--smoke"]      # --smoke: no settle pauses, 2 ms gemm timings
 
 
 def test_bench_quick_json_two_sizes(dev, monkeypatch, capsys):
@@ -146,6 +146,7 @@ def test_bench_quick_json_two_sizes(dev, monkeypatch, capsys):
     assert res["headline_wiring"] == "hybrid" and res["generation_s"] > 0
     assert gpu["gemm"] == gpu["generation"] == "first size only" and res["gemm"]
     assert all(g["engine_gflops"]["median"] > 0 and g["numpy_gflops"]["median"] > 0 for g in res["gemm"])
+    assert ref_size["config"]["pace"] == dataclasses.asdict(speed.SMOKE) != dataclasses.asdict(speed.PACE)
     p = res["device_peak"]
     assert p["gflops"] > 0 and p["gflops"] == pytest.approx(p["compute_units"] * p["clock_mhz"] * p["lanes_per_unit"] * 2 / 1e3)
     assert res["bandwidth"]["gb_s"] > 0 and res["bandwidth"]["min"] <= res["bandwidth"]["gb_s"] <= res["bandwidth"]["max"]
@@ -197,8 +198,9 @@ def test_versus_runs_both_trees_and_reports_paired_ratios():
     round's ratio is a real measurement of two runs, and the JSON carries both sides."""
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.versus", head, "--rounds", "1", "--steps", "2",
-                           "--repeats", "1", "--wirings", "seed", "--json", "--set", "model.hidden_dim=32",
-                           "--set", "model.embedding_dim=16", "--set", "model.num_prototypes=8"],
+                           "--repeats", "1", "--wirings", "seed", "--json", "--smoke", "--set", "model.hidden_dim=32",
+                           "--set", "model.embedding_dim=16", "--set", "model.num_prototypes=8",
+                           "--set", "train.batch_size=4", "--set", "train.seq_len=8"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(proc.stdout)["wirings"]["seed"]
@@ -330,7 +332,7 @@ def test_bench_transformer_against_its_twin(dev, capsys):
     """The transformer family in the benchmark: engine and its PyTorch twin (from the same
     declared initial draws) at two batch sizes in one run; the hybrid-only tables say so."""
     from benchmarks import speed
-    args = ["--json", "--steps", "2", "--repeats", "1", "--quick", "--wirings", "hybrid", "--sizes", "batch12,batch64",
+    args = ["--json", "--steps", "2", "--repeats", "1", "--quick", "--smoke", "--wirings", "hybrid", "--sizes", "batch12,batch64",
             "--set", "model.family=transformer", "--set", "transformer.n_layer=1", "--set", "transformer.n_embd=16",
             "--set", "transformer.n_head=2", "--set", "transformer.block_size=8", "--set", "train.seq_len=8"]
     assert speed.main(args) == 0
