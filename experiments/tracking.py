@@ -752,9 +752,9 @@ class MlflowLogger(Callback):
         self.cl.log_artifact(self.run_id, str(png), "proto_hist")
 
     def _sample(self, step: int):
-        from engine.generate import Generator
-        if self._generator is None:
-            self._generator = Generator(self.trainer.model, self.trainer.vocab)
+        from engine.generate import make_generator
+        if self._generator is None:   # the transformer's key-value cache; the others' carried state or window
+            self._generator = make_generator(self.trainer.model, self.trainer.vocab)
         text = self._generator.sample("The ", self.sample_chars, temperature=0.8, top_k=0,
                                       seed=self.trainer.cfg.seed)
         self._artifact(f"samples/step_{step:07d}.txt", "The " + text + "\n", "samples")

@@ -89,5 +89,5 @@ class CharLM:
 
     # -- sampling --------------------------------------------------------------------------
     def generator(self, model):
-        from ..generate import Generator
-        return Generator(model, self.vocab)
+        from ..generate import make_generator
+        return make_generator(model, self.vocab)
