@@ -35,7 +35,9 @@ C, NH, L = 16, 2, 2
 SIZES = ["model.family=transformer", f"transformer.n_layer={L}", f"transformer.n_head={NH}",
          f"transformer.n_embd={C}", f"transformer.block_size={S}", f"train.seq_len={S}", f"train.batch_size={B}"]
 WIRINGS = {"tied": [], "untied_bias": ["transformer.tie_weights=false", "transformer.bias=true"],
-           "hebb+proto": ["transformer.hybrid=hebb+proto", "model.num_prototypes=5", "hebb.post=activity"]}
+           "hebb+proto": ["transformer.hybrid=hebb+proto", "model.num_prototypes=5", "hebb.post=activity"],
+           # dropout on the embedding, the probabilities and every branch: the split-heads path on both variants
+           "dropout": ["transformer.dropout=0.2", "transformer.bias=true"]}
 
 
 def config(*extra):
@@ -249,7 +251,7 @@ def test_gelu_eight_per_item_is_the_scalar_kernels_bit_for_bit(dev):
 
 
 # -- the reference model ---------------------------------------------------------------------------
-@pytest.mark.parametrize("wiring", ["tied", "untied_bias"])
+@pytest.mark.parametrize("wiring", ["tied", "untied_bias", "dropout"])
 def test_reference_model_matches_finite_differences(wiring):
     """The whole reference model (tied: both gradients of wte added) against central differences
     in float64 of its loss, on sampled elements of every parameter. Observed ≤ 1e-8 relative."""
@@ -351,7 +353,7 @@ def engine_steps(dev, cfg, data):
 
 @pytest.mark.opencl
 @pytest.mark.parametrize("variant", ["dev", "gpu_dev"])
-@pytest.mark.parametrize("wiring", ["tied", "hebb+proto"])
+@pytest.mark.parametrize("wiring", ["tied", "hebb+proto", "dropout"])   # dropout: new masks every step
 def test_training_steps_match_reference_and_are_deterministic(request, variant, wiring):
     """Six steps as the Trainer runs them (AdamW with weight decay on the matrices, clipping, the
     warm-up; the local rules of the hybrid) against RefModel.train_steps in float64; a second

@@ -42,11 +42,12 @@ class RefModel:
         shared = {k: params[full] for k, full in self.decl[i].shared().items()}
         return {**{k[n:]: params[k] for k in pn}, **shared}, {k[n:]: state[k] for k in sn}
 
-    def forward(self, params, state, x, y, warm_start=False, frozen_post=None):
+    def forward(self, params, state, x, y, warm_start=False, frozen_post=None, step=0):
         """x, y int (B,S) -> (loss, caches). warm_start: each bio layer's k-means++ from its own
-        forward (as Model.init_prototypes). frozen_post: {layer name: post (N,H)} held fixed."""
+        forward (as Model.init_prototypes). frozen_post: {layer name: post (N,H)} held fixed.
+        step: the optimiser steps taken before this forward (Model.step), the dropout masks' counter."""
         B, S = x.shape
-        c = dict(B=B, S=S, y=y.reshape(-1))
+        c = dict(B=B, S=S, y=y.reshape(-1), step=step)
         v, caches = x.reshape(-1), []
         for i, layer in enumerate(self.layers):
             p, st = self._local(i, params, state)
@@ -89,7 +90,7 @@ class RefModel:
         losses = []
         for step in range(1, steps + 1):
             x, y = batches[(step - 1) % len(batches)]
-            loss, caches = self.forward(params, state, x, y)
+            loss, caches = self.forward(params, state, x, y, step=step - 1)
             grads = self.backward(params, state, caches)
             if o.name == "sgd":
                 sgd_step(params, grads, m, lr(step), o.momentum, o.weight_decay, decay_mask, o.clip_norm, o.clip_value)
