@@ -158,6 +158,10 @@ class TransformerConfig(_Section):
     # spikes or activity as hebb.post), "proto" adds prototype features to the residual stream
     # after each block (cfg.proto); "none" is the plain transformer
     hybrid: str = _f("none", choices=("none", "hebb", "proto", "hebb+proto"))
+    # how a hybrid layer meets the stream: "stream" reads the residual stream x itself and returns
+    # its output in its place (spikes at model.spike_threshold of x's scale); "prenorm" reads LN(x)
+    # through its own LayerNorm and adds its term to x, as a pre-LayerNorm block's branch
+    branch: str = _f("stream", choices=("stream", "prenorm"))
 
     def __post_init__(self):
         super().__post_init__()

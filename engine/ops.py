@@ -241,6 +241,16 @@ def add_inplace(dev, x, y, n):
     dev.launch(dev.kernel("layers.cl", "add_inplace"), (n,), None, x.data, y.data)
 
 
+def add_branch(dev, x, z, h, out, n):
+    """out (n,) = x + (z − h)."""
+    dev.launch(dev.kernel("layers.cl", "add_branch"), (n,), None, x.data, z.data, h.data, out.data)
+
+
+def sub_into(dev, a, b, out, n):
+    """out (n,) = a − b."""
+    dev.launch(dev.kernel("layers.cl", "sub_into"), (n,), None, a.data, b.data, out.data)
+
+
 def colsum(dev, X, out, N, C):
     """out (C,) = Σ_n X (N,C)[n]."""
     if dev.variant == "gpu":

@@ -351,6 +351,22 @@ __kernel void add_inplace(__global const float* x, __global float* y)
     y[i] += x[i];
 }
 
+/* add_branch: out = x + (z − h) (n,): a pre-normalised branch's output, the stream x plus what
+ * a layer added to its normalised input h (bio prenorm)   global (n)   reference: BioAssociative */
+__kernel void add_branch(__global const float* x, __global const float* z, __global const float* h,
+                         __global float* out)
+{
+    const int i = get_global_id(0);
+    out[i] = x[i] + (z[i] - h[i]);
+}
+
+/* sub_into: out = a − b (n,)   global (n) */
+__kernel void sub_into(__global const float* a, __global const float* b, __global float* out)
+{
+    const int i = get_global_id(0);
+    out[i] = a[i] - b[i];
+}
+
 /* colsum_wg: out (C,) = Σ_n X[n]; group (16 columns × 16 row lanes): lane r sums rows r, r+16, …
  * of its column, then the 16 lane sums are added in a fixed tree.   global (⌈C/16⌉·16, 16), local (16, 16) */
 __kernel void colsum_wg(__global const float* X, const int N, const int C, __global float* out)

@@ -42,7 +42,7 @@ def test_json_round_trip_is_equal_and_sorted():
 def test_flat_has_dotted_keys_and_values():
     f = apply_overrides(Config(), ["proto.lr=0.25"]).flat()
     assert f["proto.lr"] == 0.25 and f["seed"] == 0 and f["train.profile"] is True
-    assert len(f) == 3 + 2 + 7 + 7 + 7 + 12 + 8 + 8 == len(dotted_keys())   # seed device tune, data, model, hebb, proto, optim, train, transformer
+    assert len(f) == 3 + 2 + 7 + 7 + 7 + 12 + 8 + 9 == len(dotted_keys())   # seed device tune, data, model, hebb, proto, optim, train, transformer
     assert all(not isinstance(v, dict) for v in f.values())
 
 

@@ -22,10 +22,10 @@ B, S, H, T, V = 3, 6, 16, 5, 13
 N = B * S
 
 
-def _bio(name, *overrides):
+def _bio(name, *overrides, **extra):
     cfg = apply_overrides(Config(), ["model.hidden_dim=16", "model.num_prototypes=5", *overrides])
     return (name, LayerDecl("bio", "bio0", "", dict(H=H, T=T, hebb=cfg.hebb, proto=cfg.proto, spike_threshold=0.5,
-                                                     seed=7)), "float")
+                                                     seed=7, **extra)), "float")
 
 
 CASES = [
@@ -56,6 +56,10 @@ CASES = [
     _bio("bio fast_weights activity/token", "hebb.post=activity", "proto.mode=token"),
     _bio("bio fast_weights layernorm/key", "hebb.norm=layernorm", "proto.mode=key"),
     _bio("bio delta layernorm/token", "hebb.rule=delta", "hebb.norm=layernorm", "proto.mode=token"),
+    # a transformer's in-block hybrids with transformer.branch = prenorm: x + (z − h), h = LN(x)
+    _bio("bio prenorm fast_weights/off", "proto.mode=off", prenorm=True),
+    _bio("bio prenorm off/feature (bias)", "hebb.mode=off", "proto.mode=feature", prenorm=True, bias=True),
+    _bio("bio prenorm fast_weights activity/token", "hebb.post=activity", "proto.mode=token", prenorm=True),
 ]
 IDS = [c[0] for c in CASES]
 

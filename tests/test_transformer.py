@@ -37,7 +37,9 @@ SIZES = ["model.family=transformer", f"transformer.n_layer={L}", f"transformer.n
 WIRINGS = {"tied": [], "untied_bias": ["transformer.tie_weights=false", "transformer.bias=true"],
            "hebb+proto": ["transformer.hybrid=hebb+proto", "model.num_prototypes=5", "hebb.post=activity"],
            # dropout on the embedding, the probabilities and every branch: the split-heads path on both variants
-           "dropout": ["transformer.dropout=0.2", "transformer.bias=true"]}
+           "dropout": ["transformer.dropout=0.2", "transformer.bias=true"],
+           # the hybrid layers through their own LayerNorm: x + m(LN(x)), spikes as values
+           "prenorm": ["transformer.hybrid=hebb+proto", "transformer.branch=prenorm", "model.num_prototypes=5"]}
 
 
 def config(*extra):
@@ -313,7 +315,7 @@ def test_model_loss_and_gradients_match_reference(request, variant, wiring):
     rm = RefModel(cfg, V)
     params, state = perturbed(rm)
     x, y = batch()
-    if wiring == "hebb+proto":   # prototypes from the data, as the trainer's warm start
+    if "proto" in cfg.transformer.hybrid:   # prototypes from the data, as the trainer's warm start
         rm.forward(params, state, x, y, warm_start=True)
     m = device_model(dev, cfg, params)
     for k, v in state.items():
@@ -353,7 +355,7 @@ def engine_steps(dev, cfg, data):
 
 @pytest.mark.opencl
 @pytest.mark.parametrize("variant", ["dev", "gpu_dev"])
-@pytest.mark.parametrize("wiring", ["tied", "hebb+proto", "dropout"])   # dropout: new masks every step
+@pytest.mark.parametrize("wiring", ["tied", "hebb+proto", "dropout", "prenorm"])   # dropout: new masks every step
 def test_training_steps_match_reference_and_are_deterministic(request, variant, wiring):
     """Six steps as the Trainer runs them (AdamW with weight decay on the matrices, clipping, the
     warm-up; the local rules of the hybrid) against RefModel.train_steps in float64; a second

@@ -10,6 +10,11 @@ layer (docs/model.md). h (N,H) -> z (N,H):
   a  = argmax_t sim(h̃, P_t)                       prototypes (on h for proto.mode = key)
   z  = h̃ + β·P_a (feature) | h̃ + U_a (token: U learned) | h̃ (off, shadow, key)
 
+prenorm (a transformer's in-block hybrid with transformer.branch = prenorm): the layer reads
+the stream x through its own LayerNorm, h = LN(x) (γ, β only with bias, eps 1e-5), runs the
+maths above on h and returns x + (z − h): what it adds lands on the un-normalised stream, as a
+pre-LayerNorm block's branch, while the spikes, keys and prototypes see unit-scale rows.
+
 proto.mode = key: the memory is addressed by the assigned prototype, k = P̂_a, instead of h
 (assignments and the k-means rule then work on h). The local rules (local_update) run after
 the optimiser step: W_hebb ← (1−decay)·W_hebb + lr/N·hᵀ·post (shadow, modulate), then one
@@ -31,8 +36,9 @@ class BioAssociative(Layer):
     needs_warm_start = True
 
     def __init__(self, name, prefix="", H=1, T=1, hebb=None, proto=None, spike_threshold=0.5, seed=0,
-                 tprefix=""):
+                 tprefix="", prenorm=False, bias=False):
         super().__init__(name, prefix)
+        self.prenorm, self.pre_bias = prenorm, bias
         self.H, self.T, self.hebb, self.proto = H, T, hebb, proto
         self.theta, self.seed, self.tprefix = spike_threshold, seed, tprefix
         self.fast = hebb.mode == "fast_weights"
@@ -51,7 +57,14 @@ class BioAssociative(Layer):
             out += affine(p + "hebb_ln.", H)
         if self.pm == "token":   # the assigned prototype's learned embedding
             out += [ParamSpec(p + "proto_emb", (T, H), init="normal", scale=0.1, decay=True)]
+        if self.prenorm:
+            out += [ParamSpec(p + "pre_ln.gamma", (H,), init="ones", decay=False)]
+            out += [ParamSpec(p + "pre_ln.beta", (H,), init="zeros", decay=False)] if self.pre_bias else []
         return out
+
+    @property
+    def zeroed(self):
+        return ("pre_beta0",) if self.prenorm and not self.pre_bias else ()
 
     def state(self):
         p, H, T = self.prefix, self.H, self.T
@@ -80,6 +93,10 @@ class BioAssociative(Layer):
             out.update(pk=((N, H), f32))
         if self.pm in ("feature", "token"):
             out.update(z=((N, H), f32))
+        if self.prenorm:
+            out.update(pre_ln=((N, H), f32), pre_mean=((N,), f32), pre_rstd=((N,), f32), pre_out=((N, H), f32),
+                       pre_dln=((N, H), f32), pre_dx=((N, H), f32))
+            out.update({} if self.pre_bias else {"pre_beta0": ((H,), f32), "pre_dbeta": ((H,), f32)})
         return out
 
     def products(self, B, S):
@@ -100,7 +117,18 @@ class BioAssociative(Layer):
             c.decay_ready = True
         return c.b.decay
 
-    def forward(self, c, h):
+    def forward(self, c, x):
+        if not self.prenorm:
+            return self._forward(c, x)
+        b, N, H = c.b, c.N, self.H
+        beta = c.p["pre_ln.beta"] if self.pre_bias else b.pre_beta0
+        ops.layernorm_forward(c.dev, x, c.p["pre_ln.gamma"], beta, b.pre_ln, b.pre_mean, b.pre_rstd, N, H, vec=True)
+        c.pre_x = x
+        z = self._forward(c, b.pre_ln)
+        ops.add_branch(c.dev, x, z, b.pre_ln, b.pre_out, N * H)
+        return b.pre_out
+
+    def _forward(self, c, h):
         dev, b, st, N, H, hc = c.dev, c.b, c.st, c.N, self.H, self.hebb
         B, S = c.B, c.S
         ops.spikes_forward(dev, h, self.theta, b.s, N, H)
@@ -174,7 +202,19 @@ class BioAssociative(Layer):
         c.st["P"].set(np.ascontiguousarray(P, np.float32))
 
     # -- backward ------------------------------------------------------------------------
-    def backward(self, c, dz):
+    def backward(self, c, dout):
+        """prenorm: dx = dout + LN'ᵀ(dh − dout), dh the maths' gradient at h = LN(x) of dz = dout."""
+        if not self.prenorm:
+            return self._backward(c, dout)
+        b, g, N, H = c.b, c.g, c.N, self.H
+        dh = self._backward(c, dout)
+        ops.sub_into(c.dev, dh, dout, b.pre_dln, N * H)
+        dbeta = g["pre_ln.beta"] if self.pre_bias else b.pre_dbeta
+        ops.layernorm_backward(c.dev, b.pre_dln, c.pre_x, c.p["pre_ln.gamma"], b.pre_mean, b.pre_rstd, b.pre_dx,
+                               g["pre_ln.gamma"], dbeta, N, H, vec=True, dres=dout)
+        return b.pre_dx
+
+    def _backward(self, c, dz):
         """dh̃ = dz (the prototype term is constant in h̃); post and the assignments are
         constants for backprop; for token, dU_t = Σ_{a_n = t} dz_n."""
         dev, b, st, N, H, hc = c.dev, c.b, c.st, c.N, self.H, self.hebb

@@ -27,6 +27,10 @@ transformer.hybrid puts the local rules inside the blocks, as bio layers of widt
   proto  after each block, x ← x + β·P_a (proto.mode feature: the assigned prototype of the
          residual stream, by cfg.proto's k-means rule) or x + U_a (token); the memory off in it
   hebb+proto  both. Names: h{l}.hebb.*, h{l}.proto.* (state), telemetry h{l}/hebb/*, h{l}/proto/*.
+transformer.branch = prenorm: each of those layers reads LN(x) through its own LayerNorm
+(h{l}.hebb.pre_ln.gamma, …; β only with bias) and adds its term to x: x ← x + m(LN(x)) and
+x ← x + β·P_a(LN(x) + m) — spikes at model.spike_threshold of a unit-scale row instead of the raw
+stream's (whose values start near 0.02, below any useful threshold).
 """
 from __future__ import annotations
 
@@ -57,9 +61,11 @@ def layers(cfg, V: int) -> list[LayerDecl]:
 
 
 def _bio(cfg, name, prefix, tprefix, k, hebb, proto) -> LayerDecl:
-    return LayerDecl("bio", name, prefix, dict(H=cfg.transformer.n_embd, T=cfg.model.num_prototypes, hebb=hebb,
+    t = cfg.transformer
+    extra = dict(prenorm=True, bias=t.bias) if t.branch == "prenorm" else {}
+    return LayerDecl("bio", name, prefix, dict(H=t.n_embd, T=cfg.model.num_prototypes, hebb=hebb,
                                                proto=proto, spike_threshold=cfg.model.spike_threshold,
-                                               seed=(cfg.seed + 1000003 * k) % 2**32, tprefix=tprefix))
+                                               seed=(cfg.seed + 1000003 * k) % 2**32, tprefix=tprefix, **extra))
 
 
 def head_args(cfg) -> dict:

@@ -77,11 +77,30 @@ class BioAssociative:
     kind = "bio"
     needs_warm_start = True
 
-    def __init__(self, name, prefix="", H=1, T=1, hebb=None, proto=None, spike_threshold=0.5, seed=0, tprefix=""):
+    def __init__(self, name, prefix="", H=1, T=1, hebb=None, proto=None, spike_threshold=0.5, seed=0, tprefix="",
+                 prenorm=False, bias=False):
         self.name, self.H, self.T, self.hebb, self.proto = name, H, T, hebb, proto
-        self.theta, self.seed = spike_threshold, seed
+        self.theta, self.seed, self.prenorm, self.pre_bias = spike_threshold, seed, prenorm, bias
 
-    def forward(self, p, st, h, c, frozen_post=None):
+    def forward(self, p, st, x, c, frozen_post=None):
+        """prenorm: h = LN(x) (γ, β with bias), the maths on h, out = x + (z − h)."""
+        if not self.prenorm:
+            return self._forward(p, st, x, c, frozen_post)
+        h, ln = layernorm_forward(x, p["pre_ln.gamma"], p["pre_ln.beta"] if self.pre_bias else 0.0)
+        z, cache = self._forward(p, st, h, c, frozen_post)
+        cache["pre_ln"] = ln
+        return x + (z - h), cache
+
+    def backward(self, p, st, cache, dout):
+        if not self.prenorm:
+            return self._backward(p, st, cache, dout)
+        dh, grads = self._backward(p, st, cache, dout)
+        dx, grads["pre_ln.gamma"], dbeta = layernorm_backward(dh - dout, cache["pre_ln"])
+        if self.pre_bias:
+            grads["pre_ln.beta"] = dbeta
+        return dout + dx, grads
+
+    def _forward(self, p, st, h, c, frozen_post=None):
         hc, pc, B, S = self.hebb, self.proto, c["B"], c["S"]
         s = spikes_forward(h, self.theta)
         post = s if hc.post == "spikes" else h.copy()
@@ -116,7 +135,7 @@ class BioAssociative:
     def assigned_to(self, cache):
         return cache["h"] if self.proto.mode == "key" else cache["ht"]
 
-    def backward(self, p, st, cache, dz):
+    def _backward(self, p, st, cache, dz):
         hc, pc = self.hebb, self.proto
         grads = {}
         if pc.mode == "token":
