@@ -6,7 +6,8 @@ variants. A new layer joins by adding a case to CASES.
     python -m pytest tests/test_layer_contract.py -q
 
 Each case runs the layer alone on random inputs: x (N,C) floats (token ids for the
-embedding), an upstream gradient R (N,C) of the scalar sum(y·R) (the head's own loss).
+embeddings), an upstream gradient R (N, out_width) of the scalar sum(y·R) (the head's own
+loss); out_width is the layer's attribute where its output is not C wide (Dense, Embedding).
 """
 import numpy as np
 import pytest
@@ -49,6 +50,12 @@ CASES = [
     ("mlp_block", LayerDecl("mlp_block", "mlp0", "", dict(C=H)), "float"),
     ("mlp_block (bias, dropout)", LayerDecl("mlp_block", "mlp1", "", dict(C=H, bias=True, dropout=0.25, seed=5,
                                                                              index=3)), "float"),
+    ("embedding", LayerDecl("embedding", "emb", "", dict(V=V, E=H)), "ids"),
+    ("dense (gelu)", LayerDecl("dense", "fc", "", dict(I=H, O=12)), "float"),
+    ("dense (none, lecun)", LayerDecl("dense", "fc", "", dict(I=H, O=H, act="none", init="lecun")), "float"),
+    ("char_head (GELU on the logits)", LayerDecl("char_head", "head", "", dict(V=V, H=H, gelu=True)), "float"),
+    ("char_head (GELU on the logits, no bias)", LayerDecl("char_head", "head", "", dict(V=V, H=H, gelu=True,
+                                                                                     bias=False)), "float"),
     _bio("bio off/off", "hebb.mode=off", "proto.mode=off"),
     _bio("bio shadow/shadow dot", "hebb.mode=shadow", "proto.mode=shadow", "proto.similarity=dot"),
     _bio("bio modulate/feature", "hebb.mode=modulate", "proto.mode=feature"),
@@ -87,7 +94,7 @@ class Case:
         self.x = rng.integers(0, n_in, N).astype(np.int32) if inputs == "ids" else \
             rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
         self.y = rng.integers(0, V, N).astype(np.int32)
-        self.R = rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
+        self.R = rng.standard_normal((N, getattr(self.layer, "out_width", C))).astype(np.float32).astype(np.float64)
         self.is_head = decl.kind == "char_head"
         self.dev = dev
         cfg = Config()
@@ -211,7 +218,7 @@ def reference_case(decl, inputs):
     C = getattr(case.layer, "C", None) or getattr(case.layer, "H", None)
     case.x = rng.integers(0, case.layer.V, N).astype(np.int32) if inputs == "ids" else rng.standard_normal((N, C))
     case.y = rng.integers(0, V, N).astype(np.int32)
-    case.R = rng.standard_normal((N, C))
+    case.R = rng.standard_normal((N, getattr(case.layer, "out_width", C)))
     case.is_head = decl.kind == "char_head"
     return case
 
@@ -237,8 +244,8 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, embed, head, norm, residual, transformer
+    from engine.layers import bio, dense, embed, head, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, embed, head, norm, residual, transformer) for c in vars(m).values()
+    kinds = {c.kind for m in (bio, dense, embed, head, norm, residual, transformer) for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

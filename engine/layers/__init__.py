@@ -93,8 +93,8 @@ f32, i32 = np.float32, np.int32
 
 def build(decl):
     """The device layer of a declaration (engine.models.LayerDecl)."""
-    from . import bio, embed, head, norm, residual, transformer
+    from . import bio, dense, embed, head, norm, residual, transformer
     classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
                                    norm.LayerNorm, norm.BatchNorm, norm.Dropout, transformer.TokPosEmbed,
-                                   transformer.AttnBlock, transformer.MlpBlock)}
+                                   transformer.AttnBlock, transformer.MlpBlock, dense.Embedding, dense.Dense)}
     return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)
