@@ -6,8 +6,8 @@ variants. A new layer joins by adding a case to CASES.
     python -m pytest tests/test_layer_contract.py -q
 
 Each case runs the layer alone on random inputs: x (N,C) floats (token ids for the
-embeddings), an upstream gradient R (N, out_width) of the scalar sum(y·R) (the head's own
-loss); out_width is the layer's attribute where its output is not C wide (Dense, Embedding).
+embeddings), an upstream gradient R (N, n_out) of the scalar sum(y·R) (the head's own
+loss); n_in, n_out: the layer's widths where they are not its C (widths()).
 """
 import numpy as np
 import pytest
@@ -67,8 +67,18 @@ CASES = [
     _bio("bio prenorm fast_weights/off", "proto.mode=off", prenorm=True),
     _bio("bio prenorm off/feature (bias)", "hebb.mode=off", "proto.mode=feature", prenorm=True, bias=True),
     _bio("bio prenorm fast_weights activity/token", "hebb.post=activity", "proto.mode=token", prenorm=True),
+    # DRLMemNet's slot memory: E ≠ M (the widths from n_in, n_out); Ms = 70 > the GPU row group of 64
+    ("memory_read", LayerDecl("memory_read", "mem", "", dict(E=6, M=H, Ms=70, V=V)), "float"),
+    ("memory_read (no memory)", LayerDecl("memory_read", "mem", "", dict(E=6, M=H, memory=False)), "float"),
 ]
 IDS = [c[0] for c in CASES]
+
+
+def widths(layer) -> tuple[int, int]:
+    """(input, output) width of a layer: n_in / n_out where they differ (the memory read: E -> M),
+    else its C or H for both."""
+    C = getattr(layer, "n_in", None) or getattr(layer, "C", None) or getattr(layer, "H", None)
+    return C, getattr(layer, "n_out", None) or C
 
 
 class Case:
@@ -89,12 +99,12 @@ class Case:
             if s.name in ("P", "W_hebb", "run_mean"):
                 a = (0.3 if s.name == "W_hebb" else 1.0) * rng.standard_normal(s.shape)
             self.state[s.name] = a.astype(np.float32).astype(np.float64)
-        C = getattr(self.layer, "C", None) or getattr(self.layer, "H", None)
+        C, C_out = widths(self.layer)
         n_in = self.layer.V if inputs == "ids" else None
         self.x = rng.integers(0, n_in, N).astype(np.int32) if inputs == "ids" else \
             rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
         self.y = rng.integers(0, V, N).astype(np.int32)
-        self.R = rng.standard_normal((N, getattr(self.layer, "out_width", C))).astype(np.float32).astype(np.float64)
+        self.R = rng.standard_normal((N, C_out)).astype(np.float32).astype(np.float64)
         self.is_head = decl.kind == "char_head"
         self.dev = dev
         cfg = Config()
@@ -103,7 +113,7 @@ class Case:
         if self.params:
             self.model.set_params(self.params)
         for k, v in self.state.items():
-            self.model.st[k].set(v.astype(np.float32))
+            self.model.st[k].set(v.astype(self.model.st[k].dtype))
         self.ws = self.model.workspace(B, S)
         self.ws.y.set(self.y)
 
@@ -120,7 +130,7 @@ class Case:
         else:
             x = self.dev.to_device(self.x.astype(np.float32))
         for k, v in self.state.items():   # the forward may update state (BatchNorm's running statistics)
-            self.model.st[k].set(v.astype(np.float32))
+            self.model.st[k].set(v.astype(self.model.st[k].dtype))
         if self.is_head:
             self.layer.forward(c, x)
             y = self.ws.loss_out.get()[:1].astype(np.float64)
@@ -215,10 +225,10 @@ def reference_case(decl, inputs):
     case.state = {s.name: ((0.3 if s.name == "W_hebb" else 1.0) * rng.standard_normal(s.shape)
                            if s.name in ("P", "W_hebb", "run_mean") else np.full(s.shape, s.fill, np.float64))
                   for s in case.layer.state() if s.checkpoint}
-    C = getattr(case.layer, "C", None) or getattr(case.layer, "H", None)
+    C, C_out = widths(case.layer)
     case.x = rng.integers(0, case.layer.V, N).astype(np.int32) if inputs == "ids" else rng.standard_normal((N, C))
     case.y = rng.integers(0, V, N).astype(np.int32)
-    case.R = rng.standard_normal((N, getattr(case.layer, "out_width", C)))
+    case.R = rng.standard_normal((N, C_out))
     case.is_head = decl.kind == "char_head"
     return case
 
@@ -244,8 +254,8 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, dense, embed, head, norm, residual, transformer
+    from engine.layers import bio, dense, embed, head, memory, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, dense, embed, head, norm, residual, transformer) for c in vars(m).values()
+    kinds = {c.kind for m in (bio, dense, embed, head, memory, norm, residual, transformer) for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

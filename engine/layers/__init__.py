@@ -19,7 +19,7 @@ Letters: B batch, S sequence, N = B·S, E embedding, H hidden, V vocab, T protot
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +31,15 @@ class StateSpec:
     dtype: type = np.float32
     fill: float = 0.0             # initial value of every element
     checkpoint: bool = True       # False: scratch kept with the model (recomputed each use)
+    init: object = field(default=None, compare=False)   # () -> array: a drawn initial value
+                                                        # (a fixed random matrix); None: fill
+
+    def initial(self, dtype=None) -> np.ndarray:
+        """The initial value (the device model and the reference start from it)."""
+        dtype = dtype or self.dtype
+        if self.init is None:
+            return np.full(self.shape, self.fill, dtype)
+        return np.asarray(self.init(), dtype).reshape(self.shape)
 
 
 class Layer:
@@ -73,6 +82,9 @@ class Layer:
     def local_update(self, c):
         pass
 
+    writes_params = False   # True: local_update also writes parameters (the memory's slots), so data
+                            # parallelism sends the parameters to the replicas after the rules
+
     def local_reads(self, c) -> list:
         """The batch-sized buffers local_update reads (of this forward pass): data parallelism
         (engine/parallel.py) gathers their rows from every device before running the rules over
@@ -93,8 +105,9 @@ f32, i32 = np.float32, np.int32
 
 def build(decl):
     """The device layer of a declaration (engine.models.LayerDecl)."""
-    from . import bio, dense, embed, head, norm, residual, transformer
+    from . import bio, dense, embed, head, memory, norm, residual, transformer
     classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
                                    norm.LayerNorm, norm.BatchNorm, norm.Dropout, transformer.TokPosEmbed,
-                                   transformer.AttnBlock, transformer.MlpBlock, dense.Embedding, dense.Dense)}
+                                   transformer.AttnBlock, transformer.MlpBlock, dense.Embedding, dense.Dense,
+                                   memory.MemoryRead)}
     return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)

@@ -20,7 +20,7 @@ class Embedding(Layer):
     def __init__(self, name, prefix="", V=1, E=1, scale=0.1):
         super().__init__(name, prefix)
         self.V, self.E, self.scale = V, E, scale
-        self.out_width = E
+        self.n_out = E   # the output width (tests/test_layer_contract.py: widths)
 
     def params(self):
         return [ParamSpec(self.prefix + "W_emb", (self.V, self.E), init="normal", scale=self.scale)]
@@ -49,7 +49,7 @@ class Dense(Layer):
         if act not in ("gelu", "none"):
             raise ValueError(f"dense act must be gelu or none, got {act!r}")
         self.I, self.O, self.act, self.init = I, O, act, init
-        self.C, self.out_width = I, O   # input and output widths (tests/test_layer_contract.py sizes by them)
+        self.n_in, self.n_out = I, O   # input and output widths (tests/test_layer_contract.py: widths)
 
     def params(self):
         p = self.prefix

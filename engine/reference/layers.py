@@ -273,3 +273,7 @@ class Dense:
 
 
 CLASSES.update({c.kind: c for c in (Embedding, Dense)})
+
+from .memory import MemoryRead  # noqa: E402  (DRLMemNet's slot memory, engine/layers/memory.py)
+
+CLASSES[MemoryRead.kind] = MemoryRead
