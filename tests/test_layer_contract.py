@@ -6,7 +6,8 @@ variants. A new layer joins by adding a case to CASES.
     python -m pytest tests/test_layer_contract.py -q
 
 Each case runs the layer alone on random inputs: x (N,C) floats (token ids for the
-embedding), an upstream gradient R (N,C) of the scalar sum(y·R) (the head's own loss).
+embedding; (N,I) for a layer with an input width I of its own, the GRU), an upstream
+gradient R (N,C) of the scalar sum(y·R) (the head's own loss).
 """
 import numpy as np
 import pytest
@@ -60,6 +61,9 @@ CASES = [
     _bio("bio prenorm fast_weights/off", "proto.mode=off", prenorm=True),
     _bio("bio prenorm off/feature (bias)", "hebb.mode=off", "proto.mode=feature", prenorm=True, bias=True),
     _bio("bio prenorm fast_weights activity/token", "hebb.post=activity", "proto.mode=token", prenorm=True),
+    # x (N, I) -> h (N, Hd): the input width is the layer's I (Case), BPTT over S = 6
+    ("gru (I=12, Hd=16)", LayerDecl("gru", "gru0", "", dict(I=12, Hd=H)), "float"),
+    ("gru (torch init, I=16, Hd=8)", LayerDecl("gru", "gru1", "", dict(I=H, Hd=8, init="torch")), "float"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -85,7 +89,7 @@ class Case:
         C = getattr(self.layer, "C", None) or getattr(self.layer, "H", None)
         n_in = self.layer.V if inputs == "ids" else None
         self.x = rng.integers(0, n_in, N).astype(np.int32) if inputs == "ids" else \
-            rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
+            rng.standard_normal((N, getattr(self.layer, "I", None) or C)).astype(np.float32).astype(np.float64)
         self.y = rng.integers(0, V, N).astype(np.int32)
         self.R = rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
         self.is_head = decl.kind == "char_head"
@@ -209,7 +213,8 @@ def reference_case(decl, inputs):
                            if s.name in ("P", "W_hebb", "run_mean") else np.full(s.shape, s.fill, np.float64))
                   for s in case.layer.state() if s.checkpoint}
     C = getattr(case.layer, "C", None) or getattr(case.layer, "H", None)
-    case.x = rng.integers(0, case.layer.V, N).astype(np.int32) if inputs == "ids" else rng.standard_normal((N, C))
+    case.x = rng.integers(0, case.layer.V, N).astype(np.int32) if inputs == "ids" else \
+        rng.standard_normal((N, getattr(case.layer, "I", None) or C))   # I: a layer whose input width differs
     case.y = rng.integers(0, V, N).astype(np.int32)
     case.R = rng.standard_normal((N, C))
     case.is_head = decl.kind == "char_head"
@@ -237,8 +242,8 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, embed, head, norm, residual, transformer
+    from engine.layers import bio, embed, gru, head, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, embed, head, norm, residual, transformer) for c in vars(m).values()
+    kinds = {c.kind for m in (bio, embed, gru, head, norm, residual, transformer) for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

@@ -234,3 +234,7 @@ CLASSES.update({c.kind: c for c in (LayerNorm, BatchNorm, Dropout)})
 from .attention import AttnBlock, MlpBlock, TokPosEmbed  # noqa: E402  (the transformer family's)
 
 CLASSES.update({c.kind: c for c in (TokPosEmbed, AttnBlock, MlpBlock)})
+
+from .gru import GRU  # noqa: E402  (the memory network's controller)
+
+CLASSES[GRU.kind] = GRU
