@@ -720,3 +720,26 @@ def memory_write(dev, mem, sums, starts, shared, N, w, delta2, Ms, M):
 def memory_usage_update(dev, usage, starts, Ms):
     """usage (Ms,) int32 += the slot counts starts[s+1] − starts[s] (bucket_sort of the arg-max slots)."""
     dev.launch(dev.kernel("memory.cl", "memory_usage_update"), (Ms,), None, usage.data, starts.data)
+
+
+# -- GRU (kernels/gru.cl) --------------------------------------------------------------------------------
+def gru_gates_forward(dev, gx, gh, b_i, b_h, hs, gates, y, t, B, S, Hd):
+    """Step t of a GRU layer (PyTorch nn.GRU's gates [r | z | n]): from gx (N,3Hd) rows b·S+t
+    (x·W_i), gh (B,3Hd) (h_{t−1}·W_h), the biases b_i, b_h (3Hd,) and h_{t−1} = hs rows t·B..;
+    writes h_t to hs ((S+1)·B, Hd) rows (t+1)·B.. and to y (N,Hd) rows b·S+t, and
+    [r | z | n | hn] to gates (S·B, 4Hd) rows t·B.. (hn = gh_n + b_hn). The CPU variant takes eight
+    units per work-item (gru_gates_forward8) when Hd % 8 == 0: the same values."""
+    vec = dev.variant != "gpu" and _rows8(Hd, gx, gh, b_i, b_h, hs, gates, y)   # float8 items: 4-5x on PoCL
+    dev.launch(dev.kernel("gru.cl", "gru_gates_forward8" if vec else "gru_gates_forward"), (Hd // 8 if vec else Hd, B),
+               None, gx.data, gh.data, b_i.data, b_h.data, i32(t), i32(S), i32(Hd), hs.data, gates.data, y.data)
+
+
+def gru_gates_backward(dev, dy, gates, hs, carry, dgx, dgh, t, B, S, Hd):
+    """The backward of gru_gates_forward at step t: dh = dy (N,Hd) row b·S+t + carry (B,Hd) (∂L/∂h_t
+    through the later steps; not read at t = S−1); writes dgx (N,3Hd) rows b·S+t = ∂ of x·W_i + b_i,
+    dgh (S·B,3Hd) rows t·B.. = ∂ of h_{t−1}·W_h + b_h, and carry = dh·z (ops.gemm adds dgh_t·W_hᵀ:
+    ∂L/∂h_{t−1})."""
+    vec = dev.variant != "gpu" and _rows8(Hd, dy, gates, hs, carry, dgx, dgh)
+    dev.launch(dev.kernel("gru.cl", "gru_gates_backward8" if vec else "gru_gates_backward"),
+               (Hd // 8 if vec else Hd, B), None, dy.data, gates.data, hs.data, i32(t), i32(S), i32(Hd),
+               carry.data, dgx.data, dgh.data)

@@ -70,6 +70,9 @@ CASES = [
     # DRLMemNet's slot memory: E ≠ M (the widths from n_in, n_out); Ms = 70 > the GPU row group of 64
     ("memory_read", LayerDecl("memory_read", "mem", "", dict(E=6, M=H, Ms=70, V=V)), "float"),
     ("memory_read (no memory)", LayerDecl("memory_read", "mem", "", dict(E=6, M=H, memory=False)), "float"),
+    # x (N, I) -> h (N, Hd): the input width is the layer's I (Case), BPTT over S = 6
+    ("gru (I=12, Hd=16)", LayerDecl("gru", "gru0", "", dict(I=12, Hd=H)), "float"),
+    ("gru (torch init, I=16, Hd=8)", LayerDecl("gru", "gru1", "", dict(I=H, Hd=8, init="torch")), "float"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -254,8 +257,8 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, dense, embed, head, memory, norm, residual, transformer
+    from engine.layers import bio, dense, embed, gru, head, memory, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, dense, embed, head, memory, norm, residual, transformer) for c in vars(m).values()
+    kinds = {c.kind for m in (bio, dense, embed, gru, head, memory, norm, residual, transformer) for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

@@ -13,8 +13,9 @@ and runs on a Ctx (its views of those, see engine.model.Workspace):
   warm_start(c)             optional: data-dependent initialisation (k-means++), after forward
   telemetry(c) -> dict      optional, at logging points only (reads the device)
 
-Every layer's kernels are in kernels/ and its numpy reference in engine/reference/layers.py
-under the same class name; tests/test_layer_contract.py holds every layer to both.
+Every layer's kernels are in kernels/ and its numpy reference in engine/reference/layers.py (or
+a module it imports: attention.py, gru.py) under the same class name; tests/test_layer_contract.py
+holds every layer to both.
 Letters: B batch, S sequence, N = B·S, E embedding, H hidden, V vocab, T prototypes.
 """
 from __future__ import annotations
@@ -105,9 +106,9 @@ f32, i32 = np.float32, np.int32
 
 def build(decl):
     """The device layer of a declaration (engine.models.LayerDecl)."""
-    from . import bio, dense, embed, head, memory, norm, residual, transformer
+    from . import bio, dense, embed, gru, head, memory, norm, residual, transformer
     classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
                                    norm.LayerNorm, norm.BatchNorm, norm.Dropout, transformer.TokPosEmbed,
                                    transformer.AttnBlock, transformer.MlpBlock, dense.Embedding, dense.Dense,
-                                   memory.MemoryRead)}
+                                   memory.MemoryRead, gru.GRU)}
     return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)

@@ -277,3 +277,7 @@ CLASSES.update({c.kind: c for c in (Embedding, Dense)})
 from .memory import MemoryRead  # noqa: E402  (DRLMemNet's slot memory, engine/layers/memory.py)
 
 CLASSES[MemoryRead.kind] = MemoryRead
+
+from .gru import GRU  # noqa: E402  (the memory network's controller)
+
+CLASSES[GRU.kind] = GRU
