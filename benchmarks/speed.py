@@ -159,10 +159,13 @@ def initial_params(cfg, V, layers) -> dict:
 
 
 def torch_twin(tm, cfg, V, params, device):
-    """cfg's family in PyTorch: TorchHybrid (tm, benchmarks.torch_model) or TorchTransformer."""
+    """cfg's family in PyTorch: TorchHybrid (tm, benchmarks.torch_model), TorchTransformer or TorchMemnet."""
     if cfg.model.family == "transformer":
         from .torch_transformer import TorchTransformer
         return TorchTransformer(cfg, V, params, device=device)
+    if cfg.model.family == "memnet":   # the write rule runs in each step on both sides
+        from .torch_memnet import TorchMemnet
+        return TorchMemnet(cfg, V, params, device=device)
     return tm.TorchHybrid(cfg, V, params, device=device)
 
 
