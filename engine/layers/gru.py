@@ -22,6 +22,11 @@ Backward through time (t = S−1 … 0), dh = dy_t + carry:
   carry = dh·z + dgh_t·W_hᵀ   (gru_gates_backward, then one ops.gemm with β = 1; W_hᵀ transposed once)
 then dW_i = xᵀ·dgx, db_i = Σ dgx, dW_h = hs[0:S·B]ᵀ·dgh, db_h = Σ dgh, dx = dgx·W_iᵀ.
 All sums are gemm's or colsum's (fixed order): a rerun gives the same bits.
+Speed (python -m benchmarks.gru: B=16, S=100, I=128, Hd=256, PoCL on 2 shared cores): forward ~20 ms,
+forward + backward 54-80 ms median of 5 (min ~51). Device time: the 199 step products ~50 %, the two
+weight gradients ~33 %, the gate kernels ~7 %; launches overlap with the queue. Not fused over the
+sequence: a step needs all of h_{t−1}, so one launch could only hold one work-group per sequence,
+reading all of W_h (0.8 MB) per step and sequence instead of once per step for the batch.
 
 Carried state (generation): c.fw_state, a (B, Hd) device array, or a dict {layer name: array}
 (a stack's generator carries one per layer), is h_{−1}; None (training) starts every sequence
