@@ -45,10 +45,19 @@ class _Section:
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """The text corpus and its train/validation split (engine/data.py)."""
+    """The text corpus and its train/validation/test split (engine/data.py)."""
     SECTION: ClassVar[str] = "data"
     path: str = ""                         # UTF-8 text file; "" = embedded default corpus (pydoc topics)
     val_fraction: float = _f(0.1, gt=0, lt=1)  # fraction of characters, from the END of the text, held out
+    # fraction of characters held out for one test evaluation at the end of training: the last
+    # test_fraction of the text, the validation split just before it (0 = no test split)
+    test_fraction: float = _f(0.0, ge=0, lt=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"config keys 'data.val_fraction' + 'data.test_fraction' must be < 1 (the rest is "
+                              f"the training split), got {self.val_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,9 @@ class TrainConfig(_Section):
     log_every: int = _f(10, ge=1)          # steps between telemetry read-backs from the device
     checkpoint_every: int = _f(500, ge=0)  # steps between checkpoints (0 = only at the end)
     eval_batches: int = _f(0, ge=0)        # max validation batches per evaluation (0 = whole split)
+    # early stopping: stop once the task's objective (val_loss) has not improved on its best for
+    # this many consecutive evaluations; the best evaluation's checkpoint is kept (0 = off)
+    patience: int = _f(0, ge=0)
     profile: bool = True                   # per-kernel device times from OpenCL profiling events
 
 

@@ -345,6 +345,10 @@ class Model:
         for layer in self.layers:
             layer.local_update(ws.ctx[layer.name])
 
+    def predict(self, ws: Workspace):
+        """The head's predictions of the last forward pass, (N,) int32 on the device (its predict)."""
+        return self.layers[-1].predict(ws.ctx[ws.head])
+
     def assignments(self, ws: Workspace):
         """The first bio layer's prototype assignments of the last forward pass (N,) int32, or None
         (the first bio layer that assigns: a transformer's hebb layers do not)."""

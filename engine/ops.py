@@ -351,6 +351,18 @@ def loss_reduce(dev, loss_rows, hits, nv, out, N):
                    i32(N), out.data)
 
 
+def argmax_rows(dev, logits, pred, N, V, ld=None):
+    """pred (N,) int32 = the first index of each row's maximum over columns 0..V-1 (rows ld apart):
+    the prediction softmax_xent's hits count (evaluation: macro F1)."""
+    ld = ld or V
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("loss.cl", "argmax_rows_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   logits.data, i32(V), i32(ld), pred.data)
+        return
+    dev.launch(dev.kernel("loss.cl", "argmax_rows"), (N,), None, logits.data, i32(V), i32(ld), pred.data)
+
+
 # -- optimiser ------------------------------------------------------------------------
 def sumsq_chunks(dev, g, partial, n_chunks, chunk):
     """partial (n_chunks,) = Σ g² over each chunk of `chunk` elements."""

@@ -708,6 +708,26 @@ class MlflowLogger(Callback):
         if "proto_counts" in rec:
             self._histogram(step, rec["proto_counts"])
 
+    def on_end(self, summary):
+        """The end of training. With early stopping (train.patience): best_<objective> at the
+        best evaluation's step, best_step and, if it stopped early, stop_step at the last step,
+        tag early_stopped. With a test split: test_loss, test_acc, test_bpc, test_f1 at the step
+        of the parameters evaluated (the best evaluation's with early stopping)."""
+        step, best, test = summary["step"], summary.get("best"), summary.get("test")
+        if best is not None and best["step"] is not None:
+            metric = next(k for k in best if k not in ("step", "checkpoint"))
+            self._send(best["step"], {f"best_{metric}": best[metric]})
+            ends = {"best_step": best["step"]}
+            if summary.get("early_stop"):
+                ends["stop_step"] = summary["early_stop"]["step"]
+            self._send(step, ends)
+        if best is not None and summary["status"] == "finished":
+            stopped = "true" if summary.get("early_stop") else "false"
+            self._bg.submit(lambda: self.cl.set_tag(self.run_id, "early_stopped", stopped))
+        if test is not None:
+            self._send(test["step"], {k: v for k, v in test.items() if k != "step"})
+        self._flush()
+
     def _artifact(self, rel: str, data: bytes | str, artifact_path: str):
         self._bg.submit(lambda: self._write_artifact(rel, data, artifact_path))
 
@@ -765,7 +785,7 @@ class MlflowLogger(Callback):
 
     def finish(self, checkpoint: str | None = None):
         """Write queued metrics and artifacts and wait for them; then the kernel
-        timing table, loss curves and checkpoint."""
+        timing table, loss curves and checkpoint (and early stopping's best.npz beside it)."""
         if self.trainer is not None:
             self._send(self._last_step, self._kernel_metrics())   # steps after the last evaluation
         self._flush()
@@ -778,6 +798,9 @@ class MlflowLogger(Callback):
             self._usage_figure()
         if checkpoint and os.path.exists(checkpoint):
             self.cl.log_artifact(self.run_id, checkpoint, "checkpoint")
+        best = self.trainer.best_path() if self.trainer is not None else None
+        if best and os.path.exists(best):
+            self.cl.log_artifact(self.run_id, best, "checkpoint")
 
     def timing_table(self) -> str:
         total = sum(t[1] for t in self.kernel_totals.values()) or 1.0

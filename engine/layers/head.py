@@ -41,7 +41,8 @@ class CharHead(Layer):
     def buffers(self, B, S):
         N, H, Vp = B * S, self.H, self.Vp
         out = {"logits": ((N, Vp), f32), "dlogits": ((N, Vp), f32), "loss_rows": ((N,), f32),
-               "hits": ((N,), f32), "nv": ((1,), i32), "loss_out": ((4,), f32), "dz": ((N, H), f32)}
+               "hits": ((N,), f32), "nv": ((1,), i32), "loss_out": ((4,), f32), "dz": ((N, H), f32),
+               "pred": ((N,), i32)}
         if self.gelu:   # the pre-activation and its gradient; a zero bias without bias
             out.update(pre=((N, Vp), f32), dpre=((N, Vp), f32), **({} if self.bias else {"b0": ((Vp,), f32)}))
         return out
@@ -74,6 +75,12 @@ class CharHead(Layer):
             ops.softmax_xent(dev, b.logits, y, b.nv, b.loss_rows, b.hits, b.dlogits, N, V, Vp)
             ops.loss_reduce(dev, b.loss_rows, b.hits, b.nv, b.loss_out, N)
         return b.logits
+
+    def predict(self, c):
+        """b.pred (N,) int32: each position's predicted character (the first maximum of the last
+        forward's logits), what the loss summary counts as correct; for evaluation."""
+        ops.argmax_rows(c.dev, c.b.logits, c.b.pred, c.N, self.V, self.Vp)
+        return c.b.pred
 
     def backward(self, c, dy=None):
         dev, p, g, b, N, Vp, H = c.dev, c.p, c.g, c.b, c.N, self.Vp, self.H
