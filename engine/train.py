@@ -470,6 +470,8 @@ class Trainer:
             self.last_assign = first_assign
             if log_rec and "proto_counts" in log_rec:
                 rec["proto_counts"] = log_rec["proto_counts"]
+        for k in (k for k in (log_rec or {}) if k.endswith("mem_usage_counts")):   # memnet's slot usage
+            rec[k] = log_rec[k]
         for cb in self.callbacks:
             cb.on_eval(rec)
         return rec

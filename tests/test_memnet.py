@@ -145,3 +145,33 @@ def test_generation_carries_the_gru_state(request, variant):
     np.testing.assert_allclose(step, want, rtol=0, atol=1e-5 * max(1.0, np.abs(want).max()))
     text = g.sample("the ", 20, temperature=0.8, seed=3)
     assert g.sample("the ", 20, temperature=0.8, seed=3) == text and len(text) == 20
+
+
+def test_tracked_run_logs_the_memory_and_the_design_figure(tmp_path, capsys):
+    """experiments.run memnet (tiny): the slot usage per evaluation (mem_hist: cumulative arg-max
+    counts, B·S per step), the memory telemetry, test metrics and training_figure.png in MLflow."""
+    import json
+
+    import mlflow
+
+    from experiments.run import main
+    (tmp_path / "text.txt").write_text(TEXT, encoding="utf-8")
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    rc = main(["memnet", "--tracking-uri", uri, "--out", str(tmp_path / "runs"),
+               "--set", f"data.path={tmp_path / 'text.txt'}", "--set", "memnet.memory_size=12",
+               "--set", "memnet.hidden_dim=8", "--set", "memnet.embedding_dim=8", "--set", "memnet.memory_dim=8",
+               "--set", "train.steps=8", "--set", "train.eval_every=4", "--set", "train.log_every=4",
+               "--set", "train.seq_len=8", "--set", "train.batch_size=4", "--set", "train.eval_batches=1",
+               "--set", "data.val_fraction=0.2", "--set", "data.test_fraction=0.2"])
+    assert rc == 0
+    rid = capsys.readouterr().out.strip().splitlines()[-1]
+    c = mlflow.tracking.MlflowClient(uri)
+    run = c.get_run(rid)
+    m = run.data.metrics
+    assert 0 <= m["test_f1"] <= 1 and 0 <= m["test_acc"] <= 1 and 0 < m["mem/mem_key_cosine"] <= 1
+    assert 1 <= m["mem/mem_usage_perplexity"] <= 12 and m["mem/mem_never_used"] + m["mem/mem_batch_used"] <= 12 + 12
+    arts = {a.path for a in c.list_artifacts(rid)}
+    assert {"training_figure.png", "mem_hist"} <= arts
+    got = json.loads(open(c.download_artifacts(rid, "mem_hist/step_0000004.json", str(tmp_path))).read())
+    # the telemetry of step 4 is read before that step's local rules: the counts of steps 1-3, B·S each
+    assert got["step"] == 4 and sum(got["counts"]) == 3 * 4 * 8 and len(got["counts"]) == 12
