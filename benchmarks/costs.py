@@ -290,6 +290,11 @@ def _softmax(a, L):
     return _mem(F * (2 * N * V + 3 * N + 1))
 
 
+@model("argmax_rows argmax_rows_wg", "logits V ld pred")
+def _argmax_rows(a, L):
+    return _mem(F * (L.groups * a["V"] + L.groups))
+
+
 @model("loss_reduce loss_reduce_wg", "loss_rows hits nv N out")
 def _loss_reduce(a, L):
     return _mem(F * (2 * a["N"] + 1 + 4))

@@ -159,10 +159,13 @@ def initial_params(cfg, V, layers) -> dict:
 
 
 def torch_twin(tm, cfg, V, params, device):
-    """cfg's family in PyTorch: TorchHybrid (tm, benchmarks.torch_model) or TorchTransformer."""
+    """cfg's family in PyTorch: TorchHybrid (tm, benchmarks.torch_model), TorchTransformer or TorchMemnet."""
     if cfg.model.family == "transformer":
         from .torch_transformer import TorchTransformer
         return TorchTransformer(cfg, V, params, device=device)
+    if cfg.model.family == "memnet":   # the write rule runs in each step on both sides
+        from .torch_memnet import TorchMemnet
+        return TorchMemnet(cfg, V, params, device=device)
     return tm.TorchHybrid(cfg, V, params, device=device)
 
 
@@ -456,8 +459,8 @@ def bench_gemm(dev, cfg, V, repeats, pace=PACE) -> list:
 
 # -- generation and warm start ------------------------------------------------------------------------------
 def bench_generation(model, vocab, repeats, pace=PACE) -> dict:
-    from engine.generate import Generator
-    gen = Generator(model, vocab)
+    from engine.generate import make_generator   # the family's: carried state, the key-value cache
+    gen = make_generator(model, vocab)
     gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, 0)          # warm-up: builds the B = S = 1 kernels
     times = []
     for r in range(repeats):
@@ -465,8 +468,10 @@ def bench_generation(model, vocab, repeats, pace=PACE) -> dict:
         t = time.perf_counter()
         gen.sample(GEN_PROMPT, GEN_LENGTH, 1.0, 0, r)
         times.append(time.perf_counter() - t)
+    family = model.cfg.model.family
+    wiring = model.cfg.hebb.mode + "/" + model.cfg.proto.mode if family == "hybrid" else family
     return {"seconds": summary(times), "ms_per_char": 1e3 * statistics.median(times) / GEN_LENGTH,
-            "length": GEN_LENGTH, "wiring": model.cfg.hebb.mode + "/" + model.cfg.proto.mode}
+            "length": GEN_LENGTH, "wiring": wiring, "generator": type(gen).__name__}
 
 
 WARM_START_CODE = r"""

@@ -91,13 +91,14 @@ def checkpoint_size(arrays: dict[str, tuple], meta_bytes: int = 0) -> int:
     return data + (MEMBER_BYTES + RECORD_BYTES) * (len(arrays) + 1) + meta_bytes
 
 
-def check_out_dir(path, needed_bytes: int) -> None:
+def check_out_dir(path, needed_bytes: int, files: int = 2) -> None:
     """Raise CheckpointError (one line) unless checkpoints of `needed_bytes` can be written under `path`.
 
     `path` must not be an existing non-directory; its nearest existing ancestor must be a
     directory in which a file can really be created (probed with a temp file, removed at
     once: permission bits say nothing when running as root); and that file system must have
-    2 × needed_bytes free (a save writes a temp file beside the previous checkpoint).
+    files × needed_bytes free (2: a save writes a temp file beside the previous checkpoint;
+    3 with early stopping's best checkpoint beside them).
     Creates nothing: missing directories are made by the first save."""
     path = os.fspath(path)
     where = f"checkpoint folder {path!r}"
@@ -116,9 +117,9 @@ def check_out_dir(path, needed_bytes: int) -> None:
         raise CheckpointError(f"{where} is not writable: cannot create a file in {base!r} "
                               f"({exc.strerror or exc})") from None
     free = shutil.disk_usage(base).free
-    if free < 2 * needed_bytes:
-        raise CheckpointError(f"{where} has too little free space: checkpoints need "
-                              f"{_mib(2 * needed_bytes)} (2 x {_mib(needed_bytes)}), {_mib(free)} free on {base!r}")
+    if free < files * needed_bytes:
+        raise CheckpointError(f"{where} has too little free space: checkpoints need {_mib(files * needed_bytes)} "
+                              f"({files} x {_mib(needed_bytes)}), {_mib(free)} free on {base!r}")
 
 
 def _mib(n: int) -> str:

@@ -45,10 +45,19 @@ class _Section:
 
 @dataclass(frozen=True)
 class DataConfig(_Section):
-    """The text corpus and its train/validation split (engine/data.py)."""
+    """The text corpus and its train/validation/test split (engine/data.py)."""
     SECTION: ClassVar[str] = "data"
     path: str = ""                         # UTF-8 text file; "" = embedded default corpus (pydoc topics)
     val_fraction: float = _f(0.1, gt=0, lt=1)  # fraction of characters, from the END of the text, held out
+    # fraction of characters held out for one test evaluation at the end of training: the last
+    # test_fraction of the text, the validation split just before it (0 = no test split)
+    test_fraction: float = _f(0.0, ge=0, lt=1)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError(f"config keys 'data.val_fraction' + 'data.test_fraction' must be < 1 (the rest is "
+                              f"the training split), got {self.val_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -62,7 +71,7 @@ class ModelConfig(_Section):
     # initialisation of W1 and W2 (engine/params.py): lecun N(0,1/fan_in) (the engine's always),
     # xavier N(0,2/(fan_in+fan_out)), kaiming N(0,2/fan_in); the embedding is N(0,1)
     init: str = _f("lecun", choices=("lecun", "xavier", "kaiming"))
-    family: str = _f("hybrid", choices=("hybrid", "transformer"))   # the model family (engine/models/)
+    family: str = _f("hybrid", choices=("hybrid", "transformer", "memnet"))   # the model family (engine/models/)
     # bio-associative layers (hybrid family): each after the first reads the previous one
     # through h = x + GELU(x·W + b) and has its own memory, spikes and prototypes
     num_layers: int = _f(1, ge=1)
@@ -137,6 +146,9 @@ class TrainConfig(_Section):
     log_every: int = _f(10, ge=1)          # steps between telemetry read-backs from the device
     checkpoint_every: int = _f(500, ge=0)  # steps between checkpoints (0 = only at the end)
     eval_batches: int = _f(0, ge=0)        # max validation batches per evaluation (0 = whole split)
+    # early stopping: stop once the task's objective (val_loss) has not improved on its best for
+    # this many consecutive evaluations; the best evaluation's checkpoint is kept (0 = off)
+    patience: int = _f(0, ge=0)
     profile: bool = True                   # per-kernel device times from OpenCL profiling events
 
 
@@ -171,6 +183,30 @@ class TransformerConfig(_Section):
 
 
 @dataclass(frozen=True)
+class MemnetConfig(_Section):
+    """The memory network (engine/models/memnet.py; the DRLMemNet design): an embedding, a
+    query read from a key-value memory by softmax attention, a GRU controller over the read
+    vectors, Linear + GELU, dropout, the head (GELU on the logits in the design). The memory's
+    keys and values are Adam parameters and are also written by a local rule after each step.
+    model.* sizes do not apply to it."""
+    SECTION: ClassVar[str] = "memnet"
+    embedding_dim: int = _f(128, ge=1)      # E: the token embedding (N(0, 0.1²) init)
+    memory_size: int = _f(512, ge=1)        # slots of the key-value memory
+    memory_dim: int = _f(128, ge=1)         # M: width of a key, a value, the query and the read
+    hidden_dim: int = _f(256, ge=1)         # the GRU's width and the Linear + GELU after it
+    gru_layers: int = _f(2, ge=1)           # stacked GRU layers
+    dropout: float = _f(0.3, ge=0, lt=1)    # after the Linear + GELU (training only)
+    write_strength: float = _f(0.1, ge=0, le=1)   # w: K ← normalise((1−w)·K + w·normalise(new keys))
+    # "mean": the design's write (the batch averaged into one key and one value, every slot
+    # pulled towards them: it collapses the slots); "slot": each addressed slot towards the mean
+    # of the rows that addressed it; "none": no local rule (gradient only)
+    write_mode: str = _f("mean", choices=("mean", "slot", "none"))
+    memory: bool = True                     # False: the read is replaced by the query (the GRU alone)
+    logit_gelu: bool = True                 # GELU on the logits before the softmax, as the design
+    init: str = _f("kaiming", choices=("kaiming", "lecun", "xavier"))   # the memory and the linear layers
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     """The whole run. `Config()` is the default run; see `from_dict`, `apply_overrides`."""
     seed: int = _f(0, ge=0, lt=2**32)      # seeds init, batches, re-seeding (uint32: enters the hash)
@@ -188,6 +224,7 @@ class Config(_Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    memnet: MemnetConfig = field(default_factory=MemnetConfig)
 
     def __post_init__(self):
         super().__post_init__()

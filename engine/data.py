@@ -1,4 +1,4 @@
-"""Corpus, character vocabulary, train/validation split and batches.
+"""Corpus, character vocabulary, train/validation/test split and batches.
 
     python -c "from engine.data import *; t = load_text(''); print(len(t), Vocab.from_text(t).size)"
 
@@ -6,8 +6,9 @@ The default corpus (`data.path = ""`) is CPython's own help text: the values
 of `pydoc_data.topics.topics` joined with "\\n\\n" in sorted key order, about
 465k characters of English that every CPython install has offline. Files
 are read as strict UTF-8 bytes (no newline translation; a leading BOM is
-dropped). Validation is the END of the text; the vocabulary is built from
-the training split only (id 0 = UNK for characters unseen in training).
+dropped). Validation is the END of the text (followed by the test split, when
+data.test_fraction > 0); the vocabulary is built from the training split only
+(id 0 = UNK for characters unseen in training).
 Letters: B batch, S sequence length, L number of ids.
 """
 from __future__ import annotations
@@ -105,15 +106,33 @@ def text_digest(path: str, text: str) -> str:
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     """(train, val): val is the last `val_fraction` of the characters."""
+    train, val, _ = split_corpus(text, val_fraction, 0.0)
+    return train, val
+
+
+def split_corpus(text: str, val_fraction: float, test_fraction: float = 0.0) -> tuple[str, str, str]:
+    """(train, val, test), contiguous in that order: test is the last `test_fraction` of the
+    characters, val the `val_fraction` before it (cut at int(L·(1 − val − test)) and
+    int(L·(1 − test)); test_fraction = 0: an empty test and exactly split_text's cut). Each
+    non-empty split needs 2 characters: one input and one target."""
     if not 0 < val_fraction < 1:
         raise DataError(f"data.val_fraction must be in (0, 1), got {val_fraction!r}")
-    cut = int(len(text) * (1 - val_fraction))
-    train, val = text[:cut], text[cut:]
-    if len(train) < 2 or len(val) < 2:
-        raise DataError(f"text of {len(text)} characters is too small to split with "
-                        f"val_fraction={val_fraction} (train {len(train)}, validation {len(val)} "
-                        f"characters; each needs at least 2)")
-    return train, val
+    if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(f"data.test_fraction must be in [0, 1 - val_fraction), got {test_fraction!r} "
+                        f"with val_fraction={val_fraction!r}")
+    n = len(text)
+    cut = int(n * (1 - (val_fraction + test_fraction)))
+    cut_test = int(n * (1 - test_fraction)) if test_fraction else n
+    train, val, test = text[:cut], text[cut:cut_test], text[cut_test:]
+    if len(train) < 2 or len(val) < 2 or (test_fraction and len(test) < 2):
+        if not test_fraction:   # the message split_text has always given
+            raise DataError(f"text of {n} characters is too small to split with "
+                            f"val_fraction={val_fraction} (train {len(train)}, validation {len(val)} "
+                            f"characters; each needs at least 2)")
+        raise DataError(f"text of {n} characters is too small to split with val_fraction={val_fraction}, "
+                        f"test_fraction={test_fraction} (train {len(train)}, validation {len(val)}, test "
+                        f"{len(test)} characters; each needs at least 2)")
+    return train, val, test
 
 
 def _code_points(text: str) -> np.ndarray:

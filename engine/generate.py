@@ -2,6 +2,7 @@
 
     python -m engine.generate --checkpoint runs/demo/checkpoint.npz --prompt "The " --length 200 --temperature 0.8
 
+The memory network carries each GRU layer's hidden state (RecurrentGenerator).
 The transformer family (without local rules in its blocks) runs with a key-value cache
 (KVCacheGenerator, kernels/gpt_generate.cl): one launch per character through every block, the
 prompt and each refill of the cache by the training forward; --keep sets how many tokens a
@@ -274,6 +275,39 @@ class KVCacheGenerator(Generator):
         return self._row[0, :self.model.V]
 
 
+class RecurrentGenerator(Generator):
+    """The memory network (model.family memnet): one character at a time (B = S = 1) through the
+    training kernels, each GRU layer's hidden state carried from character to character (its
+    fw_state, engine/layers/gru.py): the logits after each character equal the training forward
+    over everything fed since reset, which tests/test_memnet.py checks. The memory is read, never
+    written (the local write belongs to training)."""
+
+    def __init__(self, model: Model, vocab: Vocab):
+        self.model, self.vocab, self.dev = model, vocab, model.dev
+        self.fused, self.carried, self.history = False, True, []
+        self.grus = [layer for layer in model.layers if layer.kind == "gru"]
+        self.state = {g.name: self.dev.zeros((1, g.Hd)) for g in self.grus}
+        self.ws = model.workspace(1, 1)
+        self._row = np.zeros((1, model.Vp), np.float32)
+
+    def reset(self):
+        self.history = []
+        for a in self.state.values():
+            self.dev.cl.enqueue_fill_buffer(self.dev.queue, a.data, np.zeros(1, np.float32), 0, a.nbytes)
+
+    def feed(self, token: int) -> np.ndarray:
+        m, ws, dev = self.model, self.ws, self.dev
+        ws.x.set(np.array([token], np.int32))
+        m.forward(ws, fw_state=self.state, loss=False, training=False)
+        for g in self.grus:   # h_0 of the next character = this one's last state
+            last = g.last_state(ws.ctx[g.name])
+            dev.cl.enqueue_copy(dev.queue, self.state[g.name].data, last.base_data, src_offset=last.offset,
+                                byte_count=self.state[g.name].nbytes)
+        self.history.append(int(token))
+        ws.logits.get(ary=self._row)
+        return self._row[0, :m.V]
+
+
 KV_GLOBALS = ("wte", "wpe", "ln_f.gamma", "ln_f.beta", "lm_head.W", "lm_head.b")
 KV_BLOCK = ("ln_1.gamma", "ln_1.beta", "attn.W_qkv", "attn.b_qkv", "attn.W_proj", "attn.b_proj",
             "ln_2.gamma", "ln_2.beta", "mlp.W_fc", "mlp.b_fc", "mlp.W_proj", "mlp.b_proj")
@@ -296,6 +330,8 @@ def make_generator(model: Model, vocab: Vocab, keep: int | None = None, cache: b
     """The key-value cache for the transformer without local rules (cache=True), else Generator."""
     if cache and kv_cache_supported(model.cfg):
         return KVCacheGenerator(model, vocab, keep)
+    if model.cfg.model.family == "memnet":
+        return RecurrentGenerator(model, vocab)
     return Generator(model, vocab)
 
 
@@ -347,7 +383,7 @@ def load_generator(path: str, device: str | None = None, keep: int | None = None
                             + (f" with hybrid {cfg.transformer.hybrid!r}" if cfg.model.family == "transformer" else ""))
     if keep is not None and not 0 <= keep < cfg.transformer.block_size:
         raise GenerateError(f"--keep must be in [0, block_size) = [0, {cfg.transformer.block_size}), got {keep}")
-    shape = (1, 1) if carried_state_supported(cfg) else (1, cfg.train.seq_len)
+    shape = (1, 1) if carried_state_supported(cfg) or cfg.model.family == "memnet" else (1, cfg.train.seq_len)
     extra = {"generate.At": ((H, H), np.float32)}
     if kv_cache_supported(cfg):   # the prefill's training forward at up to block_size, the cache
         t = cfg.transformer

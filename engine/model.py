@@ -226,7 +226,7 @@ class Model:
         self.p = {name: self._view(self.theta, name) for name in self.layout.names}
         self.g = {name: self._view(self.grad, name) for name in self.layout.names}
         self.state_specs = [s for layer in self.layers for s in layer.state()]
-        self.st = {s.name: (dev.to_device(np.full(s.shape, s.fill, s.dtype)) if s.fill else dev.zeros(s.shape, s.dtype))
+        self.st = {s.name: (dev.to_device(s.initial()) if s.fill or s.init else dev.zeros(s.shape, s.dtype))
                    for s in self.state_specs}
         self.proto_ready = not any(layer.needs_warm_start and cfg.proto.mode != "off" for layer in self.layers)
         self.step = 0  # optimiser steps taken
@@ -344,6 +344,10 @@ class Model:
         """Every layer's local rules on this step's forward pass (after the optimiser step)."""
         for layer in self.layers:
             layer.local_update(ws.ctx[layer.name])
+
+    def predict(self, ws: Workspace):
+        """The head's predictions of the last forward pass, (N,) int32 on the device (its predict)."""
+        return self.layers[-1].predict(ws.ctx[ws.head])
 
     def assignments(self, ws: Workspace):
         """The first bio layer's prototype assignments of the last forward pass (N,) int32, or None

@@ -351,6 +351,18 @@ def loss_reduce(dev, loss_rows, hits, nv, out, N):
                    i32(N), out.data)
 
 
+def argmax_rows(dev, logits, pred, N, V, ld=None):
+    """pred (N,) int32 = the first index of each row's maximum over columns 0..V-1 (rows ld apart):
+    the prediction softmax_xent's hits count (evaluation: macro F1)."""
+    ld = ld or V
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("loss.cl", "argmax_rows_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   logits.data, i32(V), i32(ld), pred.data)
+        return
+    dev.launch(dev.kernel("loss.cl", "argmax_rows"), (N,), None, logits.data, i32(V), i32(ld), pred.data)
+
+
 # -- optimiser ------------------------------------------------------------------------
 def sumsq_chunks(dev, g, partial, n_chunks, chunk):
     """partial (n_chunks,) = Σ g² over each chunk of `chunk` elements."""
@@ -677,3 +689,69 @@ def attention_backward(dev, qkv, p, dy, ds, dqkv, B, S, n_head, d, scale):
                qkv.data, p.data, dy.data, i32(S), i32(n_head), f32(scale), ds.data, dqkv.data)
     dev.launch(dev.kernel("attention.cl", "attention_backward_cols8", defines), (S, B * n_head), None,
                qkv.data, p.data, ds.data, dy.data, i32(S), i32(n_head), dqkv.data)
+
+
+# -- the slot memory read (kernels/memory.cl) -------------------------------------------------------
+def memory_softmax(dev, a, slot, N, Ms):
+    """In place: a (N,Ms) holds the scores q·Kᵀ and becomes their softmax over the slots (max
+    subtracted); slot (N,) int = argmax_s of the scores, the first maximum (lowest s on ties)."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("memory.cl", "memory_softmax_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   a.data, i32(Ms), slot.data)
+        return
+    name = "memory_softmax8" if _rows8(Ms, a) else "memory_softmax"   # float8 chunks: 3.2 -> 1.0 ms at 1600×512
+    dev.launch(dev.kernel("memory.cl", name), (N,), None, a.data, i32(Ms), slot.data)
+
+
+def memory_softmax_backward(dev, a, da, N, Ms):
+    """In place: da (N,Ms), the gradient of the probabilities a, becomes that of the scores,
+    a ⊙ (da − Σ_s a·da) per row."""
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("memory.cl", "memory_softmax_backward_wg", (("WG", wg),)), (N * wg,), (wg,),
+                   a.data, da.data, i32(Ms))
+        return
+    name = "memory_softmax_backward8" if _rows8(Ms, a, da) else "memory_softmax_backward"
+    dev.launch(dev.kernel("memory.cl", name), (N,), None, a.data, da.data, i32(Ms))
+
+
+def memory_write(dev, mem, sums, starts, shared, N, w, delta2, Ms, M):
+    """The memory's local write, in place on mem (Ms,M): per slot s with count c (N when shared,
+    else starts[s+1] − starts[s]) and target t = normalise(sums[0 if shared else s] / c),
+    mem[s] ← normalise((1−w)·mem[s] + w·t); slots with c = 0 untouched. delta2 (Ms,) = |Δmem[s]|².
+    sums: (1,M) when shared (the sum over every row), else (Ms,M) (bucket_sums per slot)."""
+    args = (mem.data, sums.data, starts.data, i32(int(shared)), i32(N), f32(w), i32(M), delta2.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("memory.cl", "memory_write_wg", (("WG", wg),)), (Ms * wg,), (wg,), *args)
+        return
+    dev.launch(dev.kernel("memory.cl", "memory_write"), (Ms,), None, *args)
+
+
+def memory_usage_update(dev, usage, starts, Ms):
+    """usage (Ms,) int32 += the slot counts starts[s+1] − starts[s] (bucket_sort of the arg-max slots)."""
+    dev.launch(dev.kernel("memory.cl", "memory_usage_update"), (Ms,), None, usage.data, starts.data)
+
+
+# -- GRU (kernels/gru.cl) --------------------------------------------------------------------------------
+def gru_gates_forward(dev, gx, gh, b_i, b_h, hs, gates, y, t, B, S, Hd):
+    """Step t of a GRU layer (PyTorch nn.GRU's gates [r | z | n]): from gx (N,3Hd) rows b·S+t
+    (x·W_i), gh (B,3Hd) (h_{t−1}·W_h), the biases b_i, b_h (3Hd,) and h_{t−1} = hs rows t·B..;
+    writes h_t to hs ((S+1)·B, Hd) rows (t+1)·B.. and to y (N,Hd) rows b·S+t, and
+    [r | z | n | hn] to gates (S·B, 4Hd) rows t·B.. (hn = gh_n + b_hn). The CPU variant takes eight
+    units per work-item (gru_gates_forward8) when Hd % 8 == 0: the same values."""
+    vec = dev.variant != "gpu" and _rows8(Hd, gx, gh, b_i, b_h, hs, gates, y)   # float8 items: 4-5x on PoCL
+    dev.launch(dev.kernel("gru.cl", "gru_gates_forward8" if vec else "gru_gates_forward"), (Hd // 8 if vec else Hd, B),
+               None, gx.data, gh.data, b_i.data, b_h.data, i32(t), i32(S), i32(Hd), hs.data, gates.data, y.data)
+
+
+def gru_gates_backward(dev, dy, gates, hs, carry, dgx, dgh, t, B, S, Hd):
+    """The backward of gru_gates_forward at step t: dh = dy (N,Hd) row b·S+t + carry (B,Hd) (∂L/∂h_t
+    through the later steps; not read at t = S−1); writes dgx (N,3Hd) rows b·S+t = ∂ of x·W_i + b_i,
+    dgh (S·B,3Hd) rows t·B.. = ∂ of h_{t−1}·W_h + b_h, and carry = dh·z (ops.gemm adds dgh_t·W_hᵀ:
+    ∂L/∂h_{t−1})."""
+    vec = dev.variant != "gpu" and _rows8(Hd, dy, gates, hs, carry, dgx, dgh)
+    dev.launch(dev.kernel("gru.cl", "gru_gates_backward8" if vec else "gru_gates_backward"),
+               (Hd // 8 if vec else Hd, B), None, dy.data, gates.data, hs.data, i32(t), i32(S), i32(Hd),
+               carry.data, dgx.data, dgh.data)

@@ -15,7 +15,8 @@ optimiser and full-batch Workspace are what the trainer sees. Per step:
      master's full-batch workspace in batch order, and the rules run there over the whole batch,
      exactly as on one device (the same N; the Hebbian outer-product sum, the prototype sums and
      counts over every row; re-seeding rows drawn from the whole batch); the new state is copied
-     to every replica. The local rules thus see the statistics one device would see.
+     to every replica (and the parameters, when a rule writes them: Layer.writes_params, the
+     memory's slot write). The local rules thus see the statistics one device would see.
 
 Telemetry (at log points: every batch-sized buffer is gathered first) and the prototypes' warm
 start (a forward of the whole first batch) also run on the master; evaluation runs on the master
@@ -247,7 +248,7 @@ class Replicas:
         self.gather(lambda k: [a for layer in active for a in layer.local_reads(self.ws[k].ctx[layer.name])])
         for layer in active:
             layer.local_update(self.wsg.ctx[layer.name])
-        self.broadcast(params=False, state=True, layers=active)
+        self.broadcast(params=any(layer.writes_params for layer in active), state=True, layers=active)
 
     def gather_all(self) -> None:
         """Every batch-sized buffer to the master's full workspace (before telemetry)."""

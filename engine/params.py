@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 # N(0, scale²); LeCun N(0, 1/fan_in); Glorot/Xavier N(0, 2/(fan_in + fan_out)); He/Kaiming N(0, 2/fan_in);
-# zeros; ones. fan_in = shape[0], fan_out = shape[1] (weights are stored (in, out): y = x·W).
-INITS = ("normal", "lecun", "xavier", "kaiming", "zeros", "ones")
+# zeros; ones; U(−scale, scale) (PyTorch's nn.GRU/nn.LSTM: scale = 1/√hidden for weights and biases).
+# fan_in = shape[0], fan_out = shape[1] (weights are stored (in, out): y = x·W).
+INITS = ("normal", "lecun", "xavier", "kaiming", "zeros", "ones", "uniform")
 WEIGHT_INITS = ("lecun", "xavier", "kaiming")   # what model.init may choose for the linear layers
 
 
@@ -25,7 +26,7 @@ class ParamSpec:
     shape: tuple                  # as seen: checkpoints, get_params, the reference
     stored: tuple = ()            # as stored on the device (default: shape)
     init: str = "lecun"
-    scale: float = 1.0            # for init = normal
+    scale: float = 1.0            # for init = normal (std) and uniform (half-width)
     decay: bool = True            # weight decay applies (weights yes, biases no)
 
     def __post_init__(self):
@@ -40,6 +41,8 @@ class ParamSpec:
             return None
         if self.init == "ones":
             return np.ones(self.shape)
+        if self.init == "uniform":
+            return rng.uniform(-self.scale, self.scale, self.shape)
         z = rng.standard_normal(self.shape)
         fan_in, fan_out = self.shape[0], (self.shape[1] if len(self.shape) > 1 else 1)
         if self.init == "normal":

@@ -3,13 +3,16 @@
     python -m engine.train --set train.steps=200 --out runs/demo
 
 Prints one JSON object per evaluation on standard output (step, train_loss,
-val_loss, val_acc, val_bpc); on standard error a progress bar on a terminal,
-else a plain progress line every few seconds, and one summary line at the
-end. Bad input (config, data, checkpoint, an output folder that cannot take
-the checkpoints, a model too large for the device) is a one-line error
-before training (exit 2). Checkpoints go to OUT/checkpoint.npz (atomic; the last good one is
-kept). Telemetry goes to callbacks (`Callback`), which is how the MLflow
-runner listens: the engine itself knows nothing of MLflow.
+val_loss, val_acc, val_bpc) and, with early stopping (train.patience) or a test
+split (data.test_fraction), one more at the end (END_KEYS: the best evaluation,
+the test metrics); on standard error a progress bar on a terminal, else a plain
+progress line every few seconds, the early-stop line if training stopped early,
+and one summary line at the end. Bad input (config, data, checkpoint, an output
+folder that cannot take the checkpoints, a model too large for the device) is a
+one-line error before training (exit 2). Checkpoints go to OUT/checkpoint.npz (atomic; the
+last good one is kept), with early stopping the best evaluation's to OUT/best.npz. Telemetry
+goes to callbacks (`Callback`), which is how the MLflow runner listens: the engine itself
+knows nothing of MLflow.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from .config import Config, ConfigError, apply_overrides
 from .tasks import task_of
 from .data import DataError
 from .device import Device, DeviceError, kernel_source_hash
+from .early_stop import EarlyStopping
 from .model import Layout, Model, device_buffers, model_layers, param_specs, state_shapes, workspace_buffers
 from .parallel import Replicas, check_parallel, device_specs, split_batch
 from .optim import make_optimizer
@@ -84,7 +88,7 @@ class Callback:
     def on_eval(self, record: dict): ...         # step, val_loss, val_acc, val_bpc, proto histogram
     def before_checkpoint(self, step: int): ...  # the checkpoint of `step` is about to be written
     def on_checkpoint(self, path: str, step: int): ...
-    def on_end(self, summary: dict): ...
+    def on_end(self, summary: dict): ...         # status, step, history, final, best, early_stop, test
 
 
 class Trainer:
@@ -96,6 +100,12 @@ class Trainer:
         checkpoint against cfg, the data, the output folder (check_out_dir), the memory."""
         self.cfg, self.out_dir, self.callbacks = cfg, out_dir, list(callbacks)
         self.task = task_of(cfg)   # its metrics name the evaluation record's values
+        # early stopping on the task's objective; best_arrays: the best evaluation's parameters
+        # and layer state (param.*, state.*), on the host, carried in every checkpoint as best.*
+        self.early = EarlyStopping(self.task.metric(self.task.objective), cfg.train.patience) \
+            if cfg.train.patience else None
+        self.best_arrays: dict | None = None
+        self._best_source = None   # a resumed run's best.npz, beside its checkpoint (copied to OUT by save)
         ckpt = load_checkpoint(resume) if resume else None
         if ckpt:
             self._check_resumable(resume, ckpt[1])
@@ -171,6 +181,9 @@ class Trainer:
         if cfg.proto.mode != "off":   # the first validation batch's assignments
             out["state.last_assign"] = ((cfg.train.batch_size * cfg.train.seq_len,), np.int32)
         out["state.step_acc"] = ((3,), np.float32)
+        if cfg.train.patience:   # the best evaluation's parameters and layer state
+            out.update({f"best.{k}": v for k, v in state_shapes(cfg, self.data.output_size).items()
+                        if k.startswith(("param.", "state."))})
         return out
 
     def _meta_bytes(self) -> int:
@@ -178,15 +191,22 @@ class Trainer:
         one history record per evaluation (~40 bytes per number, prototype counts included)."""
         tc = self.cfg.train
         evals = tc.steps // tc.eval_every + 1
-        record = 40 * (8 + self.cfg.model.num_prototypes)
-        return len(self.cfg.to_json()) + 8 * self.vocab.size + 4096 + evals * record
+        record = 40 * (9 + self.cfg.model.num_prototypes)
+        return len(self.cfg.to_json()) + 8 * self.vocab.size + 4096 + 256 + evals * record
+
+    @property
+    def checkpoint_files(self) -> int:
+        """Checkpoint-sized files the output folder must have room for: the last, a save's temp
+        file, and with early stopping the best."""
+        return 3 if self.early else 2
 
     def check_out_dir(self, out_dir: str):
         """CheckpointError unless out_dir can take this run's checkpoints (engine.checkpoint.check_out_dir)."""
-        check_out_dir(out_dir, self.checkpoint_nbytes)
-        path = os.path.join(out_dir, "checkpoint.npz")
-        if os.path.isdir(path):
-            raise CheckpointError(f"checkpoint {path!r} is a directory")
+        check_out_dir(out_dir, self.checkpoint_nbytes, self.checkpoint_files)
+        for name in ("checkpoint.npz", "best.npz") if self.early else ("checkpoint.npz",):
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):
+                raise CheckpointError(f"checkpoint {path!r} is a directory")
 
     def device_buffers(self, variant: str = "cpu", n_devices: int = 1) -> dict:
         """{name: (shape, dtype)} of every buffer this run puts on its (first) device; with
@@ -217,29 +237,72 @@ class Trainer:
     def checkpoint_path(self) -> str | None:
         return os.path.join(self.out_dir, "checkpoint.npz") if self.out_dir else None
 
-    def save(self) -> str | None:
-        path = self.checkpoint_path()
-        if path is None:
-            return None
-        arrays = self.model.state_arrays(self.opt)
+    def best_path(self) -> str | None:
+        """OUT/best.npz: the checkpoint of the best evaluation (with early stopping only)."""
+        return os.path.join(self.out_dir, "best.npz") if self.out_dir and self.early else None
+
+    def _contents(self, arrays: dict | None = None) -> tuple[dict, dict]:
+        """(arrays, meta) of a checkpoint of the current step; `arrays`: the model's state_arrays
+        if already read."""
+        arrays = dict(self.model.state_arrays(self.opt) if arrays is None else arrays)
         if self.last_assign is not None:
             arrays["state.last_assign"] = self.last_assign
         arrays["state.step_acc"] = self.step_acc.get()
+        if self.best_arrays is not None:
+            arrays.update({f"best.{k}": v for k, v in self.best_arrays.items()})
         meta = {"format": CHECKPOINT_FORMAT, "step": self.model.step, "config": self.cfg.to_dict(),
                 **self.data.state(),
                 "proto_ready": self.model.proto_ready, "kernel_hash": kernel_source_hash(),
                 "device": self.dev.name, "history": self.history, "train_time_s": self.train_time_s}
-        for cb in self.callbacks:   # e.g. the tracker makes what it logged so far durable first
-            cb.before_checkpoint(self.model.step)
+        if self.early:
+            meta["early_stopping"] = self.early.state()
+        return arrays, meta
+
+    def _write(self, path: str, arrays: dict, meta: dict):
         try:
             save_checkpoint(path, arrays, meta)
         except OSError as exc:  # e.g. the disk filled up during the run: the temp file is gone
             kept = "the last good checkpoint is kept" if os.path.exists(path) else "no checkpoint was written"
             raise TrainingError(f"cannot write checkpoint {path!r} at step {self.model.step} "
                                 f"({exc.strerror or exc}); {kept}") from None
+
+    def save(self) -> str | None:
+        path = self.checkpoint_path()
+        if path is None:
+            return None
+        arrays, meta = self._contents()
+        for cb in self.callbacks:   # e.g. the tracker makes what it logged so far durable first
+            cb.before_checkpoint(self.model.step)
+        self._carry_best()
+        self._write(path, arrays, meta)
         for cb in self.callbacks:
             cb.on_checkpoint(path, self.model.step)
         return path
+
+    def _carry_best(self):
+        """A run resumed into another folder: its best.npz (the checkpoint of the best step
+        recorded in the resumed checkpoint) is copied beside the new checkpoints, once (unless a
+        new best came first)."""
+        src, dst, self._best_source = self._best_source, self.best_path(), None
+        if not src or not dst or os.path.abspath(src) == os.path.abspath(dst):
+            return
+        try:
+            arrays, meta = load_checkpoint(src)
+        except CheckpointError as exc:
+            print(f"note: {exc}; {dst} is written at the next best evaluation", file=sys.stderr)
+            return
+        if meta.get("step") == self.early.best_step:
+            self._write(dst, arrays, meta)
+
+    def _new_best(self):
+        """The evaluation just made is the best: keep its parameters and layer state, and write
+        its checkpoint (what save() would write now) to best.npz."""
+        arrays = self.model.state_arrays(self.opt)
+        self.best_arrays = {k: v for k, v in arrays.items() if k.startswith(("param.", "state."))}
+        self._best_source = None   # superseded: nothing to carry over from a resumed run's folder
+        path = self.best_path()
+        if path is not None:
+            self._write(path, *self._contents(arrays))
 
     def _restore(self, path, arrays, meta):
         try:
@@ -254,6 +317,18 @@ class Trainer:
             self.step_acc.set(np.ascontiguousarray(arrays["state.step_acc"], np.float32))
         self.history = list(meta.get("history", []))
         self.train_time_s = float(meta.get("train_time_s", 0.0))
+        if self.early and meta.get("early_stopping"):   # a checkpoint without: tracking starts here
+            try:
+                self.early.set_state(meta["early_stopping"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"checkpoint {path}: its early-stopping state is unusable ({exc})") from None
+            best = {k[len("best."):]: v for k, v in arrays.items() if k.startswith("best.")}
+            self.best_arrays = best or None
+            source = os.path.join(os.path.dirname(os.path.abspath(path)), "best.npz")
+            self._best_source = source if best and os.path.exists(source) else None
+            if self.early.best_step is not None and not best:
+                raise CheckpointError(f"checkpoint {path}: records a best evaluation at step "
+                                      f"{self.early.best_step} but not its parameters")
 
     # -- the loop -----------------------------------------------------------------------
     def request_stop(self, reason: str = "killed"):
@@ -262,14 +337,20 @@ class Trainer:
         self._stop = reason
 
     def train(self, progress=None) -> dict:
+        """Train to train.steps (or an early stop, or a stop request); then, if the run ended
+        (not stopped), evaluate the test split once. Returns the summary: status, step,
+        history, final (the last evaluation), checkpoint; with early stopping best (step, the
+        objective's value, best.npz) and early_stop (None if it did not stop early); with a
+        test split test (the step of the parameters evaluated and the test metrics)."""
         cfg, m, ws, dev = self.cfg, self.model, self.ws, self.dev
         tc = cfg.train
         for cb in self.callbacks:
             cb.on_start(self)
         status = "finished"
+        stopped_early = self.early is not None and self.early.stop   # a checkpoint of a stopped run
         t_log, steps_timed = time.perf_counter(), 0
         dev.take_timings()
-        while m.step < tc.steps:
+        while m.step < tc.steps and not stopped_early:
             if self._stop:
                 status = self._stop
                 break
@@ -299,18 +380,49 @@ class Trainer:
                 t_log, steps_timed = time.perf_counter(), 0
             if is_eval:
                 self.history.append(self.evaluate(step, rec))
+                if self.early is not None:
+                    if self.early.update(step, self.history[-1][self.early.metric.name]):
+                        self._new_best()
+                    stopped_early = self.early.stop
                 dev.take_timings()  # evaluation (and its callbacks) is not training-step time
                 t_log = time.perf_counter()
-            if is_ckpt:
+            if is_ckpt or stopped_early:
                 self.save()
         if status != "finished" and self.checkpoint_path():
             self.save()
         summary = {"status": status, "step": m.step, "history": self.history,
                    "final": self.history[-1] if self.history else None,
                    "checkpoint": self.checkpoint_path()}
+        if self.early is not None:
+            summary["best"] = {"step": self.early.best_step, self.early.metric.name: self.early.best,
+                               "checkpoint": self.best_path() if self.best_arrays is not None else None}
+            summary["early_stop"] = ({"step": m.step, "best_step": self.early.best_step, "best": self.early.best,
+                                      "metric": self.early.metric.name, "patience": self.early.patience,
+                                      "message": self.early.message(m.step)} if stopped_early else None)
+        if status == "finished" and self.data.has_test:
+            summary["test"] = self.evaluate_test()
         for cb in self.callbacks:
             cb.on_end(summary)
         return summary
+
+    def evaluate_test(self) -> dict:
+        """The task's metrics over the test split, once: with the best evaluation's parameters
+        and layer state when early stopping kept them, else the current ones (restored after).
+        {"step": the step of the parameters evaluated, test_loss, test_acc, test_bpc, test_f1}."""
+        m = self.model
+        use_best = self.best_arrays is not None and self.early.best_step != m.step
+        step = self.early.best_step if use_best else m.step
+        if use_best:
+            last, ready = m.state_arrays(), m.proto_ready
+            m.load_state_arrays(self.best_arrays)
+        try:
+            metrics, _ = self.data.evaluate(m, self.ws, "test")
+        finally:
+            if use_best:
+                m.load_state_arrays(last)
+                m.proto_ready = ready
+            self.dev.take_timings()
+        return {"step": step, **metrics}
 
     def _log_record(self, step, lr, n_timed, seconds) -> dict:
         """Telemetry at a logging point: averages over the steps since the last one."""
@@ -358,6 +470,8 @@ class Trainer:
             self.last_assign = first_assign
             if log_rec and "proto_counts" in log_rec:
                 rec["proto_counts"] = log_rec["proto_counts"]
+        for k in (k for k in (log_rec or {}) if k.endswith("mem_usage_counts")):   # memnet's slot usage
+            rec[k] = log_rec[k]
         for cb in self.callbacks:
             cb.on_eval(rec)
         return rec
@@ -365,11 +479,35 @@ class Trainer:
 
 # -- command line ---------------------------------------------------------------------------
 EVAL_KEYS = ("step", "train_loss", "val_loss", "val_acc", "val_bpc")
+# the last object, with early stopping or a test split (only the keys that apply): no "step", so
+# that it is not read as an evaluation
+END_KEYS = ("final_step", "stopped_early", "best_step", "best_val_loss", "test_step", "test_loss", "test_acc",
+            "test_bpc", "test_f1")
+
+
+def end_record(summary: dict) -> dict | None:
+    """The final object engine.train prints (END_KEYS), or None without early stopping and test split."""
+    best, test = summary.get("best"), summary.get("test")
+    if best is None and test is None:
+        return None
+    out = {"final_step": summary["step"]}
+    if best is not None:
+        metric = next(k for k in best if k not in ("step", "checkpoint"))
+        out.update(stopped_early=summary.get("early_stop") is not None, best_step=best["step"])
+        out[f"best_{metric}"] = best[metric]
+    if test is not None:
+        out.update({"test_step": test["step"], **{k: v for k, v in test.items() if k != "step"}})
+    return out
 
 
 class _PrintEval(Callback):
     def on_eval(self, record):
         print(json.dumps({k: record[k] for k in EVAL_KEYS}), flush=True)
+
+    def on_end(self, summary):
+        end = end_record(summary)
+        if end is not None:
+            print(json.dumps(end), flush=True)
 
 
 def make_progress(total: int, initial: int = 0, interval: float = 5.0):
@@ -418,8 +556,12 @@ def summary_line(summary: dict, total: int, seconds: float) -> str:
     final, path = summary.get("final"), summary.get("checkpoint")
     val = (f"val_loss {final['val_loss']:.4f}  val_bpc {final['val_bpc']:.4f}" if final
            else "no evaluation yet")
+    test = summary.get("test")
+    if test:
+        val += f"  test_loss {test['test_loss']:.4f}  test_f1 {test['test_f1']:.4f} (step {test['step']})"
     where = f"checkpoint {path}" if path else "no checkpoint written (no --out given)"
-    head = "finished" if summary["status"] == "finished" else "stopped"
+    head = ("stopped early" if summary.get("early_stop") else "finished") if summary["status"] == "finished" \
+        else "stopped"
     return f"{head} at step {summary['step']}/{total} in {format_duration(seconds)}  {val}  {where}"
 
 
@@ -480,6 +622,8 @@ def main(argv=None) -> int:
             signal.signal(s, h)
         if bar is not None:
             bar.close()
+    if summary.get("early_stop"):
+        print(summary["early_stop"]["message"], file=sys.stderr)
     print(summary_line(summary, cfg.train.steps, time.perf_counter() - t0), file=sys.stderr)
     return 130 if summary["status"] == "killed" else 0
 

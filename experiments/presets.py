@@ -30,6 +30,8 @@ _SEED = {"hebb.mode": "shadow", "proto.mode": "shadow", "proto.similarity": "dot
 
 # nanoGPT's train_shakespeare_char with its README's CPU overrides (block 64, batch 12, 4 layers, 4 heads,
 # 128 wide, 2000 iterations, lr decay over 2000, dropout 0); lr, warm-up, min lr, β2, decay, clip as there
+_MEMNET = {"model.family": "memnet", "train.batch_size": 16, "train.seq_len": 100, "optim.lr": 0.01,
+           "data.val_fraction": 0.1, "data.test_fraction": 0.1, "train.patience": 3}
 _ATTN = {"model.family": "transformer", "transformer.n_layer": 4, "transformer.n_head": 4, "transformer.n_embd": 128,
          "transformer.block_size": 64, "transformer.dropout": 0.0, "transformer.bias": False,
          "transformer.tie_weights": True, "train.batch_size": 12, "train.seq_len": 64, "train.steps": 2000,
@@ -91,6 +93,16 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("stack3_b12", "the best stacked bio model (stack3) at attention_baseline's schedule",
                {**{k: v for k, v in _ATTN.items() if not k.startswith(("model.family", "transformer."))},
                 "model.num_layers": 3}),
+    # the memory network (issue 14): the DRLMemNet design's sizes and training (lr 0.01, batch 16,
+    # length 100), its write rules and ablations
+    Experiment("memnet", "the DRLMemNet design, faithful: a GRU 2 × 256 reading a 512-slot key-value memory, "
+               "the mean write (every slot towards the batch's mean), GELU on the logits", _MEMNET),
+    Experiment("memnet_slot_write", "memnet with the write on the addressed (arg-max) slots only",
+               {**_MEMNET, "memnet.write_mode": "slot"}),
+    Experiment("memnet_no_write", "memnet without the local rule: the memory by gradient only",
+               {**_MEMNET, "memnet.write_mode": "none"}),
+    Experiment("memnet_no_memory", "memnet with the read replaced by the query: the GRU alone",
+               {**_MEMNET, "memnet.memory": False}),
     Experiment("smoke", "hybrid at tiny sizes for tests: finishes in seconds",
                {"model.embedding_dim": 16, "model.hidden_dim": 32, "model.num_prototypes": 8,
                 "train.batch_size": 8, "train.seq_len": 16, "train.steps": 30, "train.eval_every": 10,

@@ -312,7 +312,10 @@ def _interrupt(*_):
 def check_out_root(out_root: str, trainer: Trainer | None = None) -> None:
     """The checkpoint folder can be written (before any store is touched) and, once the
     model is known, has room for two checkpoints (the temp file and the previous one)."""
-    check_out_dir(out_root, trainer.checkpoint_nbytes if trainer is not None else 0)
+    if trainer is None:
+        check_out_dir(out_root, 0)
+    else:
+        check_out_dir(out_root, trainer.checkpoint_nbytes, trainer.checkpoint_files)
 
 
 def run_summary(uri: str, run_id: str, summary: dict, seconds: float) -> str:
@@ -322,6 +325,11 @@ def run_summary(uri: str, run_id: str, summary: dict, seconds: float) -> str:
     figures = (f"val_loss {final['val_loss']:.4f} nats ({final['val_bpc']:.3f} bpc) at step {final['step']}, "
                if final.get("val_loss") is not None else
                f"step {summary['step']}, " if summary.get("step") is not None else "")
+    if summary.get("early_stop"):
+        figures = f"{summary['early_stop']['message']}; " + figures
+    test = summary.get("test")
+    if test:
+        figures += f"test_loss {test['test_loss']:.4f} test_f1 {test['test_f1']:.4f} (step {test['step']}), "
     minutes, secs = divmod(int(round(seconds)), 60)
     ckpt = summary.get("checkpoint")
     where = f"checkpoints in {os.path.dirname(ckpt)}; " if ckpt else ""

@@ -130,6 +130,13 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
             "transformer_proto_prenorm", "transformer_proto"),
            ("1-layer bio model: hybrid_b12 vs attention_baseline", "hybrid_b12", "attention_baseline"),
            ("3-layer bio model: stack3_b12 vs attention_baseline", "stack3_b12", "attention_baseline"))),
+    Study("memnet", "the memory network (DRLMemNet design): the faithful mean write against the slot write, no "
+          "write (gradient only) and no memory (the GRU alone)",
+          ("memnet", "memnet_slot_write", "memnet_no_write", "memnet_no_memory"), "memnet",
+          (("slot write: memnet_slot_write vs memnet", "memnet_slot_write", "memnet"),
+           ("the local write (mean): memnet vs memnet_no_write", "memnet", "memnet_no_write"),
+           ("the local write (slot): memnet_slot_write vs memnet_no_write", "memnet_slot_write", "memnet_no_write"),
+           ("the memory: memnet_no_write vs memnet_no_memory", "memnet_no_write", "memnet_no_memory"))),
 ]}
 
 

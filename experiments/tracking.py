@@ -705,8 +705,33 @@ class MlflowLogger(Callback):
         vals = {k: v for k, v in self._scalars(rec).items() if not (step == sent_step and k in sent)}  # once a step
         self._send(step, {**vals, **self._kernel_metrics()}, flush=True)
         self.curves["val"].append((step, rec["val_loss"]))
+        if "val_f1" in rec:
+            self.curves.setdefault("val_f1", []).append((step, rec["val_f1"]))
         if "proto_counts" in rec:
             self._histogram(step, rec["proto_counts"])
+        for key in (k for k in rec if k.endswith("mem_usage_counts")):   # the memory's slot usage (memnet)
+            self._bg.submit(lambda c=list(rec[key]): self._write_histogram(step, c, "mem_hist", "slots"))
+
+    def on_end(self, summary):
+        """The end of training. With early stopping (train.patience): best_<objective> at the
+        best evaluation's step, best_step and, if it stopped early, stop_step at the last step,
+        tag early_stopped. With a test split: test_loss, test_acc, test_bpc, test_f1 at the step
+        of the parameters evaluated (the best evaluation's with early stopping)."""
+        step, best, test = summary["step"], summary.get("best"), summary.get("test")
+        if best is not None and best["step"] is not None:
+            metric = next(k for k in best if k not in ("step", "checkpoint"))
+            self._send(best["step"], {f"best_{metric}": best[metric]})
+            ends = {"best_step": best["step"]}
+            if summary.get("early_stop"):
+                ends["stop_step"] = summary["early_stop"]["step"]
+            self._send(step, ends)
+        if best is not None and summary["status"] == "finished":
+            stopped = "true" if summary.get("early_stop") else "false"
+            self._bg.submit(lambda: self.cl.set_tag(self.run_id, "early_stopped", stopped))
+        if test is not None:
+            self._send(test["step"], {k: v for k, v in test.items() if k != "step"})
+            self._test = dict(test)
+        self._flush()
 
     def _artifact(self, rel: str, data: bytes | str, artifact_path: str):
         self._bg.submit(lambda: self._write_artifact(rel, data, artifact_path))
@@ -721,15 +746,16 @@ class MlflowLogger(Callback):
         self.histograms.append((step, list(counts)))
         self._bg.submit(lambda: self._write_histogram(step, list(counts)))
 
-    def _write_histogram(self, step: int, counts: list):
+    def _write_histogram(self, step: int, counts: list, folder: str = "proto_hist", local: str = "proto"):
         """Per evaluation: the counts (JSON) and a bar-chart thumbnail written as PNG pixels
         directly (~2 ms; a matplotlib figure was 55-150 ms of CPU per evaluation that the
         device's threads did not get). The labelled figure of every evaluation is
-        proto_hist/usage.png, drawn once at the end (`_usage_figure`)."""
+        proto_hist/usage.png, drawn once at the end (`_usage_figure`). folder mem_hist: the
+        memory network's cumulative slot usage."""
         rel = f"step_{step:07d}"
-        self._write_artifact(f"proto/{rel}.json", json.dumps({"step": step, "counts": counts,
-                                                              "assigned": int(sum(counts))}), "proto_hist")
-        self._write_artifact(f"proto/{rel}.png", bar_png(counts), "proto_hist")
+        self._write_artifact(f"{local}/{rel}.json", json.dumps({"step": step, "counts": counts,
+                                                               "assigned": int(sum(counts))}), folder)
+        self._write_artifact(f"{local}/{rel}.png", bar_png(counts), folder)
 
     def _usage_figure(self):
         from matplotlib.figure import Figure  # the object API: no pyplot state
@@ -765,7 +791,7 @@ class MlflowLogger(Callback):
 
     def finish(self, checkpoint: str | None = None):
         """Write queued metrics and artifacts and wait for them; then the kernel
-        timing table, loss curves and checkpoint."""
+        timing table, loss curves and checkpoint (and early stopping's best.npz beside it)."""
         if self.trainer is not None:
             self._send(self._last_step, self._kernel_metrics())   # steps after the last evaluation
         self._flush()
@@ -774,10 +800,15 @@ class MlflowLogger(Callback):
             self._write_artifact("kernel_timings.csv", self.timing_table(), "")
         if self.curves["train"]:
             self._loss_figure()
+        if getattr(self, "_test", None) is not None and self.curves["val"]:
+            self._design_figure()
         if self.histograms:
             self._usage_figure()
         if checkpoint and os.path.exists(checkpoint):
             self.cl.log_artifact(self.run_id, checkpoint, "checkpoint")
+        best = self.trainer.best_path() if self.trainer is not None else None
+        if best and os.path.exists(best):
+            self.cl.log_artifact(self.run_id, best, "checkpoint")
 
     def timing_table(self) -> str:
         total = sum(t[1] for t in self.kernel_totals.values()) or 1.0
@@ -785,6 +816,33 @@ class MlflowLogger(Callback):
         for name, (calls, ms) in sorted(self.kernel_totals.items(), key=lambda kv: -kv[1][1]):
             lines.append(f"{name},{calls},{ms:.3f},{1000 * ms / max(calls, 1):.2f},{ms / total:.4f}")
         return "\n".join(lines) + "\n"
+
+    def _design_figure(self):
+        """The memory network design's training figure (training_figure.png): train and
+        validation loss per evaluation, validation F1 per evaluation, test accuracy and F1."""
+        from matplotlib.figure import Figure
+        fig = Figure(figsize=(9, 3.5))
+        ax = fig.add_axes((0.07, 0.14, 0.40, 0.76))
+        train = dict(self.curves["train"])
+        steps = [s for s, _ in self.curves["val"]]
+        ax.plot(steps, [train.get(s, np.nan) for s in steps], "o-", label="train loss")
+        ax.plot(steps, [v for _, v in self.curves["val"]], "o-", label="validation loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats / character")
+        ax.legend()
+        bx = fig.add_axes((0.57, 0.14, 0.40, 0.76))
+        if self.curves.get("val_f1"):
+            s, v = zip(*self.curves["val_f1"])
+            bx.plot(s, v, "o-", label="validation F1 (macro)")
+        t = self._test
+        bx.axhline(t.get("test_acc", np.nan), color="C2", ls="--", label=f"test accuracy {t.get('test_acc', 0):.3f}")
+        bx.axhline(t.get("test_f1", np.nan), color="C3", ls=":", label=f"test F1 {t.get('test_f1', 0):.3f}")
+        bx.set_xlabel("step")
+        bx.set_ylim(0, 1)
+        bx.legend(fontsize=8)
+        png = Path(self._tmp.name) / "training_figure.png"
+        fig.savefig(png, dpi=90)
+        self.cl.log_artifact(self.run_id, str(png), "")
 
     def _loss_figure(self):
         from matplotlib.figure import Figure

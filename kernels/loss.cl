@@ -7,6 +7,9 @@
  *                 GEMM path); columns V..ld-1 are neither read nor written  global (N)
  *   softmax_xent8 the same, eight columns at a time (ld % 8 == 0)           global (N)
  *   loss_reduce   out = [Σ loss_rows / Nv, Σ hits, Nv, Σ loss_rows]  (fixed order)        global (1)
+ *   argmax_rows   pred (N,) int = the first j in [0, V) with the largest logits[n, j] (rows ld
+ *                 apart): the prediction whose hits softmax_xent counts; evaluation only
+ *                 (macro F1, engine.tasks.metrics)                                      global (N)
  *   count_valid_wg / loss_reduce_wg   the same for GPUs: one work-group of WG items, strided
  *                 partial sums, then a tree sum (reduce.cl)           global (WG), local (WG)
  *   softmax_xent_wg  softmax_xent for GPUs: one work-group of WG items per row, reading the row
@@ -14,9 +17,11 @@
  *                 maximum, so hits are exactly the CPU kernels') and a tree sum (wg_sum) of the
  *                 exponentials; loss and p differ from the CPU's in the last bits (sum order)
  *                                                               global (N·WG), local (WG)
+ *   argmax_rows_wg  argmax_rows for GPUs: one work-group per row, the tree argmax above (exact:
+ *                 the same index as the CPU kernel)                 global (N·WG), local (WG)
  * GPU note: every kernel here has a work-group variant (the CPU ones loop serially per row or
  * over N in one work-item).
- * Reference: engine.reference.softmax_xent_forward. exp_fast: see fastmath.cl.
+ * Reference: engine.reference.softmax_xent_forward, engine.reference.argmax_rows. exp_fast: see fastmath.cl.
  */
 #include "fastmath.cl"
 #include "reduce.cl"
@@ -187,4 +192,29 @@ void softmax_xent_wg(__global const float* logits, __global const int* y,
         loss_rows[n] = log(sum) + mx - z[target];
         hits[n] = arg == target ? 1.0f : 0.0f;
     }
+}
+
+__kernel void argmax_rows(__global const float* logits, const int V, const int ld, __global int* pred)
+{
+    const int n = get_global_id(0);
+    __global const float* z = logits + (size_t)n * ld;
+    float mx = z[0];
+    int arg = 0;
+    for (int j = 1; j < V; j++) if (z[j] > mx) { mx = z[j]; arg = j; }
+    pred[n] = arg;
+}
+
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void argmax_rows_wg(__global const float* logits, const int V, const int ld, __global int* pred)
+{
+    __local float red[WG];
+    __local int idx[WG];
+    const int n = get_group_id(0), l = get_local_id(0);
+    __global const float* z = logits + (size_t)n * ld;
+    float bv = -INFINITY;
+    int bi = l;
+    for (int j = l; j < V; j += WG) if (z[j] > bv) { bv = z[j]; bi = j; }
+    int arg;
+    wg_argmax(bv, bi, red, idx, &arg);
+    if (l == 0) pred[n] = arg;
 }

@@ -42,7 +42,8 @@ from experiments.tracking import TrackingError, check_store, client, experiment_
 from . import spaces
 from .recovery import ERROR_ATTR, INTERRUPTED, RETRY_ATTR, STOP, Heartbeat, reap_stale_trials, retry
 from .study import (MAX_RETRY, USER_ERRORS, Objective, SweepError, check_fixed, check_storage_url, default_storage,
-                    describe, finished_count, make_pruner, make_sampler, make_storage, parent_run, redact)
+                    describe, finished_count, make_pruner, make_sampler, make_storage, objective_metric, parent_run,
+                    redact)
 
 MAX_FAILED_FACTOR = 1  # stop once failed trials reach this many times --trials (a hopeless space)
 MAX_RESTARTS = 2       # --workers: replacement workers per worker slot, for children killed by a signal
@@ -60,7 +61,11 @@ def build_parser():
     ap.add_argument("--study-name", help="default: the space name")
     ap.add_argument("--pruner", default="median", choices=("median", "hyperband", "none"))
     ap.add_argument("--sampler-seed", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=2, help="seeds per trial (objective = mean best val loss)")
+    ap.add_argument("--repeats", type=int, default=2, help="seeds per trial (objective = the mean of their best "
+                                                           "values of the objective metric)")
+    ap.add_argument("--objective", default=None, help="the evaluation metric trials are scored on, minimised or "
+                                                      "maximised by its direction (val_loss, val_acc, val_bpc, "
+                                                      "val_f1; default: the space's, else the task's val_loss)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="fix a config key in every trial")
     ap.add_argument("--tracking-uri")
     ap.add_argument("--experiment-name", default=None, help="MLflow experiment (default: sweep-<study>)")
@@ -69,10 +74,17 @@ def build_parser():
     return ap
 
 
+def direction_of(space, metric: str) -> str:
+    """Optuna's direction for `metric` of the space's task: maximize for accuracy and F1."""
+    task = task_of(presets.get(space.base).config())
+    return "minimize" if task.metric(metric).direction == "min" else "maximize"
+
+
 def validate(args):
     """Everything that can be checked without touching a store: a refused command leaves no file."""
     space = spaces.get(args.space)
     base = check_fixed(space, args.set)  # a searched key, an unknown key, a bad value
+    args.objective = objective_metric(space, base, args.objective)
     pruner = make_pruner(args.pruner, base.train.steps, base.train.eval_every, args.repeats)
     storage_url = args.storage or default_storage(args.workers)
     check_storage_url(storage_url)
@@ -95,10 +107,15 @@ def open_study(args, space, pruner, storage_url: str, uri: str):
     sampler = make_sampler(seed)
     try:
         study = optuna.create_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner,
-                                    direction=task_of(presets.get(space.base).config()).optuna_direction,
-                                    load_if_exists=True)
+                                    direction=direction_of(space, args.objective), load_if_exists=True)
     except Exception as exc:
         raise SweepError(f"cannot open study {name!r} in {redact(storage_url)} ({exc})") from None
+    scored = study.user_attrs.get("objective_metric")
+    if scored is None:
+        study.set_user_attr("objective_metric", args.objective)
+    elif scored != args.objective:
+        raise SweepError(f"study {name!r} scores trials on {scored!r}, not {args.objective!r}: "
+                         f"use --objective {scored} or another --study-name")
     existing = len(study.get_trials(deepcopy=False))
     if not existing:
         study.enqueue_trial(space.defaults(), user_attrs={"defaults": True})
@@ -221,7 +238,7 @@ def _start(args, uri: str):
     cl = client(uri)
     check_experiment(cl, exp_name)
     study, sampler = open_study(args, space, pruner, storage_url, uri)
-    objective = Objective(space, args.set, args.repeats, uri, exp_name, None, args.out)
+    objective = Objective(space, args.set, args.repeats, uri, exp_name, None, args.out, metric=args.objective)
     experiment_id(cl, exp_name)  # created once, before any worker starts
     if args.worker:
         objective.parent_id = study.user_attrs.get("mlflow_parent_run_id")
@@ -233,7 +250,7 @@ def _start(args, uri: str):
             "optuna_storage": redact(storage_url), "optuna_sampler": describe(sampler),
             "optuna_pruner": describe(pruner), "optuna_version": optuna.__version__,
             "optuna_sampler_seed": str(args.sampler_seed), "workers": str(args.workers),
-            "repeats": str(args.repeats), "fixed": " ".join(args.set)})
+            "repeats": str(args.repeats), "fixed": " ".join(args.set), "objective_metric": args.objective})
     return study, objective, cl, storage_url
 
 
@@ -298,6 +315,7 @@ def _worker_argv(args, storage_url: str) -> list[str]:
             argv += [flag, str(value)]
     for s in args.set:
         argv += ["--set", s]
+    argv += ["--objective", args.objective]
     return argv
 
 

@@ -25,11 +25,23 @@ class LogUniform:
 
 
 @dataclass(frozen=True)
+class IntLogUniform:
+    key: str
+    low: int
+    high: int
+    why: str
+
+    def suggest(self, trial):
+        return trial.suggest_int(self.key, self.low, self.high, log=True)
+
+
+@dataclass(frozen=True)
 class Space:
     name: str
     description: str
     base: str                     # named experiment the trials start from
     params: tuple
+    objective: str = ""           # the metric trials are scored on ("" = the task's: val_loss)
 
     def suggest(self, trial) -> dict:
         return {p.key: p.suggest(trial) for p in self.params}
@@ -76,6 +88,16 @@ SPACES = {s.name: s for s in [
                          "1e-4: Adam barely moves in a short run (val 2.675 at 300 steps, 2.182 at the "
                          "base's 1e-3); 3e-2: attention collapses onto one key (block 0's entropy 0.01 "
                          "nats) and val is 2.614"),
+          )),
+    Space("memnet_balance", "the Adam rate against the memory's local write strength and its size on `memnet`",
+          "memnet", (
+              LogUniform("optim.lr", 1e-4, 3e-2, "a decade below the design's 0.01 to three times it (the ends "
+                                                 "not yet measured on memnet)"),
+              LogUniform("memnet.write_strength", 1e-3, 1.0,
+                         "1e-3: the write barely moves a slot (a thousand steps to go the way); 1: each step "
+                         "overwrites the slots with the new normalised mean"),
+              IntLogUniform("memnet.memory_size", 16, 1024, "16: fewer slots than characters; 1024: twice the "
+                                                           "design's 512"),
           )),
 ]}
 

@@ -246,8 +246,8 @@ class _Report(Callback):
     """Hands every evaluation's objective (the task's: validation loss for character LMs) to
     the trial; asks the trainer to stop when the pruner says so."""
 
-    def __init__(self, trial, offset: int):
-        self.trial, self.offset, self.trainer = trial, offset, None
+    def __init__(self, trial, offset: int, metric: str | None = None):
+        self.trial, self.offset, self.trainer, self.metric = trial, offset, None, metric
 
     def on_start(self, trainer):
         self.trainer = trainer
@@ -259,9 +259,22 @@ class _Report(Callback):
             self.trainer.request_stop()
 
     def on_eval(self, rec):
-        self.trial.report(rec[self.trainer.task.objective], step=self.offset + rec["step"])
+        self.trial.report(rec[self.metric or self.trainer.task.objective], step=self.offset + rec["step"])
         if self.trial.should_prune():
             self.trainer.request_stop("pruned")
+
+
+def objective_metric(space, cfg, metric: str | None = None) -> str:
+    """The evaluation metric a sweep scores trials on (maximised or minimised by its direction,
+    engine.tasks): `metric`, else the space's objective, else the task's. One-line error if the
+    task has no such metric."""
+    task = task_of(cfg)
+    name = metric or getattr(space, "objective", "") or task.objective
+    names = [m.name for m in task.metrics]
+    if name not in names:
+        raise SweepError(f"unknown objective {name!r} for task {task.name!r}{presets.did_you_mean(name, names)}; "
+                         f"one of {', '.join(names)}")
+    return name
 
 
 def base_config(space, fixed: list[str]):
@@ -275,10 +288,12 @@ class Objective:
     A failed trial's reason is its user attr `error` (Optuna itself records only FAIL)."""
 
     def __init__(self, space, fixed: list[str], repeats: int, tracking_uri: str, exp_name: str,
-                 parent_id: str, out_root: str = "runs"):
+                 parent_id: str, out_root: str = "runs", metric: str | None = None):
         self.space, self.fixed, self.repeats = space, list(fixed), repeats
         self.uri, self.exp_name, self.parent_id, self.out_root = tracking_uri, exp_name, parent_id, out_root
         self.base_cfg = check_fixed(space, self.fixed)  # validates --set now
+        # the metric the trials are scored on: --objective, else the space's, else the task's
+        self.metric = objective_metric(space, self.base_cfg, metric)
 
     def config(self, params: dict, repeat: int):
         cfg = with_overrides(self.base_cfg, params)
@@ -341,10 +356,10 @@ class Objective:
             if summary["status"] != "finished":
                 raise RepeatFailed(f"{summary.get('error') or 'ended ' + summary['status']} "
                                    f"(repeat {r}, run {summary.get('run_id')})")
-            task = task_of(self.base_cfg)
-            best = task.metric(task.objective).best(h[task.objective] for h in summary["history"])
+            task, m = task_of(self.base_cfg), self.metric
+            best = task.metric(m).best(h[m] for h in summary["history"])
             bests.append(best)
-            cl.log_metric(child, f"best_{task.objective}", best, step=r)
+            cl.log_metric(child, f"best_{m}", best, step=r)
         return statistics.fmean(bests)
 
     def _repeat(self, trial, params, r: int, child) -> dict:
@@ -352,7 +367,7 @@ class Objective:
         cfg = self.config(params, r)
         overrides = [f"{k}={v}" for k, v in params.items()] + self.fixed + [f"seed={cfg.seed}"]
         for attempt in range(STORE_RETRIES + 1):
-            report = _Report(trial, offset=r * cfg.train.steps)
+            report = _Report(trial, offset=r * cfg.train.steps, metric=self.metric)
             try:
                 _, summary = runner.launch(cfg, self.space.base, overrides, self.uri, self.exp_name, self.out_root,
                                            tags={"trial_number": str(trial.number), "repeat": str(r)},

@@ -297,6 +297,9 @@ def test_check_out_dir_needs_room_for_two_checkpoints(tmp_path, monkeypatch):
     msg = _check_out(tmp_path / "out", 2 * 2**20)
     assert msg.endswith(f"has too little free space: checkpoints need 4.0 MiB (2 x 2.0 MiB), "
                         f"3.0 MiB free on {str(tmp_path)!r}")
+    ckpt.check_out_dir(tmp_path / "out", 2**20, files=3)        # early stopping's best.npz too: 3 x 1 MiB
+    with pytest.raises(CheckpointError, match=r"checkpoints need 4\.5 MiB \(3 x 1\.5 MiB\), 3\.0 MiB free"):
+        ckpt.check_out_dir(tmp_path / "out", 3 * 2**19, files=3)
     assert os.listdir(tmp_path) == []
 
 

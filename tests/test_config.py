@@ -15,13 +15,13 @@ from engine.config import (Config, ConfigError, OptimConfig, TrainConfig, apply_
 def test_defaults_match_the_spec():
     c = Config()
     assert (c.seed, c.device) == (0, "")
-    assert (c.data.path, c.data.val_fraction) == ("", 0.1)
+    assert (c.data.path, c.data.val_fraction, c.data.test_fraction) == ("", 0.1, 0.0)
     assert (c.model.embedding_dim, c.model.hidden_dim, c.model.num_prototypes) == (128, 384, 72)
     assert (c.hebb.mode, c.hebb.lr, c.hebb.decay, c.hebb.post) == ("fast_weights", 1.0, 0.5, "spikes")
     assert (c.proto.mode, c.proto.similarity, c.proto.init) == ("feature", "cosine", "kmeans++")
     assert (c.optim.lr, c.optim.beta2, c.optim.warmup_steps, c.optim.schedule) == (3e-3, 0.99, 100, "cosine")
     assert (c.train.batch_size, c.train.seq_len, c.train.steps, c.train.eval_batches) == (64, 64, 2000, 0)
-    assert c.train.profile is True
+    assert c.train.profile is True and c.train.patience == 0
 
 
 def test_frozen():
@@ -42,7 +42,7 @@ def test_json_round_trip_is_equal_and_sorted():
 def test_flat_has_dotted_keys_and_values():
     f = apply_overrides(Config(), ["proto.lr=0.25"]).flat()
     assert f["proto.lr"] == 0.25 and f["seed"] == 0 and f["train.profile"] is True
-    assert len(f) == 3 + 2 + 7 + 7 + 7 + 12 + 8 + 9 == len(dotted_keys())   # seed device tune, data, model, hebb, proto, optim, train, transformer
+    assert len(f) == 3 + 3 + 7 + 7 + 7 + 12 + 9 + 9 + 11 == len(dotted_keys())   # seed device tune, data, model, hebb, proto, optim, train, transformer, memnet
     assert all(not isinstance(v, dict) for v in f.values())
 
 
@@ -103,6 +103,11 @@ def test_parse_override():
     (["optim.beta1=1"], "config key 'optim.beta1' must be in [0, 1), got 1.0"),
     (["hebb.decay=1.5"], "config key 'hebb.decay' must be in [0, 1], got 1.5"),
     (["data.val_fraction=0"], "config key 'data.val_fraction' must be in (0, 1), got 0.0"),
+    (["data.test_fraction=-0.1"], "config key 'data.test_fraction' must be in [0, 1), got -0.1"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.5"],
+     "config keys 'data.val_fraction' + 'data.test_fraction' must be < 1 (the rest is the training split), "
+     "got 0.5 + 0.5"),
+    (["train.patience=-1"], "config key 'train.patience' must be >= 0, got -1"),
     (["proto.usage_decay=1"], "config key 'proto.usage_decay' must be in [0, 1), got 1.0"),
     (["optim.weight_decay=-0.1"], "config key 'optim.weight_decay' must be >= 0, got -0.1"),
     (["model.num_prototypes=0"], "config key 'model.num_prototypes' must be >= 1, got 0"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.data import (PAD, UNK, Batches, DataError, Vocab, default_corpus, load_text,
-                         split_text, val_batches)
+                         split_corpus, split_text, val_batches)
 
 
 # ---- corpus ---------------------------------------------------------------------------
@@ -79,6 +79,28 @@ def test_split_too_small_or_bad_fraction():
         split_text("abcdefghij", 0.1)
     with pytest.raises(DataError, match=r"val_fraction must be in \(0, 1\), got 1.0"):
         split_text("abcdefghij", 1.0)
+
+
+def test_three_way_split_is_contiguous_from_the_end():
+    text = "".join(chr(ord("a") + i % 26) for i in range(1000))
+    train, val, test = split_corpus(text, 0.1, 0.1)
+    assert (len(train), len(val), len(test)) == (800, 100, 100)
+    assert train + val + test == text and test == text[900:] and val == text[800:900]
+    train, val, test = split_corpus(text[:101], 0.25, 0.125)  # int(101·0.625) = 63, int(101·0.875) = 88
+    assert (len(train), len(val), len(test)) == (63, 25, 13)
+    for n, f in [(1000, 0.1), (7, 0.5), (101, 0.25), (465_917, 0.1)]:   # no test split: split_text's cut
+        t = text * (n // 1000 + 1)
+        assert split_corpus(t[:n], f, 0.0) == (*split_text(t[:n], f), "")
+
+
+def test_three_way_split_errors_are_one_line():
+    with pytest.raises(DataError, match=r"^text of 20 characters is too small to split with val_fraction=0.2, "
+                                        r"test_fraction=0.05 \(train 15, validation 4, test 1 characters; each "
+                                        r"needs at least 2\)$"):
+        split_corpus("abcdefghijklmnopqrst", 0.2, 0.05)
+    with pytest.raises(DataError, match=r"^data.test_fraction must be in \[0, 1 - val_fraction\), got 0.5 "
+                                        r"with val_fraction=0.5$"):
+        split_corpus("abcdefghij" * 10, 0.5, 0.5)
 
 
 # ---- vocabulary -----------------------------------------------------------------------

@@ -289,7 +289,7 @@ def test_smoke_metrics_equal_the_untracked_engine_exactly(shared, engine_run):
             if isinstance(v, (int, float)) and k != "step" and not k.startswith(TIMING_PREFIXES):
                 expected.setdefault(k.replace("grad_norm/", "grad_norm.", 1), []).append((r["step"], float(v)))
     for r in rec.evals:
-        for k in ("val_loss", "val_acc", "val_bpc", "proto_changed"):
+        for k in ("val_loss", "val_acc", "val_bpc", "val_f1", "proto_changed"):
             if k in r:
                 expected.setdefault(k, []).append((r["step"], float(r[k])))
     assert set(expected) == model_keys(cl, rid)
@@ -750,3 +750,43 @@ def test_compare_without_runs_is_a_user_error(shared):
     r = shared.run("experiments.compare", "--experiment-name", "empty")
     assert r.returncode == 2
     assert error_lines(r.stderr) == ["error: no runs to compare"]
+
+
+# -- early stopping and the test split (issue 14) -------------------------------------------------
+def test_early_stop_best_checkpoint_and_test_metrics_reach_mlflow(store, dev, tmp_path, monkeypatch):
+    """A tiny run in this process whose val_loss is a constructed function of the step (best at 4,
+    patience 2: stops at 8): the test metrics at the best step, best_val_loss, best_step, stop_step,
+    the tag early_stopped, val_f1 at every evaluation and best.npz beside checkpoint.npz."""
+    from conftest import B, E, H, S, T, TEXT
+
+    from engine.config import apply_overrides
+    from engine.tasks.char_lm import CharLM
+    from experiments.run import launch
+    table = {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.4, 10: 1.5, 12: 1.4}
+    real = CharLM.evaluate
+
+    def evaluate(self, model, ws, split="val"):
+        metrics, assign = real(self, model, ws, split)
+        if split == "val":
+            metrics["val_loss"] = table[model.step]
+        return metrics, assign
+    monkeypatch.setattr(CharLM, "evaluate", evaluate)
+    monkeypatch.chdir(store.dir)
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    cfg = apply_overrides(Config(), [f"data.path={text}", f"model.embedding_dim={E}", f"model.hidden_dim={H}",
+                                     f"model.num_prototypes={T}", f"train.batch_size={B}", f"train.seq_len={S}",
+                                     "train.steps=12", "train.eval_every=2", "optim.warmup_steps=2",
+                                     "train.log_every=2", "data.val_fraction=0.15", "data.test_fraction=0.1",
+                                     "train.patience=2"])
+    rid, summary = launch(cfg, "tiny", [], store.uri, out_root=str(store.dir / "runs"), progress=False)
+    cl = store.client
+    run = cl.get_run(rid)
+    metrics = run.data.metrics
+    assert run.info.status == "FINISHED" and run.data.tags["early_stopped"] == "true" and summary["step"] == 8
+    for k in ("test_loss", "test_acc", "test_bpc", "test_f1"):
+        assert series(cl, rid, k) == [(4, summary["test"][k])], k   # the step of the parameters evaluated
+    assert (metrics["best_val_loss"], metrics["best_step"], metrics["stop_step"]) == (2.0, 4, 8)
+    assert series(cl, rid, "val_f1") == [(r["step"], r["val_f1"]) for r in summary["history"]]
+    assert sorted(a.path for a in cl.list_artifacts(rid, "checkpoint")) == ["checkpoint/best.npz",
+                                                                            "checkpoint/checkpoint.npz"]

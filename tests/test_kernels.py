@@ -797,6 +797,37 @@ def test_dropout_mask_equals_the_reference_bit_for_bit(dev, p):
 
 
 
+@pytest.mark.parametrize("variant", ["dev", "gpu_dev"])
+@pytest.mark.parametrize("N,V,ld", [(23, 17, 24), (21, 130, 136), (6, 3, 3)])
+def test_argmax_rows_is_the_first_maximum_and_the_loss_kernels_hits(request, variant, N, V, ld):
+    """argmax_rows (CPU) and argmax_rows_wg (a work-group per row; V = 130 > its 64 items,
+    3 < them) against np.argmax: exact, ties to the lowest index (an all-tied row, a tie
+    across two work-items), pad columns (NaN) never read; the predictions are the ones whose
+    matches softmax_xent counts as hits."""
+    d = request.getfixturevalue(variant)
+    rng = np.random.default_rng([47, V])
+    logits = rand(rng, N, V, scale=3.0)
+    logits[4, :] = logits[4, 0]
+    logits[5, [V - 1, 1]] = logits[5].max() + 1               # a tie: column 1 wins
+    padded = np.full((N, ld), np.nan, f32)
+    padded[:, :V] = logits
+    logits_d, pred = d.to_device(padded), d.empty((N,), i32)
+    d.take_timings()
+    ops.argmax_rows(d, logits_d, pred, N, V, ld)
+    _ran(d, "argmax_rows_wg" if variant == "gpu_dev" else "argmax_rows")
+    want = ref.argmax_rows(padded, V)
+    np.testing.assert_array_equal(pred.get(), want)
+    assert want[4] == 0 and want[5] == 1
+    y = rng.integers(0, V, size=N).astype(i32)
+    y[::3] = want[::3]
+    y[2] = ref.PAD
+    nv, rows, hits = d.empty((1,), i32), d.empty((N,)), d.empty((N,))
+    y_d = d.to_device(y)
+    ops.count_valid(d, y_d, N, nv)
+    ops.softmax_xent(d, logits_d, y_d, nv, rows, hits, d.empty((N, ld)), N, V, ld=ld)
+    np.testing.assert_array_equal(hits.get(), ((y != ref.PAD) & (pred.get() == y)).astype(f32))
+
+
 # ----------------------------------------------------------------------------- GPU reductions (issue 12)
 
 def test_gpu_reductions_match_reference_and_rerun_bit_for_bit(gpu_dev):

@@ -6,7 +6,8 @@ variants. A new layer joins by adding a case to CASES.
     python -m pytest tests/test_layer_contract.py -q
 
 Each case runs the layer alone on random inputs: x (N,C) floats (token ids for the
-embedding), an upstream gradient R (N,C) of the scalar sum(y·R) (the head's own loss).
+embeddings), an upstream gradient R (N, n_out) of the scalar sum(y·R) (the head's own
+loss); n_in, n_out: the layer's widths where they are not its C (widths()).
 """
 import numpy as np
 import pytest
@@ -49,6 +50,12 @@ CASES = [
     ("mlp_block", LayerDecl("mlp_block", "mlp0", "", dict(C=H)), "float"),
     ("mlp_block (bias, dropout)", LayerDecl("mlp_block", "mlp1", "", dict(C=H, bias=True, dropout=0.25, seed=5,
                                                                              index=3)), "float"),
+    ("embedding", LayerDecl("embedding", "emb", "", dict(V=V, E=H)), "ids"),
+    ("dense (gelu)", LayerDecl("dense", "fc", "", dict(I=H, O=12)), "float"),
+    ("dense (none, lecun)", LayerDecl("dense", "fc", "", dict(I=H, O=H, act="none", init="lecun")), "float"),
+    ("char_head (GELU on the logits)", LayerDecl("char_head", "head", "", dict(V=V, H=H, gelu=True)), "float"),
+    ("char_head (GELU on the logits, no bias)", LayerDecl("char_head", "head", "", dict(V=V, H=H, gelu=True,
+                                                                                     bias=False)), "float"),
     _bio("bio off/off", "hebb.mode=off", "proto.mode=off"),
     _bio("bio shadow/shadow dot", "hebb.mode=shadow", "proto.mode=shadow", "proto.similarity=dot"),
     _bio("bio modulate/feature", "hebb.mode=modulate", "proto.mode=feature"),
@@ -60,8 +67,21 @@ CASES = [
     _bio("bio prenorm fast_weights/off", "proto.mode=off", prenorm=True),
     _bio("bio prenorm off/feature (bias)", "hebb.mode=off", "proto.mode=feature", prenorm=True, bias=True),
     _bio("bio prenorm fast_weights activity/token", "hebb.post=activity", "proto.mode=token", prenorm=True),
+    # DRLMemNet's slot memory: E ≠ M (the widths from n_in, n_out); Ms = 70 > the GPU row group of 64
+    ("memory_read", LayerDecl("memory_read", "mem", "", dict(E=6, M=H, Ms=70, V=V)), "float"),
+    ("memory_read (no memory)", LayerDecl("memory_read", "mem", "", dict(E=6, M=H, memory=False)), "float"),
+    # x (N, I) -> h (N, Hd): the input width is the layer's I (Case), BPTT over S = 6
+    ("gru (I=12, Hd=16)", LayerDecl("gru", "gru0", "", dict(I=12, Hd=H)), "float"),
+    ("gru (torch init, I=16, Hd=8)", LayerDecl("gru", "gru1", "", dict(I=H, Hd=8, init="torch")), "float"),
 ]
 IDS = [c[0] for c in CASES]
+
+
+def widths(layer) -> tuple[int, int]:
+    """(input, output) width of a layer: n_in / n_out where they differ (the memory read: E -> M),
+    else its C or H for both."""
+    C = getattr(layer, "n_in", None) or getattr(layer, "C", None) or getattr(layer, "H", None)
+    return C, getattr(layer, "n_out", None) or C
 
 
 class Case:
@@ -82,12 +102,12 @@ class Case:
             if s.name in ("P", "W_hebb", "run_mean"):
                 a = (0.3 if s.name == "W_hebb" else 1.0) * rng.standard_normal(s.shape)
             self.state[s.name] = a.astype(np.float32).astype(np.float64)
-        C = getattr(self.layer, "C", None) or getattr(self.layer, "H", None)
+        C, C_out = widths(self.layer)
         n_in = self.layer.V if inputs == "ids" else None
         self.x = rng.integers(0, n_in, N).astype(np.int32) if inputs == "ids" else \
             rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
         self.y = rng.integers(0, V, N).astype(np.int32)
-        self.R = rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
+        self.R = rng.standard_normal((N, C_out)).astype(np.float32).astype(np.float64)
         self.is_head = decl.kind == "char_head"
         self.dev = dev
         cfg = Config()
@@ -96,7 +116,7 @@ class Case:
         if self.params:
             self.model.set_params(self.params)
         for k, v in self.state.items():
-            self.model.st[k].set(v.astype(np.float32))
+            self.model.st[k].set(v.astype(self.model.st[k].dtype))
         self.ws = self.model.workspace(B, S)
         self.ws.y.set(self.y)
 
@@ -113,7 +133,7 @@ class Case:
         else:
             x = self.dev.to_device(self.x.astype(np.float32))
         for k, v in self.state.items():   # the forward may update state (BatchNorm's running statistics)
-            self.model.st[k].set(v.astype(np.float32))
+            self.model.st[k].set(v.astype(self.model.st[k].dtype))
         if self.is_head:
             self.layer.forward(c, x)
             y = self.ws.loss_out.get()[:1].astype(np.float64)
@@ -208,10 +228,10 @@ def reference_case(decl, inputs):
     case.state = {s.name: ((0.3 if s.name == "W_hebb" else 1.0) * rng.standard_normal(s.shape)
                            if s.name in ("P", "W_hebb", "run_mean") else np.full(s.shape, s.fill, np.float64))
                   for s in case.layer.state() if s.checkpoint}
-    C = getattr(case.layer, "C", None) or getattr(case.layer, "H", None)
+    C, C_out = widths(case.layer)
     case.x = rng.integers(0, case.layer.V, N).astype(np.int32) if inputs == "ids" else rng.standard_normal((N, C))
     case.y = rng.integers(0, V, N).astype(np.int32)
-    case.R = rng.standard_normal((N, C))
+    case.R = rng.standard_normal((N, C_out))
     case.is_head = decl.kind == "char_head"
     return case
 
@@ -237,8 +257,8 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, embed, head, norm, residual, transformer
+    from engine.layers import bio, dense, embed, gru, head, memory, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, embed, head, norm, residual, transformer) for c in vars(m).values()
+    kinds = {c.kind for m in (bio, dense, embed, gru, head, memory, norm, residual, transformer) for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

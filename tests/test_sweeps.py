@@ -759,3 +759,54 @@ def test_compare_shows_attention_entropy_per_block(transformer_study, capsys):
     for rid in ids:
         row = next(ln.split() for ln in out.splitlines() if ln.startswith(rid))
         assert row[-1] == f"{cl.get_run(rid).data.metrics['attn_entropy/h0']:.4f}"
+
+
+# -- j. the memory network: memnet_balance, scored on a maximised metric --------------------------------
+TINY_MEMNET = {"memnet.embedding_dim": 8, "memnet.memory_dim": 8, "memnet.hidden_dim": 8, "train.seq_len": 16,
+               "train.batch_size": 4, "train.steps": 6, "train.eval_every": 3, "train.log_every": 3,
+               "train.eval_batches": 1, "train.patience": 0}
+
+
+def test_memnet_balance_maximises_accuracy(template_db, tmp_path):
+    import optuna
+    """2 trials of memnet_balance scored on val_acc (--objective): the study maximises, each
+    trial's value is its run's best (largest) val_acc, the trials differ in the write strength,
+    and a study scored on one metric refuses another."""
+    from sweeps import spaces
+    space = spaces.get("memnet_balance")
+    assert space.base == "memnet" and space.defaults() == {"optim.lr": 0.01, "memnet.write_strength": 0.1,
+                                                             "memnet.memory_size": 512}
+    uri = new_store(template_db, tmp_path)
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    sets = [a for k, v in TINY_MEMNET.items() for a in ("--set", f"{k}={v}")]
+    ok(sweep("memnet_balance", "--trials", 2, "--repeats", 1, "--sampler-seed", 4, "--storage", storage,
+             "--tracking-uri", uri, "--objective", "val_acc", *sets, cwd=tmp_path))
+    study = optuna.load_study(study_name="memnet_balance", storage=storage)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.user_attrs["objective_metric"] == "val_acc"
+    trials = sorted(study.get_trials(), key=lambda t: t.number)
+    assert states(trials) == ["COMPLETE"] * 2
+    assert trials[0].params["memnet.write_strength"] != trials[1].params["memnet.write_strength"]
+    cl = mlflow_client(uri)
+    for t in trials:
+        child = t.user_attrs["mlflow_run_id"]
+        run = next(r for r in cl.search_runs([cl.get_experiment_by_name("sweep-memnet_balance").experiment_id])
+                   if r.data.tags.get("mlflow.parentRunId") == child)
+        accs = [m.value for m in cl.get_metric_history(run.info.run_id, "val_acc")]
+        assert len(accs) == 2 and t.value == pytest.approx(max(accs), rel=1e-12)
+
+def test_sweep_objective_errors(tmp_path, capsys):
+    """An unknown --objective, and a study resumed with another objective than its own: one line, exit 2."""
+    import optuna
+    from sweeps import run as sweep_run
+    assert sweep_run.main(["memnet_balance", "--objective", "val_accuracy", "--trials", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown objective 'val_accuracy'" in err[0] and "did you mean 'val_acc'" in err[0]
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(storage=storage, study_name="memnet_balance", direction="maximize")
+    study.set_user_attr("objective_metric", "val_acc")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert sweep_run.main(["memnet_balance", "--trials", "1", "--storage", storage, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("scores trials on 'val_acc', not 'val_loss': use --objective val_acc or another "
+                            "--study-name"), err

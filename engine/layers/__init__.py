@@ -13,13 +13,14 @@ and runs on a Ctx (its views of those, see engine.model.Workspace):
   warm_start(c)             optional: data-dependent initialisation (k-means++), after forward
   telemetry(c) -> dict      optional, at logging points only (reads the device)
 
-Every layer's kernels are in kernels/ and its numpy reference in engine/reference/layers.py
-under the same class name; tests/test_layer_contract.py holds every layer to both.
+Every layer's kernels are in kernels/ and its numpy reference in engine/reference/layers.py (or
+a module it imports: attention.py, gru.py) under the same class name; tests/test_layer_contract.py
+holds every layer to both.
 Letters: B batch, S sequence, N = B·S, E embedding, H hidden, V vocab, T prototypes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,15 @@ class StateSpec:
     dtype: type = np.float32
     fill: float = 0.0             # initial value of every element
     checkpoint: bool = True       # False: scratch kept with the model (recomputed each use)
+    init: object = field(default=None, compare=False)   # () -> array: a drawn initial value
+                                                        # (a fixed random matrix); None: fill
+
+    def initial(self, dtype=None) -> np.ndarray:
+        """The initial value (the device model and the reference start from it)."""
+        dtype = dtype or self.dtype
+        if self.init is None:
+            return np.full(self.shape, self.fill, dtype)
+        return np.asarray(self.init(), dtype).reshape(self.shape)
 
 
 class Layer:
@@ -73,6 +83,9 @@ class Layer:
     def local_update(self, c):
         pass
 
+    writes_params = False   # True: local_update also writes parameters (the memory's slots), so data
+                            # parallelism sends the parameters to the replicas after the rules
+
     def local_reads(self, c) -> list:
         """The batch-sized buffers local_update reads (of this forward pass): data parallelism
         (engine/parallel.py) gathers their rows from every device before running the rules over
@@ -93,8 +106,9 @@ f32, i32 = np.float32, np.int32
 
 def build(decl):
     """The device layer of a declaration (engine.models.LayerDecl)."""
-    from . import bio, embed, head, norm, residual, transformer
+    from . import bio, dense, embed, gru, head, memory, norm, residual, transformer
     classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
                                    norm.LayerNorm, norm.BatchNorm, norm.Dropout, transformer.TokPosEmbed,
-                                   transformer.AttnBlock, transformer.MlpBlock)}
+                                   transformer.AttnBlock, transformer.MlpBlock, dense.Embedding, dense.Dense,
+                                   memory.MemoryRead, gru.GRU)}
     return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)

@@ -19,8 +19,8 @@ class LayerDecl:
 
 
 def _modules() -> dict:
-    from . import hybrid, transformer
-    return {"hybrid": hybrid, "transformer": transformer}
+    from . import hybrid, memnet, transformer
+    return {"hybrid": hybrid, "transformer": transformer, "memnet": memnet}
 
 
 def families() -> dict:

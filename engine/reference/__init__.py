@@ -244,6 +244,13 @@ def softmax_xent_forward(logits, y):
     return dtype.type(loss_mean), loss_rows, dlogits, n_valid
 
 
+def argmax_rows(logits, V=None):
+    """logits (N,ld) -> pred int32 (N,): the first index of each row's maximum over columns 0..V-1
+    (np.argmax's tie rule), the prediction the loss kernels count as a hit."""
+    V = logits.shape[1] if V is None else V
+    return np.argmax(logits[:, :V], axis=1).astype(np.int32)
+
+
 # ----------------------------------------------------------------------------- LayerNorm
 
 def layernorm_forward(x, gamma, beta, eps=1e-5):
@@ -253,6 +260,7 @@ def layernorm_forward(x, gamma, beta, eps=1e-5):
     rstd = 1.0 / np.sqrt((d * d).mean(axis=1, keepdims=True) + x.dtype.type(eps))
     xhat = d * rstd
     return xhat * gamma + beta, {"xhat": xhat, "rstd": rstd, "gamma": gamma}
+
 
 
 def layernorm_backward(dy, cache):

@@ -53,16 +53,20 @@ class CharHead:
     """tie: the weight is p["tied"], (V, H) as the tied embedding is seen: logits = z·Wᵀ."""
     kind = "char_head"
 
-    def __init__(self, name, prefix="", V=1, H=1, init="lecun", scale=1.0, names=("W2", "b2"), bias=True, tie=""):
-        self.name, self.w, self.b, self.bias, self.tie = name, names[0], names[1], bias, tie
+    def __init__(self, name, prefix="", V=1, H=1, init="lecun", scale=1.0, names=("W2", "b2"), bias=True, tie="",
+                 gelu=False):
+        self.name, self.w, self.b, self.bias, self.tie, self.gelu = name, names[0], names[1], bias, tie, gelu
 
     def forward(self, p, st, z, c):
-        logits = z @ (p["tied"].T if self.tie else p[self.w]) + (p[self.b] if self.bias else 0.0)
+        pre = z @ (p["tied"].T if self.tie else p[self.w]) + (p[self.b] if self.bias else 0.0)
+        logits = gelu_forward(pre) if self.gelu else pre
         loss, loss_rows, dlogits, n_valid = softmax_xent_forward(logits, c["y"])
-        return loss, dict(z=z, logits=logits, loss_rows=loss_rows, dlogits=dlogits, n_valid=n_valid)
+        return loss, dict(z=z, pre=pre, logits=logits, loss_rows=loss_rows, dlogits=dlogits, n_valid=n_valid)
 
     def backward(self, p, st, cache, dy=None):
         d = cache["dlogits"]
+        if self.gelu:
+            d = gelu_backward(d, cache["pre"])
         if self.tie:
             grads, dz = {"tied": d.T @ cache["z"]}, d @ p["tied"]
         else:
@@ -234,3 +238,46 @@ CLASSES.update({c.kind: c for c in (LayerNorm, BatchNorm, Dropout)})
 from .attention import AttnBlock, MlpBlock, TokPosEmbed  # noqa: E402  (the transformer family's)
 
 CLASSES.update({c.kind: c for c in (TokPosEmbed, AttnBlock, MlpBlock)})
+
+
+class Embedding:
+    """e = W[x] (engine/layers/dense.py)."""
+    kind = "embedding"
+
+    def __init__(self, name, prefix="", V=1, E=1, scale=0.1):
+        self.name, self.V = name, V
+
+    def forward(self, p, st, x, c):
+        x = np.asarray(x).reshape(-1)
+        return p["W_emb"][x], x
+
+    def backward(self, p, st, x, de):
+        return None, {"W_emb": embedding_backward(de, x, self.V)}
+
+
+class Dense:
+    """y = act(x·W + b), act GELU (exact) or none (engine/layers/dense.py)."""
+    kind = "dense"
+
+    def __init__(self, name, prefix="", I=1, O=1, act="gelu", init="kaiming"):
+        self.name, self.act = name, act
+
+    def forward(self, p, st, x, c):
+        a = x @ p["W"] + p["b"]
+        return (gelu_forward(a) if self.act == "gelu" else a), (x, a)
+
+    def backward(self, p, st, cache, dy):
+        x, a = cache
+        da = gelu_backward(dy, a) if self.act == "gelu" else dy
+        return da @ p["W"].T, {"W": x.T @ da, "b": da.sum(axis=0)}
+
+
+CLASSES.update({c.kind: c for c in (Embedding, Dense)})
+
+from .memory import MemoryRead  # noqa: E402  (DRLMemNet's slot memory, engine/layers/memory.py)
+
+CLASSES[MemoryRead.kind] = MemoryRead
+
+from .gru import GRU  # noqa: E402  (the memory network's controller)
+
+CLASSES[GRU.kind] = GRU

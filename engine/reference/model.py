@@ -25,9 +25,9 @@ class RefModel:
 
     def init(self, dtype=np.float64):
         """(params, state) as the device model starts: parameters drawn in declaration order,
-        every checkpointed state at its fill value."""
+        every checkpointed state at its initial value (StateSpec.initial, drawn in the device's dtype)."""
         params = {k: v.astype(dtype) for k, v in params_mod.init_params(self.specs, self.cfg.seed).items()}
-        state = {s.name: np.full(s.shape, s.fill, dtype) for layer in self.decl for s in layer.state() if s.checkpoint}
+        state = {s.name: s.initial().astype(dtype) for layer in self.decl for s in layer.state() if s.checkpoint}
         return params, state
 
     def _views(self, i, d):
@@ -72,10 +72,13 @@ class RefModel:
         return grads
 
     def local_updates(self, params, state, caches, step):
+        """A layer that writes parameters (Layer.writes_params: the memory's slots) gets its
+        parameters and the head's logits of this forward too."""
         for i, layer in enumerate(self.layers):
             if hasattr(layer, "local_update"):
-                _, st = self._local(i, params, state)
-                layer.local_update(st, caches[i], step)
+                p, st = self._local(i, params, state)
+                kw = dict(p=p, logits=caches[-1]["logits"]) if self.decl[i].writes_params else {}
+                layer.local_update(st, caches[i], step, **kw)
 
     def train_steps(self, params, state, batches, steps, lr):
         """Steps 1..steps on batches (cycled), params and state in place, as the Trainer runs

@@ -54,7 +54,9 @@ class Task:
 
 CHAR_LM = Task("char_lm", (Metric("val_loss", "min", "validation cross-entropy, nats per character"),
                            Metric("val_acc", "max", "validation next-character accuracy"),
-                           Metric("val_bpc", "min", "validation bits per character")), objective="val_loss",
+                           Metric("val_bpc", "min", "validation bits per character"),
+                           Metric("val_f1", "max", "validation macro F1 over the characters present in the "
+                                                   "targets (engine/tasks/metrics.py)")), objective="val_loss",
                module="char_lm", runtime="CharLM")
 TASKS = {t.name: t for t in (CHAR_LM,)}
 

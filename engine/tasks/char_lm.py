@@ -1,10 +1,10 @@
 """Character language modelling: the task the hybrid model is trained and judged on.
 
-The task owns the data (the corpus, its train/validation split, the vocabulary), the
-batches (random windows of the training ids gathered on the device, the validation split
-in fixed windows), the loss head (engine.layers.head.CharHead: softmax cross-entropy on the
-next character), the evaluation (validation loss in nats, accuracy, bits per character) and
-sampling (engine.generate). The trainer (engine.train) only calls these.
+The task owns the data (the corpus, its train/validation/test split, the vocabulary), the
+batches (random windows of the training ids gathered on the device, the validation and test
+splits in fixed windows), the loss head (engine.layers.head.CharHead: softmax cross-entropy on
+the next character), the evaluation (loss in nats, accuracy, bits per character and macro F1,
+engine.tasks.metrics) and sampling (engine.generate). The trainer (engine.train) only calls these.
 Letters: B batch, S sequence length, V vocabulary, H the body's output width.
 """
 from __future__ import annotations
@@ -14,8 +14,9 @@ import math
 import numpy as np
 
 from .. import ops
-from ..data import Batches, Vocab, load_text, split_text, text_digest, val_batches
+from ..data import Batches, Vocab, load_text, split_corpus, text_digest, val_batches
 from ..models import LayerDecl, head_args
+from .metrics import ClassCounts
 
 LN2 = math.log(2.0)
 
@@ -34,15 +35,16 @@ class CharLM:
     def __init__(self, cfg, vocab_json: str | None = None):
         self.cfg = cfg
         text = load_text(cfg.data.path)
-        train_text, val_text = split_text(text, cfg.data.val_fraction)
+        train_text, val_text, test_text = split_corpus(text, cfg.data.val_fraction, cfg.data.test_fraction)
         self.vocab = Vocab.from_json(vocab_json) if vocab_json else Vocab.from_text(train_text)
         self.train_ids = self.vocab.encode(train_text)
         self.val_ids = self.vocab.encode(val_text)
+        self.test_ids = self.vocab.encode(test_text) if cfg.data.test_fraction else None
         self.n_chars = len(text)
         self.data_sha256 = text_digest(cfg.data.path, text)
         B, S = cfg.train.batch_size, cfg.train.seq_len
         self.batches = Batches(self.train_ids, B, S, cfg.seed)
-        self.val = self.ids_dev = None   # to_device: after the memory check (a huge batch is refused first)
+        self.val = self.test = self.ids_dev = None   # to_device: after the memory check (a huge batch is refused first)
 
     @property
     def output_size(self) -> int:   # V: what the model's embedding and head are sized by
@@ -54,6 +56,8 @@ class CharLM:
     def to_device(self, dev):
         cfg = self.cfg
         self.val = val_batches(self.val_ids, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_batches)
+        if self.test_ids is not None:   # evaluated once, whole (train.eval_batches is for the frequent passes)
+            self.test = val_batches(self.test_ids, cfg.train.batch_size, cfg.train.seq_len)
         self.ids_dev = dev.to_device(self.train_ids)
 
     # -- batches ----------------------------------------------------------------------
@@ -70,22 +74,32 @@ class CharLM:
         self.batches.set_state(meta["batches"])
 
     # -- evaluation ----------------------------------------------------------------------
-    def evaluate(self, model, ws) -> tuple[dict, np.ndarray | None]:
-        """({val_loss, val_acc, val_bpc}, the first batch's prototype assignments or None):
-        the summed loss over every valid target of the split, in evaluation mode."""
+    @property
+    def has_test(self) -> bool:
+        return self.test_ids is not None
+
+    def evaluate(self, model, ws, split: str = "val") -> tuple[dict, np.ndarray | None]:
+        """({<split>_loss, _acc, _bpc, _f1}, the first batch's prototype assignments or None):
+        the summed loss over every valid target of the split ("val" or "test"), in evaluation
+        mode; accuracy from the loss kernel's hits, macro F1 (engine.tasks.metrics) from the
+        predictions read back once per batch."""
         total, hits, count = 0.0, 0.0, 0.0
+        counts = ClassCounts(model.V)
         first_assign = None
-        for x, y in self.val:
+        for x, y in self.val if split == "val" else self.test:
             ws.x.set(np.ascontiguousarray(x.ravel(), np.int32))
             ws.y.set(np.ascontiguousarray(y.ravel(), np.int32))
             model.forward(ws, training=False)
+            pred = model.predict(ws)
             out = ws.loss_out.get().astype(np.float64)
             total, hits, count = total + out[3], hits + out[1], count + out[2]
+            counts.add(pred.get(), y)
             assign = model.assignments(ws) if first_assign is None and self.cfg.proto.mode != "off" else None
             if assign is not None:   # None: no bio layer assigns (e.g. a plain transformer)
                 first_assign = assign.get()
-        val_loss = total / max(count, 1.0)
-        return {"val_loss": val_loss, "val_acc": hits / max(count, 1.0), "val_bpc": val_loss / LN2}, first_assign
+        loss = total / max(count, 1.0)
+        return {f"{split}_loss": loss, f"{split}_acc": hits / max(count, 1.0), f"{split}_bpc": loss / LN2,
+                f"{split}_f1": counts.macro_f1()}, first_assign
 
     # -- sampling --------------------------------------------------------------------------
     def generator(self, model):
