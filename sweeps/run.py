@@ -309,13 +309,12 @@ def _worker_argv(args, storage_url: str) -> list[str]:
     argv = [sys.executable, "-m", "sweeps.run", args.space, "--worker", "--storage", f"env:{WORKER_STORAGE_VAR}",
             "--trials", str(args.trials), "--pruner", args.pruner, "--repeats", str(args.repeats),
             "--out", args.out, "--workers", str(args.workers)]
-    for flag, value in (("--study-name", args.study_name),
-                        ("--experiment-name", args.experiment_name), ("--sampler-seed", args.sampler_seed)):
+    for flag, value in (("--study-name", args.study_name), ("--experiment-name", args.experiment_name),
+                        ("--sampler-seed", args.sampler_seed), ("--objective", args.objective)):
         if value is not None:
             argv += [flag, str(value)]
     for s in args.set:
         argv += ["--set", s]
-    argv += ["--objective", args.objective]
     return argv
 
 
