@@ -153,17 +153,9 @@ class TorchMemnet:
         return loss
 
     def optimizer_step(self, lr: float):
-        o = self.cfg.optim
-        params = list(self.p.values()) + list(self.gru.parameters())
-        grads = [q.grad for q in params if q.grad is not None]
-        self.gnorm = torch.nn.utils.get_total_norm(grads)
-        if o.clip_value > 0:
-            torch.nn.utils.clip_grad_value_(params, o.clip_value)
-        if o.clip_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, o.clip_norm, self.gnorm)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
+        """Clipping and AdamW as engine/optim.py (the transformer twin's clipped_step)."""
+        from .torch_transformer import clipped_step
+        self.gnorm = clipped_step(self.opt, list(self.p.values()) + list(self.gru.parameters()), self.cfg.optim, lr)
         self.step += 1
 
     def write(self):

@@ -45,6 +45,21 @@ def _import_torch():
     return torch
 
 
+def clipped_step(opt, params: list, o, lr: float):
+    """engine/optim.py's step on torch: the global gradient norm before any clipping, clipping by
+    value (o.clip_value) then by that norm (o.clip_norm), the optimiser at lr. -> the norm."""
+    _import_torch()
+    gnorm = torch.nn.utils.get_total_norm([q.grad for q in params if q.grad is not None])
+    if o.clip_value > 0:
+        torch.nn.utils.clip_grad_value_(params, o.clip_value)
+    if o.clip_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, o.clip_norm, gnorm)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.step()
+    return gnorm
+
+
 # -- names: engine (in, out) <-> torch (out, in) ----------------------------------------------------
 def names(tc) -> list[tuple[str, str, bool]]:
     """[(engine name, nanoGPT's torch name, transposed)] of every parameter of the config section
@@ -184,17 +199,7 @@ class TorchTransformer:
 
     def optimizer_step(self, lr: float):
         """Clipping as engine/optim.py (the global norm before any clipping), then AdamW at lr."""
-        o = self.cfg.optim
-        params = list(self.p.values())
-        grads = [q.grad for q in params]
-        self.gnorm = torch.nn.utils.get_total_norm(grads)
-        if o.clip_value > 0:
-            torch.nn.utils.clip_grad_value_(params, o.clip_value)
-        if o.clip_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, o.clip_norm, self.gnorm)
-        for group in self.opt.param_groups:
-            group["lr"] = lr
-        self.opt.step()
+        self.gnorm = clipped_step(self.opt, list(self.p.values()), self.cfg.optim, lr)
         self.step += 1
 
     def train_step(self, x, y, lr: float, return_loss: bool = False):
