@@ -28,6 +28,8 @@ class ParamSpec:
     init: str = "lecun"
     scale: float = 1.0            # for init = normal (std) and uniform (half-width)
     decay: bool = True            # weight decay applies (weights yes, biases no)
+    lr_scale: float = 1.0         # this tensor's learning rate = lr_scale × the optimiser's (a lattice
+                                  # expert's own rate); the optimiser's per-chunk lr mask
 
     def __post_init__(self):
         if self.init not in INITS:
