@@ -71,7 +71,9 @@ class ModelConfig(_Section):
     # initialisation of W1 and W2 (engine/params.py): lecun N(0,1/fan_in) (the engine's always),
     # xavier N(0,2/(fan_in+fan_out)), kaiming N(0,2/fan_in); the embedding is N(0,1)
     init: str = _f("lecun", choices=("lecun", "xavier", "kaiming"))
-    family: str = _f("hybrid", choices=("hybrid", "transformer", "memnet"))   # the model family (engine/models/)
+    # the model family (engine/models/): character models (hybrid, transformer, memnet) or
+    # sentence-embedding students (lattice, linear_ae: the task engine/tasks/embed_regression.py)
+    family: str = _f("hybrid", choices=("hybrid", "transformer", "memnet", "lattice", "linear_ae"))
     # bio-associative layers (hybrid family): each after the first reads the previous one
     # through h = x + GELU(x·W + b) and has its own memory, spikes and prototypes
     num_layers: int = _f(1, ge=1)
@@ -140,7 +142,9 @@ class TrainConfig(_Section):
     """Batch shape, run length and the cadence of logging, evaluation and checkpoints."""
     SECTION: ClassVar[str] = "train"
     batch_size: int = _f(64, ge=1)         # B: sequences per batch
-    seq_len: int = _f(64, ge=2)            # S: characters per sequence (>= 2 so the memory has a past)
+    # S: characters per sequence (>= 2 so the memory has a past); 1 for the sentence-embedding
+    # families (lattice, linear_ae: one sentence per row)
+    seq_len: int = _f(64, ge=1)
     steps: int = _f(2000, ge=1)            # optimiser steps in the run
     eval_every: int = _f(200, ge=1)        # steps between validation passes (may exceed train.steps)
     log_every: int = _f(10, ge=1)          # steps between telemetry read-backs from the device
@@ -207,6 +211,48 @@ class MemnetConfig(_Section):
 
 
 @dataclass(frozen=True)
+class LatticeConfig(_Section):
+    """The 3D cellular lattice (engine/models/lattice.py, docs/lattice.md), trained as a student
+    on the sentence embeddings of a frozen teacher (all-MiniLM-L6-v2, engine/teacher.py): a linear
+    map of the 384-d embedding onto the n×n front face, K steps of the shared cell update, the
+    n×n back face read, a linear map back to 384-d. Also the sizes of the linear autoencoder
+    baseline (model.family=linear_ae: face n² wide) and the loss of both."""
+    SECTION: ClassVar[str] = "lattice"
+    n: int = _f(8, ge=1)                   # face side: n×n cells per layer (the bottleneck is n² values)
+    depth: int = _f(0, ge=0)               # D: layers from the front face to the back (0 = n: a cube)
+    channels: int = _f(8, ge=1)            # C: state values per cell
+    hidden: int = _f(32, ge=1)             # Hc: the cell network's hidden width
+    steps: int = _f(8, ge=0)               # K: cell updates (0 = the face maps alone: the back face is the front)
+    neighbours: int = _f(6, choices=(6, 26))   # the local stencil: face neighbours, or the 3×3×3 cube
+    # the connection experts: "local" (the stencil), "functional" (attention over the cells of
+    # a layer), "distant" (a fixed sparse set of long-range links); with more than one, a per-cell
+    # gate mixes them
+    experts: str = _f("local", choices=("local", "local+distant", "local+functional", "local+functional+distant"))
+    links: int = _f(4, ge=1)               # R: long-range links per cell (distant expert)
+    attn_dim: int = _f(8, ge=1)            # dk: query/key width of the functional expert
+    # each expert's (and the gate's) Adam learning rate, absolute at the schedule's peak (its
+    # ratio to optim.lr scales the schedule); the face maps learn at optim.lr
+    lr_local: float = _f(0.003, ge=0)
+    lr_functional: float = _f(0.003, ge=0)
+    lr_distant: float = _f(0.003, ge=0)
+    lr_gate: float = _f(0.003, ge=0)
+    update_scale: float = _f(0.1, gt=0)    # the cell network's output weights start N(0, (scale/√Hc)²)
+    loss_mse: float = _f(1.0, ge=0)        # weight of the reconstruction MSE (mean over the 384 dimensions)
+    loss_cos: float = _f(0.5, ge=0)        # weight of 1 − cosine(student, teacher)
+    loss_div: float = _f(0.0, ge=0)        # weight of the batch diversity term (mean squared cosine between rows)
+    split_seed: int = _f(0, ge=0, lt=2**32)   # the sentence split's permutation (fixed across run seeds)
+    cache_mb: int = _f(256, ge=0)          # cap of the on-disk teacher embedding cache (0 = do not store)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_mse + self.loss_cos == 0:
+            raise ConfigError("config keys 'lattice.loss_mse' and 'lattice.loss_cos' are both 0: nothing to learn")
+
+
+EMBED_FAMILIES = ("lattice", "linear_ae")   # trained on sentence embeddings (one sentence per row)
+
+
+@dataclass(frozen=True)
 class Config(_Section):
     """The whole run. `Config()` is the default run; see `from_dict`, `apply_overrides`."""
     seed: int = _f(0, ge=0, lt=2**32)      # seeds init, batches, re-seeding (uint32: enters the hash)
@@ -225,9 +271,16 @@ class Config(_Section):
     train: TrainConfig = field(default_factory=TrainConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     memnet: MemnetConfig = field(default_factory=MemnetConfig)
+    lattice: LatticeConfig = field(default_factory=LatticeConfig)
 
     def __post_init__(self):
         super().__post_init__()
+        if self.model.family in EMBED_FAMILIES and self.train.seq_len != 1:
+            raise ConfigError(f"config key 'train.seq_len' must be 1 for model.family={self.model.family!r} "
+                              f"(one sentence embedding per row), got {self.train.seq_len}")
+        if self.model.family not in EMBED_FAMILIES and self.train.seq_len < 2:
+            raise ConfigError(f"config key 'train.seq_len' must be >= 2 for model.family={self.model.family!r} "
+                              f"(the memory needs a past), got {self.train.seq_len}")
         if self.model.family == "transformer" and self.train.seq_len > self.transformer.block_size:
             raise ConfigError(f"config key 'train.seq_len' must be <= transformer.block_size="
                               f"{self.transformer.block_size} (the positional embedding's rows), "
@@ -285,7 +338,7 @@ def _check(key: str, typ: type, meta: Mapping, value: Any) -> Any:
         raise ConfigError(f"config key {key!r} must be finite, got {value!r}")
     choices = meta.get("choices")
     if choices and value not in choices:
-        raise ConfigError(f"config key {key!r} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(f"config key {key!r} must be one of {', '.join(map(str, choices))}; got {value!r}")
     ge, gt, le, lt = (meta.get(k) for k in ("ge", "gt", "le", "lt"))
     lo_ok = (ge is None or value >= ge) and (gt is None or value > gt)
     hi_ok = (le is None or value <= le) and (lt is None or value < lt)

@@ -87,7 +87,12 @@ def param_specs(layers) -> list:
     return [p for layer in layers for p in layer.params()]
 
 
-def task_buffers(B, S) -> dict:
+def task_buffers(B, S, cfg: Config | None = None) -> dict:
+    """The batch buffers of cfg's task (engine.tasks: the character tasks' ids and window offsets,
+    the embedding task's vectors and sentence indices)."""
+    if cfg is not None:
+        from .tasks import task_of
+        return task_of(cfg).batch_buffers(B, S)
     N = B * S
     return {"x": ((N,), np.int32), "y": ((N,), np.int32), "offsets": ((B,), np.int32)}
 
@@ -96,7 +101,7 @@ def workspace_buffers(cfg: Config, V: int, B: int, S: int, layers=None, variant:
         -> dict[str, tuple[tuple, type]]:
     """{name: (shape, dtype)} of every buffer a (B,S) Workspace allocates: the batch (x, y,
     window offsets), then each layer's buffers as `<layer>.<buffer>`."""
-    out = dict(task_buffers(B, S))
+    out = dict(task_buffers(B, S, cfg))
     for layer in layers or model_layers(cfg, V, variant):
         out.update({f"{layer.name}.{k}": v for k, v in layer.buffers(B, S).items()})
     return out
@@ -174,7 +179,7 @@ class Workspace:
     def __init__(self, model, B, S):
         dev = model.dev
         self.B, self.S, self.N = B, S, B * S
-        for name, (shape, dtype) in task_buffers(B, S).items():
+        for name, (shape, dtype) in task_buffers(B, S, model.cfg).items():
             setattr(self, name, dev.empty(shape, dtype))
         self.buf, self.ctx = {}, {}
         for layer in model.layers:

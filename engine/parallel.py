@@ -66,6 +66,10 @@ def check_parallel(cfg, D: int) -> None:
     """ConfigError for what data parallelism cannot run as one device would."""
     if D < 2:
         return
+    from .config import EMBED_FAMILIES
+    if cfg.model.family in EMBED_FAMILIES:
+        raise ConfigError(f"device={cfg.device!r}: model.family={cfg.model.family!r} runs on one device "
+                          f"(data parallelism splits character windows); name one device")
     from .models import layers_of
     kinds = {d.kind for d in layers_of(cfg, 2)}
     if "batchnorm" in kinds:

@@ -478,7 +478,15 @@ class Trainer:
 
 
 # -- command line ---------------------------------------------------------------------------
-EVAL_KEYS = ("step", "train_loss", "val_loss", "val_acc", "val_bpc")
+EVAL_KEYS = ("step", "train_loss", "val_loss", "val_acc", "val_bpc")   # the character tasks'
+
+
+def eval_keys(task) -> tuple:
+    """What engine.train prints of each evaluation: the step, the training loss and the task's
+    first metrics (the character tasks: EVAL_KEYS; the embedding task: loss, cosine, MSE, retrieval@1)."""
+    if task.name == "char_lm":
+        return EVAL_KEYS
+    return ("step", "train_loss", *(m.name for m in task.metrics[:4]))
 # the last object, with early stopping or a test split (only the keys that apply): no "step", so
 # that it is not read as an evaluation
 END_KEYS = ("final_step", "stopped_early", "best_step", "best_val_loss", "test_step", "test_loss", "test_acc",
@@ -501,8 +509,11 @@ def end_record(summary: dict) -> dict | None:
 
 
 class _PrintEval(Callback):
+    def on_start(self, trainer):
+        self.keys = eval_keys(trainer.task)
+
     def on_eval(self, record):
-        print(json.dumps({k: record[k] for k in EVAL_KEYS}), flush=True)
+        print(json.dumps({k: record[k] for k in self.keys}), flush=True)
 
     def on_end(self, summary):
         end = end_record(summary)
@@ -554,11 +565,13 @@ def format_duration(seconds: float) -> str:
 def summary_line(summary: dict, total: int, seconds: float) -> str:
     """One line for the end of a run: how it ended, its steps, the last validation, the checkpoint."""
     final, path = summary.get("final"), summary.get("checkpoint")
-    val = (f"val_loss {final['val_loss']:.4f}  val_bpc {final['val_bpc']:.4f}" if final
+    second = "val_bpc" if final and "val_bpc" in final else "val_cos"
+    val = (f"val_loss {final['val_loss']:.4f}  {second} {final[second]:.4f}" if final
            else "no evaluation yet")
     test = summary.get("test")
     if test:
-        val += f"  test_loss {test['test_loss']:.4f}  test_f1 {test['test_f1']:.4f} (step {test['step']})"
+        second = "test_f1" if "test_f1" in test else "test_cos"
+        val += f"  test_loss {test['test_loss']:.4f}  {second} {test[second]:.4f} (step {test['step']})"
     where = f"checkpoint {path}" if path else "no checkpoint written (no --out given)"
     head = ("stopped early" if summary.get("early_stop") else "finished") if summary["status"] == "finished" \
         else "stopped"

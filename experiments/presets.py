@@ -39,6 +39,12 @@ _ATTN = {"model.family": "transformer", "transformer.n_layer": 4, "transformer.n
          "optim.min_lr_ratio": 0.1, "optim.beta1": 0.9, "optim.beta2": 0.99, "optim.weight_decay": 0.1,
          "optim.clip_norm": 1.0}
 
+# the lattice (issue 15): a student of all-MiniLM-L6-v2's sentence embeddings, 80/10/10 split of
+# the sentences (the same split for every seed: lattice.split_seed), batch 32 sentences, 2000 steps
+_LATTICE = {"model.family": "lattice", "train.seq_len": 1, "train.batch_size": 32, "train.steps": 2000,
+            "train.eval_every": 200, "train.log_every": 20, "data.val_fraction": 0.1, "data.test_fraction": 0.1,
+            "hebb.mode": "off", "proto.mode": "off", "optim.lr": 3e-3, "optim.weight_decay": 0.0}
+
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("hybrid", "the default: fast-weight Hebbian memory + prototype features on its state"),
     Experiment("seed", "the seed design: Hebbian and prototype rules in shadow (updated, never read)", _SEED),
@@ -103,6 +109,23 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                {**_MEMNET, "memnet.write_mode": "none"}),
     Experiment("memnet_no_memory", "memnet with the read replaced by the query: the GRU alone",
                {**_MEMNET, "memnet.memory": False}),
+    Experiment("lattice", "the 3D cellular lattice 8×8×8 (8 channels a cell), 8 steps of the local stencil "
+               "expert, student of all-MiniLM-L6-v2's sentence embeddings through its 64-cell faces", _LATTICE),
+    Experiment("lattice_moe", "lattice with all three connection experts (local stencil, functional attention over "
+               "a layer's cells, 4 distant links a cell) mixed by a per-cell gate, each at its own rate",
+               {**_LATTICE, "lattice.experts": "local+functional+distant"}),
+    Experiment("lattice_no_steps", "lattice with K = 0: the face maps alone (the back face is the front face)",
+               {**_LATTICE, "lattice.steps": 0}),
+    Experiment("lattice_37", "the large setting: 37×37×37 cells, 37 steps (the front face reaches the back), "
+               "faces of 1369 ≥ 384 values", {**_LATTICE, "lattice.n": 37, "lattice.steps": 37,
+                                               "train.batch_size": 4, "train.steps": 100, "train.eval_every": 50,
+                                               "train.log_every": 5, "train.checkpoint_every": 50}),
+    Experiment("linear_ae", "the linear autoencoder baseline: 384 → 64 → 384, both maps learned on the lattice's loss",
+               {**_LATTICE, "model.family": "linear_ae"}),
+    Experiment("lattice_smoke", "lattice at tiny sizes for tests: 4×4×4, 4 channels, 4 steps, 30 steps",
+               {**_LATTICE, "lattice.n": 4, "lattice.channels": 4, "lattice.hidden": 8, "lattice.steps": 4,
+                "train.batch_size": 8, "train.steps": 30, "train.eval_every": 10, "train.log_every": 5,
+                "train.checkpoint_every": 10, "optim.warmup_steps": 5}),
     Experiment("smoke", "hybrid at tiny sizes for tests: finishes in seconds",
                {"model.embedding_dim": 16, "model.hidden_dim": 32, "model.num_prototypes": 8,
                 "train.batch_size": 8, "train.seq_len": 16, "train.steps": 30, "train.eval_every": 10,

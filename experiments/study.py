@@ -137,6 +137,14 @@ STUDIES: dict[str, Study] = {s.name: s for s in [
            ("the local write (mean): memnet vs memnet_no_write", "memnet", "memnet_no_write"),
            ("the local write (slot): memnet_slot_write vs memnet_no_write", "memnet_slot_write", "memnet_no_write"),
            ("the memory: memnet_no_write vs memnet_no_memory", "memnet_no_write", "memnet_no_memory"))),
+    Study("lattice", "the 3D cellular lattice (student of all-MiniLM-L6-v2's sentence embeddings) against the face "
+          "maps alone (K = 0) and the linear autoencoder through the same 64 values; the experts' mixture against "
+          "the local stencil alone",
+          ("lattice", "lattice_moe", "lattice_no_steps", "linear_ae"), "linear_ae",
+          (("the cell updates: lattice vs lattice_no_steps", "lattice", "lattice_no_steps"),
+           ("the lattice against the linear autoencoder: lattice vs linear_ae", "lattice", "linear_ae"),
+           ("three experts and the gate: lattice_moe vs lattice", "lattice_moe", "lattice"),
+           ("the lattice's loss on the face maps: lattice_no_steps vs linear_ae", "lattice_no_steps", "linear_ae"))),
 ]}
 
 

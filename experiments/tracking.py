@@ -475,7 +475,9 @@ def log_dataset(cl, run_id: str, trainer) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     cfg = trainer.cfg
     source = os.path.abspath(cfg.data.path) if cfg.data.path else "python:pydoc_data.topics.topics"
-    profile = json.dumps({"characters": trainer.n_chars, "vocab_size": trainer.vocab.size,
+    task_profile = getattr(trainer.data, "profile", None)   # the embedding task's sentence counts
+    profile = json.dumps(task_profile() if task_profile else
+                         {"characters": trainer.n_chars, "vocab_size": trainer.vocab.size,
                           "train_chars": int(trainer.train_ids.size), "val_chars": int(trainer.val_ids.size)})
     ds = Dataset(name=os.path.basename(cfg.data.path) if cfg.data.path else "pydoc_topics",
                  digest=trainer.data_sha256[:20], source_type="local" if cfg.data.path else "code",
@@ -605,6 +607,11 @@ class MlflowLogger(Callback):
     def on_start(self, trainer):
         self.trainer = trainer
         self._last_step = trainer.model.step
+        if not hasattr(trainer.data, "generator"):   # a task without text to sample (sentence embeddings)
+            self.sample_chars = 0
+        baselines = getattr(trainer.data, "baselines", None)   # closed-form baselines on the run's split
+        if baselines and trainer.model.step == 0:
+            self._send(0, baselines)
         self._window = {"steps": 0, "ms": {}}   # kernel time since the last evaluation
 
     def restore(self, step: int):
@@ -804,6 +811,11 @@ class MlflowLogger(Callback):
             self._design_figure()
         if self.histograms:
             self._usage_figure()
+        task_artifacts = getattr(self.trainer.data, "artifacts", None) if self.trainer is not None else None
+        if task_artifacts is not None:   # the embedding task's decoding check and lattice figures
+            for rel, data in task_artifacts(self.trainer.history).items():
+                folder, _, _ = rel.rpartition("/")
+                self._write_artifact(rel, data, folder)
         if checkpoint and os.path.exists(checkpoint):
             self.cl.log_artifact(self.run_id, checkpoint, "checkpoint")
         best = self.trainer.best_path() if self.trainer is not None else None

@@ -99,6 +99,16 @@ SPACES = {s.name: s for s in [
               IntLogUniform("memnet.memory_size", 16, 1024, "16: fewer slots than characters; 1024: twice the "
                                                            "design's 512"),
           )),
+    Space("lattice_rates", "each connection expert's own Adam rate, the gate's, and the number of cell updates K "
+          "on `lattice_moe` (the face maps stay at optim.lr 3e-3)",
+          "lattice_moe", (
+              LogUniform("lattice.lr_local", 3e-4, 3e-2, "a decade below the face maps' 3e-3 to a decade above"),
+              LogUniform("lattice.lr_functional", 3e-4, 3e-2, "as lr_local, for the attention over a layer's cells"),
+              LogUniform("lattice.lr_distant", 3e-4, 3e-2, "as lr_local, for the fixed long-range links"),
+              LogUniform("lattice.lr_gate", 3e-4, 3e-2, "as lr_local, for the per-cell gate over the three"),
+              IntLogUniform("lattice.steps", 7, 16, "7: the fewest steps in which the front face reaches the back "
+                                                    "of an 8-deep lattice (one cell a step); 16: twice that"),
+          )),
 ]}
 
 

@@ -42,7 +42,8 @@ def test_json_round_trip_is_equal_and_sorted():
 def test_flat_has_dotted_keys_and_values():
     f = apply_overrides(Config(), ["proto.lr=0.25"]).flat()
     assert f["proto.lr"] == 0.25 and f["seed"] == 0 and f["train.profile"] is True
-    assert len(f) == 3 + 3 + 7 + 7 + 7 + 12 + 9 + 9 + 11 == len(dotted_keys())   # seed device tune, data, model, hebb, proto, optim, train, transformer, memnet
+    # seed device tune, data, model, hebb, proto, optim, train, transformer, memnet, lattice
+    assert len(f) == 3 + 3 + 7 + 7 + 7 + 12 + 9 + 9 + 11 + 19 == len(dotted_keys())
     assert all(not isinstance(v, dict) for v in f.values())
 
 
@@ -111,7 +112,13 @@ def test_parse_override():
     (["proto.usage_decay=1"], "config key 'proto.usage_decay' must be in [0, 1), got 1.0"),
     (["optim.weight_decay=-0.1"], "config key 'optim.weight_decay' must be >= 0, got -0.1"),
     (["model.num_prototypes=0"], "config key 'model.num_prototypes' must be >= 1, got 0"),
-    (["train.seq_len=1"], "config key 'train.seq_len' must be >= 2, got 1"),
+    (["train.seq_len=1"], "config key 'train.seq_len' must be >= 2 for model.family='hybrid' (the memory needs a "
+                          "past), got 1"),
+    (["model.family=lattice"], "config key 'train.seq_len' must be 1 for model.family='lattice' (one sentence "
+                               "embedding per row), got 64"),
+    (["lattice.neighbours=7"], "config key 'lattice.neighbours' must be one of 6, 26; got 7"),
+    (["lattice.loss_mse=0", "lattice.loss_cos=0"], "config keys 'lattice.loss_mse' and 'lattice.loss_cos' are both "
+                                                   "0: nothing to learn"),
     (["train.batch_size=0"], "config key 'train.batch_size' must be >= 1, got 0"),
     (["train.checkpoint_every=-1"], "config key 'train.checkpoint_every' must be >= 0, got -1"),
     (["seed=-1"], "config key 'seed' must be in [0, 4294967296), got -1"),

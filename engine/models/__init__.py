@@ -19,8 +19,9 @@ class LayerDecl:
 
 
 def _modules() -> dict:
-    from . import hybrid, memnet, transformer
-    return {"hybrid": hybrid, "transformer": transformer, "memnet": memnet}
+    from . import hybrid, lattice, linear_ae, memnet, transformer
+    return {"hybrid": hybrid, "transformer": transformer, "memnet": memnet, "lattice": lattice,
+            "linear_ae": linear_ae}
 
 
 def families() -> dict:

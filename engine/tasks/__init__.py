@@ -33,6 +33,10 @@ class Task:
     module: str = ""     # engine.tasks.<module>: head_layers(cfg, V) and the runtime class
     runtime: str = ""
 
+    def batch_buffers(self, B: int, S: int) -> dict:
+        """{name: (shape, dtype)} of the batch a workspace holds (x, y and what fills them)."""
+        return self._module().batch_buffers(B, S)
+
     def head_layers(self, cfg, V: int) -> list:
         return self._module().head_layers(cfg, V)
 
@@ -58,9 +62,20 @@ CHAR_LM = Task("char_lm", (Metric("val_loss", "min", "validation cross-entropy, 
                            Metric("val_f1", "max", "validation macro F1 over the characters present in the "
                                                    "targets (engine/tasks/metrics.py)")), objective="val_loss",
                module="char_lm", runtime="CharLM")
-TASKS = {t.name: t for t in (CHAR_LM,)}
+EMBED = Task("embed_regression",
+             (Metric("val_loss", "min", "validation loss: the head's weighted MSE + (1 − cosine), mean over sentences"),
+              Metric("val_cos", "max", "mean cosine between the student's output and the teacher's embedding"),
+              Metric("val_mse", "min", "mean squared error per dimension (mean over sentences and the 384 "
+                                       "dimensions of unit-norm teacher vectors)"),
+              Metric("val_r1", "max", "retrieval@1: the student's output is nearest (cosine) to its own "
+                                      "sentence's teacher embedding among all the split's sentences"),
+              Metric("val_r5", "max", "retrieval@5: its own sentence among the 5 nearest")),
+             objective="val_loss", module="embed_regression", runtime="EmbedRegression")
+TASKS = {t.name: t for t in (CHAR_LM, EMBED)}
 
 
 def task_of(cfg) -> Task:
-    """The task a config trains (one today: character language modelling)."""
-    return CHAR_LM
+    """The task a config trains: sentence-embedding regression for the lattice families, else
+    character language modelling."""
+    from ..config import EMBED_FAMILIES
+    return EMBED if cfg.model.family in EMBED_FAMILIES else CHAR_LM

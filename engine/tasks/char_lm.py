@@ -21,6 +21,12 @@ from .metrics import ClassCounts
 LN2 = math.log(2.0)
 
 
+def batch_buffers(B: int, S: int) -> dict:
+    """x, y: (B·S,) int32 character ids (the inputs, the next characters); offsets: (B,) window starts."""
+    N = B * S
+    return {"x": ((N,), np.int32), "y": ((N,), np.int32), "offsets": ((B,), np.int32)}
+
+
 def head_layers(cfg, V: int) -> list:
     """The loss head after the family's body (its width and the head's options from the family:
     engine.models.head_args; the hybrid's: (N, model.hidden_dim), W2 and b2)."""
