@@ -136,9 +136,10 @@ def specialisation(states: np.ndarray) -> float:
     a = np.linalg.norm(np.asarray(states, np.float64), axis=2)        # (N, cells)
     if a.shape[0] < 3:
         return float("nan")
+    scale = max(float(np.abs(a).max()), 1e-30)
     a = a - a.mean(axis=0)
     sd = np.sqrt((a ** 2).mean(axis=0))
-    keep = sd > 1e-9 * max(float(sd.max()), 1e-30)
+    keep = sd > 1e-7 * scale   # a cell whose norm varies by less than rounding is constant
     if keep.sum() < 2:
         return float("nan")
     a = a[:, keep] / sd[keep]
