@@ -27,9 +27,13 @@ teacher's model.safetensors):
    file in the same folder and os.replace()s it (readers never lock: they see the old or
    the new file, never a partial one), so several processes can share a cache. A shard that
    cannot be read (truncated, wrong keys or shapes, NaN) is skipped with one warning line
-   and overwritten by the next write. Size cap `cap_mb` (all shards under cache_dir): after
-   a write, the least recently used shards (oldest mtime; a cache hit touches its shard)
-   are deleted until the total is at most the cap; cap_mb = 0 stores nothing.
+   and overwritten by the next write; a write that fails (disk full, read-only) is a warning,
+   and a temp file left by a killed writer is deleted after an hour. (Without fcntl, i.e. on
+   Windows, there is no lock: concurrent writers cannot corrupt a shard, but one may drop
+   the other's new entries, which are then recomputed.) Size cap `cap_mb` (all shards under
+   cache_dir): after a write, the least recently used shards (oldest mtime; a cache hit
+   touches its shard) are deleted until the total is at most the cap; cap_mb = 0 stores
+   nothing.
 3. the teacher subprocess, for the rest only (each distinct sentence once); then stored.
 When sentences are missing and the teacher is not installed: TeacherError naming how many
 and the install command.
@@ -249,6 +253,12 @@ class DiskCache:
         return sorted(self.root.glob("*/[0-9a-f][0-9a-f].npz"))
 
     def _evict(self) -> None:
+        for tmp in self.root.glob("*/.tmp-*.npz"):  # left by a writer that was killed (we hold the lock)
+            try:
+                if time.time() - tmp.stat().st_mtime > 3600:
+                    os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         stats = []
         for p in self.shards():
             try:
@@ -339,7 +349,11 @@ def embed(sentences: list[str], cache_dir: str | os.PathLike | None = None, cap_
             print(f"teacher: computed {len(todo)} in {dt:.1f} s ({len(todo) / max(dt, 1e-9):.1f} sentences/s "
                   f"including the teacher's start)", file=sys.stderr, flush=True)
         new = dict(zip(todo, vecs.astype(np.float32)))
-        cache.store(new)
+        try:
+            cache.store(new)
+        except OSError as exc:  # a full or read-only disk costs a recomputation later, not this run
+            warnings.warn(f"teacher cache: could not store {len(new)} embeddings in {cache.dir} "
+                          f"({exc.strerror or exc})", TeacherCacheWarning)
         have.update(new)
     for i, k in enumerate(keys):
         out[i] = have[k]

@@ -131,6 +131,16 @@ def test_a_corrupt_shard_is_ignored_with_a_warning_and_rewritten(tmp_path):
         assert list(z["sha256"]) == [teacher.sentence_sha256(a)]
 
 
+def test_a_failed_store_is_a_warning_not_an_error(tmp_path, monkeypatch):
+    def full(path, entries):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(teacher, "_write_atomic", full)
+    a, = new(1, "full")
+    with pytest.warns(TeacherCacheWarning, match="could not store 1 embeddings .*No space left"):
+        out = embed([a], cache_dir=tmp_path, embedder=Fake())
+    np.testing.assert_array_equal(out[0], fake_vector(a))
+
+
 WRITER = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
