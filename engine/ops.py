@@ -791,7 +791,7 @@ def lattice_face_dot(dev, u, v, out, off, N, n2, Q, C):
 def lattice_gather(dev, s, table, P, W, rows, Q, C):
     """P (rows, W·C): the perception of every cell, s[r·Q + table[i,k]] (0 for −1) in slot k."""
     bs, os_ = _buf(s)
-    dev.launch(dev.kernel("lattice.cl", "lattice_gather"), (W * C, rows), None, bs, i32(os_), table.data, i32(W),
+    dev.launch(dev.kernel("lattice.cl", "lattice_gather"), (C, W, rows), None, bs, i32(os_), table.data, i32(W),
                i32(Q), i32(C), P.data)
 
 
