@@ -7,6 +7,8 @@ The numpy reference of each is in engine/reference.py (same name).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 i32, f32, u32 = np.int32, np.float32, np.uint32
@@ -760,6 +762,13 @@ def gru_gates_backward(dev, dy, gates, hs, carry, dgx, dgh, t, B, S, Hd):
 # -- the lattice layer (kernels/lattice.cl) --------------------------------------------------------------
 # One work-item per output element with fixed-order loops: the same kernels on both variants. States
 # are (N·Q, C) views into one (K+1)-state buffer: the kernels take (buffer, element offset) for them.
+# The per-cell kernels name their group (one cell's C, W·C or Hc items): with rows = 37³ PoCL's own
+# choice for local = NULL made bias_tanh 4x slower per element than at rows = 2¹⁴.
+def _cell_group(*dims):
+    return (*dims, 1) if math.prod(dims) <= 256 else None
+
+
+
 def lattice_write(dev, x, a, b, s, N, n2, Q, C):
     """s (N·Q, C) = the front face x (N,n²)·a + b (cells i < n²), 0 elsewhere."""
     bs, os_ = _buf(s)
@@ -791,20 +800,20 @@ def lattice_face_dot(dev, u, v, out, off, N, n2, Q, C):
 def lattice_gather(dev, s, table, P, W, rows, Q, C):
     """P (rows, W·C): the perception of every cell, s[r·Q + table[i,k]] (0 for −1) in slot k."""
     bs, os_ = _buf(s)
-    dev.launch(dev.kernel("lattice.cl", "lattice_gather"), (C, W, rows), None, bs, i32(os_), table.data, i32(W),
+    dev.launch(dev.kernel("lattice.cl", "lattice_gather"), (C, W, rows), _cell_group(C, W), bs, i32(os_), table.data, i32(W),
                i32(Q), i32(C), P.data)
 
 
 def lattice_gather_backward(dev, dP, ptr, idx, ds, W, rows, Q, C):
     """ds (rows, C) += the adjoint of lattice_gather applied to dP (rows, W·C), through the reverse
     table (ptr, idx) (engine.reference.lattice.reverse_table): fixed order, no atomics."""
-    dev.launch(dev.kernel("lattice.cl", "lattice_gather_backward"), (C, rows), None, dP.data, ptr.data, idx.data,
+    dev.launch(dev.kernel("lattice.cl", "lattice_gather_backward"), (C, rows), _cell_group(C), dP.data, ptr.data, idx.data,
                i32(W), i32(Q), i32(C), ds.data)
 
 
 def lattice_bias_tanh(dev, h, b, rows, Hc):
     """h (rows, Hc) = tanh(h + b) in place."""
-    dev.launch(dev.kernel("lattice.cl", "lattice_bias_tanh"), (Hc, rows), None, h.data, b.data, i32(Hc))
+    dev.launch(dev.kernel("lattice.cl", "lattice_bias_tanh"), (Hc, rows), _cell_group(Hc), h.data, b.data, i32(Hc))
 
 
 def lattice_tanh_backward(dev, dh, h, n):
