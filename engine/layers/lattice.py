@@ -27,10 +27,12 @@ Forward keeps s_0..s_K, ((K+1)·N·Q, C); the backward recomputes each step's pe
 layer, gate and attention from s_t (t = K−1 … 0) and accumulates the parameter gradients over
 the steps (gemm β = 1 after the first, lattice_colsum β = 1). The gather's adjoint is a
 fixed-order gather-sum through a reverse table (CSR, host-built once, kept as scratch state):
-no atomics, a rerun gives the same bits. Bytes per sample (buffers(), float32):
-4·Q·((K+1)·C + W·C + 2·Hc + 3·C + n²-free terms) with the gate adding 2·C + 2·E and the
-functional expert 2·n² + 3·dk + 3·C per cell: n = 37, D = 37, C = 8, Hc = 32, K = 37, 6
-neighbours, local only: 4·50653·(304 + 56 + 64 + 16) ≈ 89 MB per sample (bytes_per_sample()).
+no atomics, a rerun gives the same bits. Bytes per sample (buffers() at one row, float32; the
+gemm scratch holds only weights, transposed, and small K-split partials): per cell
+(K+1)·C (states) + W·C (perception, reused as its gradient) + 2·Hc (h, dh) + 2·C (ds), the gate
++ 2·E + 2·C, the functional expert + 2·n² (scores, their gradient) + 4·dk + 2·C + 1 (int), and
+2·n² per row (y, dx). n = D = 37, C = 8, Hc = 32, K = 37, 6 neighbours, local only:
+4·50653·(304 + 56 + 64 + 16) ≈ 89.2 MB per sample (bytes_per_sample()); n = 8, K = 8: 0.43 MB.
 Telemetry: lattice/state_norm/t{t} (RMS of s_t) and, gated, lattice/gate/{expert} (mean weight
 over rows, cells and steps). states(c): the last forward's states, (N, K+1, D, n, n, C).
 Reference: engine.reference.lattice.Lattice.
