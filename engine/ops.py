@@ -7,6 +7,8 @@ The numpy reference of each is in engine/reference.py (same name).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 i32, f32, u32 = np.int32, np.float32, np.uint32
@@ -755,3 +757,93 @@ def gru_gates_backward(dev, dy, gates, hs, carry, dgx, dgh, t, B, S, Hd):
     dev.launch(dev.kernel("gru.cl", "gru_gates_backward8" if vec else "gru_gates_backward"),
                (Hd // 8 if vec else Hd, B), None, dy.data, gates.data, hs.data, i32(t), i32(S), i32(Hd),
                carry.data, dgx.data, dgh.data)
+
+
+# -- the lattice layer (kernels/lattice.cl) --------------------------------------------------------------
+# One work-item per output element with fixed-order loops: the same kernels on both variants. States
+# are (N·Q, C) views into one (K+1)-state buffer: the kernels take (buffer, element offset) for them.
+# The per-cell kernels name their group (one cell's C, W·C or Hc items): with rows = 37³ PoCL's own
+# choice for local = NULL made bias_tanh 4x slower per element than at rows = 2¹⁴.
+def _cell_group(*dims):
+    return (*dims, 1) if math.prod(dims) <= 256 else None
+
+
+
+def lattice_write(dev, x, a, b, s, N, n2, Q, C):
+    """s (N·Q, C) = the front face x (N,n²)·a + b (cells i < n²), 0 elsewhere."""
+    bs, os_ = _buf(s)
+    assert os_ == 0
+    dev.launch(dev.kernel("lattice.cl", "lattice_write"), (C, Q, N), None, x.data, a.data, b.data, i32(n2), i32(Q),
+               i32(C), bs)
+
+
+def lattice_read(dev, s, rv, y, off, N, n2, Q, C):
+    """y (N,n²) = Σ_c s[r, off+i, c]·rv_c (s a (N·Q, C) view)."""
+    bs, os_ = _buf(s)
+    dev.launch(dev.kernel("lattice.cl", "lattice_read"), (n2, N), None, bs, i32(os_), rv.data, i32(off), i32(Q), i32(C),
+               y.data)
+
+
+def lattice_read_backward(dev, dy, rv, ds, off, N, n2, Q, C):
+    """ds (N·Q, C) = dy[r, i−off]·rv_c on the read face (cells off..off+n²−1), 0 elsewhere."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_read_backward"), (C, Q, N), None, dy.data, rv.data, i32(off), i32(n2),
+               i32(Q), i32(C), ds.data)
+
+
+def lattice_face_dot(dev, u, v, out, off, N, n2, Q, C):
+    """out (C,) = Σ_{r,i} u[r,i]·v[r, off+i, c], or Σ_{r,i} v[r, off+i, c] with u None."""
+    bv, ov = _buf(v)
+    dev.launch(dev.kernel("lattice.cl", "lattice_face_dot"), (C,), None, (v if u is None else u).base_data,
+               i32(u is not None), bv, i32(ov), i32(off), i32(n2), i32(Q), i32(C), i32(N), out.data)
+
+
+def lattice_gather(dev, s, table, P, W, rows, Q, C):
+    """P (rows, W·C): the perception of every cell, s[r·Q + table[i,k]] (0 for −1) in slot k."""
+    bs, os_ = _buf(s)
+    dev.launch(dev.kernel("lattice.cl", "lattice_gather"), (C, W, rows), _cell_group(C, W), bs, i32(os_), table.data, i32(W),
+               i32(Q), i32(C), P.data)
+
+
+def lattice_gather_backward(dev, dP, ptr, idx, ds, W, rows, Q, C):
+    """ds (rows, C) += the adjoint of lattice_gather applied to dP (rows, W·C), through the reverse
+    table (ptr, idx) (engine.reference.lattice.reverse_table): fixed order, no atomics."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_gather_backward"), (C, rows), _cell_group(C), dP.data, ptr.data, idx.data,
+               i32(W), i32(Q), i32(C), ds.data)
+
+
+def lattice_bias_tanh(dev, h, b, rows, Hc):
+    """h (rows, Hc) = tanh(h + b) in place."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_bias_tanh"), (Hc, rows), _cell_group(Hc), h.data, b.data, i32(Hc))
+
+
+def lattice_tanh_backward(dev, dh, h, n):
+    """dh (n,) *= 1 − h² in place."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_tanh_backward"), (n,), None, dh.data, h.data)
+
+
+def lattice_colsum(dev, X, out, rows, U, beta=0.0):
+    """out (U,) = beta·out + Σ_j X (rows, U)[j] (j ascending)."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_colsum"), (U,), None, X.data, i32(rows), i32(U), f32(beta), out.data)
+
+
+def lattice_gate_softmax(dev, g, bg, rows, E):
+    """g (rows, E) = softmax(g + bg) per row, in place."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_gate_softmax"), (rows,), None, g.data, bg.data, i32(E))
+
+
+def lattice_gate_mix(dev, s, g, dl, e, rows, E, C):
+    """s (rows, C) += g[:, e]·dl (s a view)."""
+    bs, os_ = _buf(s)
+    dev.launch(dev.kernel("lattice.cl", "lattice_gate_mix"), (C, rows), None, bs, i32(os_), g.data, dl.data, i32(e),
+               i32(E), i32(C))
+
+
+def lattice_gate_split(dev, ds, g, dl, e, dd, dg, rows, E, C):
+    """dd (rows, C) = g[:, e]·ds; dg[:, e] = Σ_c ds·dl (the gate weight's gradient)."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_gate_split"), (rows,), None, ds.data, g.data, dl.data, i32(e), i32(E),
+               i32(C), dd.data, dg.data)
+
+
+def lattice_gate_softmax_backward(dev, g, dg, rows, E):
+    """dg (rows, E) = g ⊙ (dg − Σ_e g·dg) in place: the gradient of the gate's logits."""
+    dev.launch(dev.kernel("lattice.cl", "lattice_gate_softmax_backward"), (rows,), None, g.data, dg.data, i32(E))

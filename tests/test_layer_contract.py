@@ -73,6 +73,11 @@ CASES = [
     # x (N, I) -> h (N, Hd): the input width is the layer's I (Case), BPTT over S = 6
     ("gru (I=12, Hd=16)", LayerDecl("gru", "gru0", "", dict(I=12, Hd=H)), "float"),
     ("gru (torch init, I=16, Hd=8)", LayerDecl("gru", "gru1", "", dict(I=H, Hd=8, init="torch")), "float"),
+    # a 3×3×3 lattice: x (N, n²) written on the front face, y (N, n²) read on the back (n_in = n_out = 9)
+    ("lattice (local, 6 neighbours)", LayerDecl("lattice", "lat0", "", dict(n=3, D=3, C=2, Hc=4, K=3)), "float"),
+    ("lattice (local+distant+gate)", LayerDecl("lattice", "lat1", "", dict(n=3, D=3, C=2, Hc=4, K=3, neighbours=26,
+                                                                           experts=("local", "distant"), R=3)), "float"),
+    ("lattice (K=0)", LayerDecl("lattice", "lat2", "", dict(n=3, D=3, C=2, Hc=4, K=0)), "float"),
 ]
 IDS = [c[0] for c in CASES]
 
@@ -257,8 +262,9 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, dense, embed, gru, head, memory, norm, residual, transformer
+    from engine.layers import bio, dense, embed, gru, head, lattice, memory, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, dense, embed, gru, head, memory, norm, residual, transformer) for c in vars(m).values()
+    kinds = {c.kind for m in (bio, dense, embed, gru, head, lattice, memory, norm, residual, transformer)
+             for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

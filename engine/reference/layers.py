@@ -281,3 +281,7 @@ CLASSES[MemoryRead.kind] = MemoryRead
 from .gru import GRU  # noqa: E402  (the memory network's controller)
 
 CLASSES[GRU.kind] = GRU
+
+from .lattice import Lattice  # noqa: E402  (the lattice of residual experts, engine/layers/lattice.py)
+
+CLASSES[Lattice.kind] = Lattice
