@@ -384,23 +384,25 @@ def global_norm(dev, partial, n_chunks, out):
         dev.launch(dev.kernel("optim.cl", "global_norm"), (1,), None, partial.data, i32(n_chunks), out.data)
 
 
-def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
+def adamw(dev, theta, grad, m, v, wd_mask, lr_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
           clip_norm, clip_value, chunk):
-    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,). The CPU variant takes
-    eight elements per work-item (VEC8: the same bits, ~6x faster on PoCL)."""
+    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,); per chunk, weight decay
+    where wd_mask (n/chunk,) is 1 and the rate lr·lr_mask (n/chunk,). The CPU variant takes eight
+    elements per work-item (VEC8: the same bits, ~6x faster on PoCL)."""
     vec = dev.variant != "gpu" and n % 8 == 0 and chunk % 8 == 0
     dev.launch(dev.kernel("optim.cl", "adamw", (("CHUNK", chunk),) + ((("VEC8", 1),) if vec else ())),
                (n // 8 if vec else n,), None,
-               theta.data, grad.data, m.data, v.data, wd_mask.data, gnorm.data,
+               theta.data, grad.data, m.data, v.data, wd_mask.data, lr_mask.data, gnorm.data,
                f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1), f32(bc2),
                f32(clip_norm), f32(clip_value))
 
 
-def sgd_momentum(dev, theta, grad, vel, wd_mask, gnorm, n, lr, momentum, weight_decay, clip_norm, clip_value,
+def sgd_momentum(dev, theta, grad, vel, wd_mask, lr_mask, gnorm, n, lr, momentum, weight_decay, clip_norm, clip_value,
                  chunk):
-    """One SGD-with-momentum step over the flat buffers (n,), clipping with gnorm (1,)."""
+    """One SGD-with-momentum step over the flat buffers (n,), clipping with gnorm (1,); the masks as
+    adamw's."""
     dev.launch(dev.kernel("optim.cl", "sgd_momentum", (("CHUNK", chunk),)), (n,), None,
-               theta.data, grad.data, vel.data, wd_mask.data, gnorm.data,
+               theta.data, grad.data, vel.data, wd_mask.data, lr_mask.data, gnorm.data,
                f32(lr), f32(momentum), f32(weight_decay), f32(clip_norm), f32(clip_value))
 
 
