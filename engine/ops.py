@@ -757,3 +757,44 @@ def gru_gates_backward(dev, dy, gates, hs, carry, dgx, dgh, t, B, S, Hd):
     dev.launch(dev.kernel("gru.cl", "gru_gates_backward8" if vec else "gru_gates_backward"),
                (Hd // 8 if vec else Hd, B), None, dy.data, gates.data, hs.data, i32(t), i32(S), i32(Hd),
                carry.data, dgx.data, dgh.data)
+
+
+# -- the embedding-regression head (kernels/embed_head.cl, engine/layers/embed_head.py) ------------
+def embed_head_rows(dev, z, y, D, w_mse, w_cos, inv_n, rows_mse, rows_cos, loss_rows, zz, dz, N):
+    """Per row of z, y (N,D): rows_mse, rows_cos, loss_rows = w_mse·mse + w_cos·(1 − cos), zz = |z_n|²
+    (N,), and dz (N,D) = inv_n·∂loss_n/∂z_n."""
+    args = (z.data, y.data, i32(D), f32(w_mse), f32(w_cos), f32(inv_n), rows_mse.data, rows_cos.data,
+            loss_rows.data, zz.data, dz.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_rows_wg", (("WG", wg),)), (N * wg,), (wg,), *args)
+    else:
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_rows"), (N,), None, *args)
+
+
+def embed_head_div(dev, G, zz, N, Wd, div_rows, q):
+    """From G = z·zᵀ (N,N) and zz (N,): Wd (N,N) = c_nm/den_nm off the diagonal, div_rows (N,) = Σ_{m≠n}
+    c_nm², q (N,) = the |z_n|-dependent part of ∂Div/∂z_n's coefficient (kernels/embed_head.cl)."""
+    args = (G.data, zz.data, i32(N), Wd.data, div_rows.data, q.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_div_wg", (("WG", wg),)), (N * wg,), (wg,), *args)
+    else:
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_div"), (N,), None, *args)
+
+
+def embed_head_div_grad(dev, dzd, q, z, D, k, dz, N):
+    """dz (N,D) += k·(dzd − q_n·z_n)."""
+    dev.launch(dev.kernel("embed_head.cl", "embed_head_div_grad"), (D, N), None,
+               dzd.data, q.data, z.data, i32(D), f32(k), dz.data)
+
+
+def embed_head_reduce(dev, loss_rows, rows_cos, div_rows, N, use_div, w_div, inv_pairs, out):
+    """out (4,) = [mean loss (+ w_div·Div), Σ rows_cos, N, N·mean]."""
+    args = (loss_rows.data, rows_cos.data, div_rows.data, i32(N), i32(use_div), f32(w_div), f32(inv_pairs),
+            out.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_reduce_wg", (("WG", wg),)), (wg,), (wg,), *args)
+    else:
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_reduce"), (1,), None, *args)

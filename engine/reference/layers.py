@@ -281,3 +281,7 @@ CLASSES[MemoryRead.kind] = MemoryRead
 from .gru import GRU  # noqa: E402  (the memory network's controller)
 
 CLASSES[GRU.kind] = GRU
+
+from .embed_head import EmbedHead  # noqa: E402  (the embedding-regression head, engine/layers/embed_head.py)
+
+CLASSES[EmbedHead.kind] = EmbedHead
