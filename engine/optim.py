@@ -13,8 +13,8 @@ each, the per-parameter gradient norms from the chunk sums), its own state (decl
 ĝ is the gradient clipped by value (optim.clip_value) and then by global norm
 (optim.clip_norm, with the norm taken before any clipping); weight decay applies where the
 model's chunk mask says so (weights, not biases); each tensor's rate is lr × its
-ParamSpec.lr_scale (the lr chunk mask; 1.0 multiplies exactly, so the same bits). References: engine.reference.adamw_step,
-engine.reference.sgd_step; kernels/optim.cl.
+ParamSpec.lr_scale (the lr chunk mask; 1.0 multiplies exactly, so the same bits).
+References: engine.reference.adamw_step, engine.reference.sgd_step; kernels/optim.cl.
 """
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ class AdamW(Optimizer):
     def update(self, theta, grad, t, lr):
         o = self.o
         ops.adamw(self.dev, theta, grad, self.state["adam_m"], self.state["adam_v"], self.wd_mask, self.lr_mask,
-                  self.gnorm, self.n, lr, o.beta1, o.beta2, o.eps, o.weight_decay, 1.0 - o.beta1 ** t, 1.0 - o.beta2 ** t,
-                  o.clip_norm, o.clip_value, self.chunk)
+                  self.gnorm, self.n, lr, o.beta1, o.beta2, o.eps, o.weight_decay, 1.0 - o.beta1 ** t,
+                  1.0 - o.beta2 ** t, o.clip_norm, o.clip_value, self.chunk)
 
 
 class SGD(Optimizer):
