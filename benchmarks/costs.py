@@ -311,7 +311,7 @@ def _global_norm(a, L):
     return _mem(F * (a["n_chunks"] + 1))
 
 
-@model("adamw", "theta grad m v wd_mask gnorm lr beta1 beta2 eps weight_decay bc1 bc2 clip_norm clip_value")
+@model("adamw", "theta grad m v wd_mask lr_mask gnorm lr beta1 beta2 eps weight_decay bc1 bc2 clip_norm clip_value")
 def _adamw(a, L):               # reads θ, g, m, v, the decay mask; writes θ, m, v (n from θ: VEC8 launches n/8)
     return _mem(8.0 * a["theta"])
 

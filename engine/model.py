@@ -72,6 +72,11 @@ class Layout:
         decayed = {p.name for p in self.specs if p.decay}
         return np.array([name in decayed for name in self.chunk_owner()], np.float32)
 
+    def lr_mask(self) -> np.ndarray:
+        """Each chunk's learning-rate scale: its parameter's ParamSpec.lr_scale (1.0 by default)."""
+        scale = {p.name: p.lr_scale for p in self.specs}
+        return np.array([scale[name] for name in self.chunk_owner()], np.float32)
+
 
 # -- what a model of cfg puts on the device (the memory check sizes exactly this) ----------------
 def model_layers(cfg: Config, V: int, variant: str = "cpu") -> list:

@@ -386,23 +386,25 @@ def global_norm(dev, partial, n_chunks, out):
         dev.launch(dev.kernel("optim.cl", "global_norm"), (1,), None, partial.data, i32(n_chunks), out.data)
 
 
-def adamw(dev, theta, grad, m, v, wd_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
+def adamw(dev, theta, grad, m, v, wd_mask, lr_mask, gnorm, n, lr, beta1, beta2, eps, weight_decay, bc1, bc2,
           clip_norm, clip_value, chunk):
-    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,). The CPU variant takes
-    eight elements per work-item (VEC8: the same bits, ~6x faster on PoCL)."""
+    """One AdamW step over the flat buffers (n,), clipping with gnorm (1,); per chunk, weight decay
+    where wd_mask (n/chunk,) is 1 and the rate lr·lr_mask (n/chunk,). The CPU variant takes eight
+    elements per work-item (VEC8: the same bits, ~6x faster on PoCL)."""
     vec = dev.variant != "gpu" and n % 8 == 0 and chunk % 8 == 0
     dev.launch(dev.kernel("optim.cl", "adamw", (("CHUNK", chunk),) + ((("VEC8", 1),) if vec else ())),
                (n // 8 if vec else n,), None,
-               theta.data, grad.data, m.data, v.data, wd_mask.data, gnorm.data,
+               theta.data, grad.data, m.data, v.data, wd_mask.data, lr_mask.data, gnorm.data,
                f32(lr), f32(beta1), f32(beta2), f32(eps), f32(weight_decay), f32(bc1), f32(bc2),
                f32(clip_norm), f32(clip_value))
 
 
-def sgd_momentum(dev, theta, grad, vel, wd_mask, gnorm, n, lr, momentum, weight_decay, clip_norm, clip_value,
+def sgd_momentum(dev, theta, grad, vel, wd_mask, lr_mask, gnorm, n, lr, momentum, weight_decay, clip_norm, clip_value,
                  chunk):
-    """One SGD-with-momentum step over the flat buffers (n,), clipping with gnorm (1,)."""
+    """One SGD-with-momentum step over the flat buffers (n,), clipping with gnorm (1,); the masks as
+    adamw's."""
     dev.launch(dev.kernel("optim.cl", "sgd_momentum", (("CHUNK", chunk),)), (n,), None,
-               theta.data, grad.data, vel.data, wd_mask.data, gnorm.data,
+               theta.data, grad.data, vel.data, wd_mask.data, lr_mask.data, gnorm.data,
                f32(lr), f32(momentum), f32(weight_decay), f32(clip_norm), f32(clip_value))
 
 
@@ -847,3 +849,44 @@ def lattice_gate_split(dev, ds, g, dl, e, dd, dg, rows, E, C):
 def lattice_gate_softmax_backward(dev, g, dg, rows, E):
     """dg (rows, E) = g ⊙ (dg − Σ_e g·dg) in place: the gradient of the gate's logits."""
     dev.launch(dev.kernel("lattice.cl", "lattice_gate_softmax_backward"), (rows,), None, g.data, dg.data, i32(E))
+
+
+# -- the embedding-regression head (kernels/embed_head.cl, engine/layers/embed_head.py) ------------
+def embed_head_rows(dev, z, y, D, w_mse, w_cos, inv_n, rows_mse, rows_cos, loss_rows, zz, dz, N):
+    """Per row of z, y (N,D): rows_mse, rows_cos, loss_rows = w_mse·mse + w_cos·(1 − cos), zz = |z_n|²
+    (N,), and dz (N,D) = inv_n·∂loss_n/∂z_n."""
+    args = (z.data, y.data, i32(D), f32(w_mse), f32(w_cos), f32(inv_n), rows_mse.data, rows_cos.data,
+            loss_rows.data, zz.data, dz.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_rows_wg", (("WG", wg),)), (N * wg,), (wg,), *args)
+    else:
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_rows"), (N,), None, *args)
+
+
+def embed_head_div(dev, G, zz, N, Wd, div_rows, q):
+    """From G = z·zᵀ (N,N) and zz (N,): Wd (N,N) = c_nm/den_nm off the diagonal, div_rows (N,) = Σ_{m≠n}
+    c_nm², q (N,) = the |z_n|-dependent part of ∂Div/∂z_n's coefficient (kernels/embed_head.cl)."""
+    args = (G.data, zz.data, i32(N), Wd.data, div_rows.data, q.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_div_wg", (("WG", wg),)), (N * wg,), (wg,), *args)
+    else:
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_div"), (N,), None, *args)
+
+
+def embed_head_div_grad(dev, dzd, q, z, D, k, dz, N):
+    """dz (N,D) += k·(dzd − q_n·z_n)."""
+    dev.launch(dev.kernel("embed_head.cl", "embed_head_div_grad"), (D, N), None,
+               dzd.data, q.data, z.data, i32(D), f32(k), dz.data)
+
+
+def embed_head_reduce(dev, loss_rows, rows_cos, div_rows, N, use_div, w_div, inv_pairs, out):
+    """out (4,) = [mean loss (+ w_div·Div), Σ rows_cos, N, N·mean]."""
+    args = (loss_rows.data, rows_cos.data, div_rows.data, i32(N), i32(use_div), f32(w_div), f32(inv_pairs),
+            out.data)
+    if dev.variant == "gpu":
+        wg = _red_wg(dev)
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_reduce_wg", (("WG", wg),)), (wg,), (wg,), *args)
+    else:
+        dev.launch(dev.kernel("embed_head.cl", "embed_head_reduce"), (1,), None, *args)

@@ -3,7 +3,7 @@
 The model owns the parameters and their gradients (flat buffers in which every tensor starts
 at a multiple of CHUNK elements, engine.model.Layout). An optimiser is made from the model's
 layout and called by the trainer (`opt.step(model, lr)`; the model never calls it). It owns
-the weight-decay chunk mask, the per-chunk sums of squares and the global norm (one launch
+the weight-decay and learning-rate chunk masks, the per-chunk sums of squares and the global norm (one launch
 each, the per-parameter gradient norms from the chunk sums), its own state (declared in
 `STATE`, checkpointed under those names) and one kernel launch over every parameter:
 
@@ -12,8 +12,9 @@ each, the per-parameter gradient norms from the chunk sums), its own state (decl
 
 ĝ is the gradient clipped by value (optim.clip_value) and then by global norm
 (optim.clip_norm, with the norm taken before any clipping); weight decay applies where the
-model's chunk mask says so (weights, not biases). References: engine.reference.adamw_step,
-engine.reference.sgd_step; kernels/optim.cl.
+model's chunk mask says so (weights, not biases); each tensor's rate is lr × its
+ParamSpec.lr_scale (the lr chunk mask; 1.0 multiplies exactly, so the same bits).
+References: engine.reference.adamw_step, engine.reference.sgd_step; kernels/optim.cl.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Optimizer:
         buf = self.buffers(self.n, chunk)
         self.state = {name: dev.zeros(*buf[name]) for name in self.STATE}
         self.wd_mask = dev.to_device(layout.decay_mask())
+        self.lr_mask = dev.to_device(layout.lr_mask())
         self.partials, self.gnorm = dev.zeros(*buf["partials"]), dev.zeros(*buf["gnorm"])
 
     @classmethod
@@ -55,7 +57,7 @@ class Optimizer:
         """{name: (shape, dtype)} of what an instance allocates (for the memory check)."""
         f = np.float32
         return {**{name: ((n,), f) for name in cls.STATE}, "wd_mask": ((n // chunk,), f),
-                "partials": ((n // chunk,), f), "gnorm": ((1,), f)}
+                "lr_mask": ((n // chunk,), f), "partials": ((n // chunk,), f), "gnorm": ((1,), f)}
 
     def lr_at(self, step: int) -> float:
         """The schedule's rate for optimiser step `step` (1-based) of a run of total_steps."""
@@ -91,9 +93,9 @@ class AdamW(Optimizer):
 
     def update(self, theta, grad, t, lr):
         o = self.o
-        ops.adamw(self.dev, theta, grad, self.state["adam_m"], self.state["adam_v"], self.wd_mask, self.gnorm, self.n,
-                  lr, o.beta1, o.beta2, o.eps, o.weight_decay, 1.0 - o.beta1 ** t, 1.0 - o.beta2 ** t,
-                  o.clip_norm, o.clip_value, self.chunk)
+        ops.adamw(self.dev, theta, grad, self.state["adam_m"], self.state["adam_v"], self.wd_mask, self.lr_mask,
+                  self.gnorm, self.n, lr, o.beta1, o.beta2, o.eps, o.weight_decay, 1.0 - o.beta1 ** t,
+                  1.0 - o.beta2 ** t, o.clip_norm, o.clip_value, self.chunk)
 
 
 class SGD(Optimizer):
@@ -101,8 +103,8 @@ class SGD(Optimizer):
 
     def update(self, theta, grad, t, lr):
         o = self.o
-        ops.sgd_momentum(self.dev, theta, grad, self.state["sgd_velocity"], self.wd_mask, self.gnorm, self.n, lr,
-                         o.momentum, o.weight_decay, o.clip_norm, o.clip_value, self.chunk)
+        ops.sgd_momentum(self.dev, theta, grad, self.state["sgd_velocity"], self.wd_mask, self.lr_mask, self.gnorm,
+                         self.n, lr, o.momentum, o.weight_decay, o.clip_norm, o.clip_value, self.chunk)
 
 
 OPTIMIZERS = {"adamw": AdamW, "sgd": SGD}

@@ -10,14 +10,16 @@
  *                 (coalesced strided loads, then a tree sum, reduce.cl) / one work-group over
  *                 the chunk sums                           global (n_chunks·WG) / (WG), local (WG)
  *   adamw         one AdamW step (Loshchilov & Hutter 2019) with value and
- *                 global-norm clipping; wd_mask[c] ∈ {0,1} per chunk         global (n)
+ *                 global-norm clipping; wd_mask[c] ∈ {0,1} per chunk, lr_mask[c] the
+ *                 chunk's tensor's lr_scale (engine.params.ParamSpec): lr_eff = lr·lr_mask[c]
+ *                 is used exactly where lr was, so a mask of 1.0 gives the same bits   global (n)
  *                 (built with VEC8=1, the CPU variant's: eight elements per item, the same
  *                 bits                                                   global (n/8))
  *   sgd_momentum  one SGD step with momentum (heavy ball, no dampening), L2 weight
- *                 decay added to the clipped gradient; same clipping     global (n)
+ *                 decay added to the clipped gradient; same clipping and lr_mask   global (n)
  *   accumulate_step_stats  loss / clipping / step counters between logging points  global (1)
  * GPU note: adamw and sgd_momentum are element-wise over the flat buffers (coalesced;
- * wd_mask[i / CHUNK] is one address per CHUNK items) and accumulate_step_stats is O(1) in one
+ * wd_mask[i / CHUNK], lr_mask[i / CHUNK] are one address per CHUNK items) and accumulate_step_stats is O(1) in one
  * item: GPU-suitable as they are; the two reductions have the _wg variants above.
  * Reference: engine.reference.adamw_step, engine.reference.sgd_step.
  */
@@ -85,7 +87,8 @@ inline float8 clipped8(float8 g, const float gnorm, const float clip_norm, const
 
 __kernel void adamw(__global float* theta, __global const float* grad,
                     __global float* m, __global float* v,
-                    __global const float* wd_mask, __global const float* gnorm,
+                    __global const float* wd_mask, __global const float* lr_mask,
+                    __global const float* gnorm,
                     const float lr, const float beta1, const float beta2, const float eps,
                     const float weight_decay, const float bc1, const float bc2,
                     const float clip_norm, const float clip_value)
@@ -102,12 +105,14 @@ __kernel void adamw(__global float* theta, __global const float* grad,
     const float8 mhat = mi / bc1;
     const float8 vhat = vi / bc2;
     const float wd = weight_decay * wd_mask[i * 8 / CHUNK];
-    *th -= lr * (mhat / (sqrt(vhat) + eps) + wd * *th);
+    const float lr_eff = lr * lr_mask[i * 8 / CHUNK];
+    *th -= lr_eff * (mhat / (sqrt(vhat) + eps) + wd * *th);
 }
 #else
 __kernel void adamw(__global float* theta, __global const float* grad,
                     __global float* m, __global float* v,
-                    __global const float* wd_mask, __global const float* gnorm,
+                    __global const float* wd_mask, __global const float* lr_mask,
+                    __global const float* gnorm,
                     const float lr, const float beta1, const float beta2, const float eps,
                     const float weight_decay, const float bc1, const float bc2,
                     const float clip_norm, const float clip_value)
@@ -121,13 +126,14 @@ __kernel void adamw(__global float* theta, __global const float* grad,
     const float mhat = mi / bc1;
     const float vhat = vi / bc2;
     const float wd = weight_decay * wd_mask[i / CHUNK];
-    theta[i] -= lr * (mhat / (sqrt(vhat) + eps) + wd * theta[i]);
+    const float lr_eff = lr * lr_mask[i / CHUNK];
+    theta[i] -= lr_eff * (mhat / (sqrt(vhat) + eps) + wd * theta[i]);
 }
 #endif
 
 __kernel void sgd_momentum(__global float* theta, __global const float* grad, __global float* vel,
-                           __global const float* wd_mask, __global const float* gnorm,
-                           const float lr, const float momentum, const float weight_decay,
+                           __global const float* wd_mask, __global const float* lr_mask,
+                           __global const float* gnorm, const float lr, const float momentum, const float weight_decay,
                            const float clip_norm, const float clip_value)
 {
     const int i = get_global_id(0);
@@ -135,7 +141,8 @@ __kernel void sgd_momentum(__global float* theta, __global const float* grad, __
     g += weight_decay * wd_mask[i / CHUNK] * theta[i];
     const float vi = momentum * vel[i] + g;
     vel[i] = vi;
-    theta[i] -= lr * vi;
+    const float lr_eff = lr * lr_mask[i / CHUNK];
+    theta[i] -= lr_eff * vi;
 }
 
 /* Running per-step statistics between logging points (so the host need not

@@ -532,7 +532,9 @@ def test_sgd_momentum(dev, clip_norm, clip_value):
     lr, mu, wd = 0.05, 0.9, 0.5                                # large wd: a wrong mask is visible
     ops.sumsq_chunks(dev, grad_d, partial, n_chunks, OPT_CHUNK)
     ops.global_norm(dev, partial, n_chunks, gnorm)
-    ops.sgd_momentum(dev, theta_d, grad_d, vel_d, wd_mask, gnorm, n, lr, mu, wd, clip_norm, clip_value, OPT_CHUNK)
+    ones = dev.to_device(np.ones(n_chunks, f32))                # lr_mask: every tensor at lr
+    ops.sgd_momentum(dev, theta_d, grad_d, vel_d, wd_mask, ones, gnorm, n, lr, mu, wd, clip_norm, clip_value,
+                     OPT_CHUNK)
     p64, v64 = ({k: as64(a) for k, a in d.items()} for d in (params, vel))
     ref.sgd_step(p64, {k: as64(a) for k, a in grads.items()}, v64, lr, mu, wd,
                  {k: k in ref.DECAYED for k in OPT_SHAPES}, clip_norm, clip_value)
@@ -561,7 +563,8 @@ def test_sumsq_global_norm_adamw(dev, clip_norm, clip_value):
     t, lr, b1, b2, eps, wd = 3, 0.05, 0.9, 0.99, 1e-8, 0.5    # large wd: a wrong mask is visible
     ops.sumsq_chunks(dev, grad_d, partial, n_chunks, OPT_CHUNK)
     ops.global_norm(dev, partial, n_chunks, gnorm)
-    ops.adamw(dev, theta_d, grad_d, m_d, v_d, wd_mask, gnorm, n, lr, b1, b2, eps, wd,
+    ones = dev.to_device(np.ones(n_chunks, f32))                # lr_mask: every tensor at lr
+    ops.adamw(dev, theta_d, grad_d, m_d, v_d, wd_mask, ones, gnorm, n, lr, b1, b2, eps, wd,
               1 - b1 ** t, 1 - b2 ** t, clip_norm, clip_value, OPT_CHUNK)
 
     g_flat = as64(flat(grads))

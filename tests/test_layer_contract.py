@@ -7,7 +7,8 @@ variants. A new layer joins by adding a case to CASES.
 
 Each case runs the layer alone on random inputs: x (N,C) floats (token ids for the
 embeddings), an upstream gradient R (N, n_out) of the scalar sum(y·R) (the head's own
-loss); n_in, n_out: the layer's widths where they are not its C (widths()).
+loss); n_in, n_out: the layer's widths where they are not its C (widths()). The heads (HEADS)
+compute their loss from targets: character ids, or for embed_head float vectors (N, D) put in ws.y.
 """
 import numpy as np
 import pytest
@@ -78,7 +79,12 @@ CASES = [
     ("lattice (local+distant+gate)", LayerDecl("lattice", "lat1", "", dict(n=3, D=3, C=2, Hc=4, K=3, neighbours=26,
                                                                            experts=("local", "distant"), R=3)), "float"),
     ("lattice (K=0)", LayerDecl("lattice", "lat2", "", dict(n=3, D=3, C=2, Hc=4, K=0)), "float"),
+    # the embedding-regression head: float targets (N, D); the diversity term off, then on
+    ("embed_head", LayerDecl("embed_head", "head", "", dict(D=H)), "float"),
+    ("embed_head (diversity, other weights)", LayerDecl("embed_head", "head", "", dict(D=H, w_mse=0.7, w_cos=1.3,
+                                                                                       w_div=0.4)), "float"),
 ]
+HEADS = ("char_head", "embed_head")   # the layers whose forward is a loss (their own objective)
 IDS = [c[0] for c in CASES]
 
 
@@ -87,6 +93,14 @@ def widths(layer) -> tuple[int, int]:
     else its C or H for both."""
     C = getattr(layer, "n_in", None) or getattr(layer, "C", None) or getattr(layer, "H", None)
     return C, getattr(layer, "n_out", None) or C
+
+
+def targets(decl, rng, D):
+    """The batch's targets: (N, D) float vectors for embed_head (float32-representable), else
+    character ids."""
+    if decl.kind == "embed_head":
+        return rng.standard_normal((N, D)).astype(np.float32).astype(np.float64)
+    return rng.integers(0, V, N).astype(np.int32)
 
 
 class Case:
@@ -111,9 +125,9 @@ class Case:
         n_in = self.layer.V if inputs == "ids" else None
         self.x = rng.integers(0, n_in, N).astype(np.int32) if inputs == "ids" else \
             rng.standard_normal((N, C)).astype(np.float32).astype(np.float64)
-        self.y = rng.integers(0, V, N).astype(np.int32)
+        self.y = targets(decl, rng, C_out)
         self.R = rng.standard_normal((N, C_out)).astype(np.float32).astype(np.float64)
-        self.is_head = decl.kind == "char_head"
+        self.is_head = decl.kind in HEADS
         self.dev = dev
         cfg = Config()
         self.model = Model(dev, cfg, V, layers=[self.layer])
@@ -123,7 +137,10 @@ class Case:
         for k, v in self.state.items():
             self.model.st[k].set(v.astype(self.model.st[k].dtype))
         self.ws = self.model.workspace(B, S)
-        self.ws.y.set(self.y)
+        if self.y.dtype == np.int32:
+            self.ws.y.set(self.y)
+        else:   # the embedding head's (N, D) float32 targets (its task provides ws.y so)
+            self.ws.y = dev.to_device(self.y.astype(np.float32))
 
     def c(self, **kw):
         return dict(B=B, S=S, y=self.y, step=4, training=True) | kw
@@ -235,9 +252,9 @@ def reference_case(decl, inputs):
                   for s in case.layer.state() if s.checkpoint}
     C, C_out = widths(case.layer)
     case.x = rng.integers(0, case.layer.V, N).astype(np.int32) if inputs == "ids" else rng.standard_normal((N, C))
-    case.y = rng.integers(0, V, N).astype(np.int32)
+    case.y = targets(decl, rng, C_out)
     case.R = rng.standard_normal((N, C_out))
-    case.is_head = decl.kind == "char_head"
+    case.is_head = decl.kind in HEADS
     return case
 
 
@@ -262,9 +279,10 @@ def test_evaluation_behaviour(dev, kind):
 
 
 def test_every_layer_kind_has_a_case():
-    from engine.layers import bio, dense, embed, gru, head, lattice, memory, norm, residual, transformer
+    from engine.layers import bio, dense, embed, embed_head, gru, head, lattice, memory, norm, residual, transformer
     from engine.layers import Layer
-    kinds = {c.kind for m in (bio, dense, embed, gru, head, lattice, memory, norm, residual, transformer)
+    kinds = {c.kind for m in (bio, dense, embed, embed_head, gru, head, lattice, memory, norm, residual,
+                              transformer)
              for c in vars(m).values()
              if isinstance(c, type) and issubclass(c, Layer) and c is not Layer and "kind" in vars(c)}
     assert kinds == {d.kind for _, d, _ in CASES}

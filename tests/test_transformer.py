@@ -217,14 +217,15 @@ def test_adamw_eight_per_item_is_the_scalar_kernel_bit_for_bit(dev, clip_value):
     g, th, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))
     v = np.abs(v) * 1e-3
     mask = dev.to_device(np.array([1, 0, 1, 1], np.float32))
+    lr_mask = dev.to_device(np.array([1, 0.5, 2, 0], np.float32))
     gnorm = dev.to_device(np.array([3.0], np.float32))
     args = (1e-2, 0.9, 0.99, 1e-8, 0.1, 0.5, 0.2, 1.0, clip_value)
     a = [dev.to_device(x) for x in (th, m, v)]
     b = [dev.to_device(x) for x in (th, m, v)]
     gd = dev.to_device(g)
-    ops.adamw(dev, a[0], gd, a[1], a[2], mask, gnorm, n, *args, chunk)
+    ops.adamw(dev, a[0], gd, a[1], a[2], mask, lr_mask, gnorm, n, *args, chunk)
     scalar = dev.kernel("optim.cl", "adamw", (("CHUNK", chunk),))
-    dev.launch(scalar, (n,), None, b[0].data, gd.data, b[1].data, b[2].data, mask.data, gnorm.data,
+    dev.launch(scalar, (n,), None, b[0].data, gd.data, b[1].data, b[2].data, mask.data, lr_mask.data, gnorm.data,
                *(np.float32(x) for x in args))
     assert all(x.get().tobytes() == y.get().tobytes() for x, y in zip(a, b))
     assert not np.array_equal(a[0].get(), th)

@@ -106,9 +106,9 @@ f32, i32 = np.float32, np.int32
 
 def build(decl):
     """The device layer of a declaration (engine.models.LayerDecl)."""
-    from . import bio, dense, embed, gru, head, lattice, memory, norm, residual, transformer
+    from . import bio, dense, embed, embed_head, gru, head, lattice, memory, norm, residual, transformer
     classes = {c.kind: c for c in (embed.EmbedGelu, bio.BioAssociative, head.CharHead, residual.ResidualGelu,
                                    norm.LayerNorm, norm.BatchNorm, norm.Dropout, transformer.TokPosEmbed,
                                    transformer.AttnBlock, transformer.MlpBlock, dense.Embedding, dense.Dense,
-                                   memory.MemoryRead, gru.GRU, lattice.Lattice)}
+                                   memory.MemoryRead, gru.GRU, lattice.Lattice, embed_head.EmbedHead)}
     return classes[decl.kind](decl.name, prefix=decl.prefix, **decl.args)

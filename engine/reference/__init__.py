@@ -317,35 +317,38 @@ def clip_grads(params, grads, clip_norm, clip_value):
 
 
 def adamw_step(params, grads, m, v, t, lr, beta1, beta2, eps, weight_decay, decay_mask,
-               clip_norm, clip_value):
+               clip_norm, clip_value, lr_scale=None):
     """AdamW (Loshchilov & Hutter 2019) step t (1-based) on dicts of arrays; params, m, v in place.
 
     Clipping as docs/model.md: the global norm is taken before any clipping, then
     element-wise clamp (clip_value > 0), then scaling by min(1, clip_norm/(gnorm+1e-6))
-    (clip_norm > 0). Weight decay is decoupled and scaled by lr. Returns gnorm."""
+    (clip_norm > 0). Weight decay is decoupled and scaled by lr. lr_scale: {name: scale} (absent
+    names 1.0), each tensor's rate lr·scale (ParamSpec.lr_scale; the kernel's lr_mask). Returns gnorm."""
     gnorm, clipped = clip_grads(params, grads, clip_norm, clip_value)
     for name, p in params.items():
         f, g = p.dtype.type, clipped[name]
+        lr_eff = f(lr) * f((lr_scale or {}).get(name, 1.0))
         wd = f(weight_decay) if decay_mask[name] else f(0)
         m[name][...] = f(beta1) * m[name] + f(1 - beta1) * g
         v[name][...] = f(beta2) * v[name] + f(1 - beta2) * g * g
         m_hat = m[name] / f(1 - beta1 ** t)
         v_hat = v[name] / f(1 - beta2 ** t)
-        p[...] = p - f(lr) * (m_hat / (np.sqrt(v_hat) + f(eps)) + wd * p)
+        p[...] = p - lr_eff * (m_hat / (np.sqrt(v_hat) + f(eps)) + wd * p)
     return float(gnorm)
 
 
-def sgd_step(params, grads, vel, lr, momentum, weight_decay, decay_mask, clip_norm, clip_value):
+def sgd_step(params, grads, vel, lr, momentum, weight_decay, decay_mask, clip_norm, clip_value, lr_scale=None):
     """SGD with momentum (heavy ball, no dampening, as torch.optim.SGD) on dicts of arrays;
     params and vel in place. The same clipping as adamw_step, then L2 weight decay added to
-    the clipped gradient (coupled, masked): v ← μ·v + g + wd·θ; θ ← θ − lr·v. Returns gnorm."""
+    the clipped gradient (coupled, masked): v ← μ·v + g + wd·θ; θ ← θ − lr·scale·v (lr_scale as
+    adamw_step's). Returns gnorm."""
     gnorm, clipped = clip_grads(params, grads, clip_norm, clip_value)
     for name, p in params.items():
         f, g = p.dtype.type, clipped[name]
         if decay_mask[name]:
             g = g + f(weight_decay) * p
         vel[name][...] = f(momentum) * vel[name] + g
-        p[...] = p - f(lr) * vel[name]
+        p[...] = p - f(lr) * f((lr_scale or {}).get(name, 1.0)) * vel[name]
     return float(gnorm)
 
 

@@ -285,3 +285,7 @@ CLASSES[GRU.kind] = GRU
 from .lattice import Lattice  # noqa: E402  (the lattice of residual experts, engine/layers/lattice.py)
 
 CLASSES[Lattice.kind] = Lattice
+
+from .embed_head import EmbedHead  # noqa: E402  (the embedding-regression head, engine/layers/embed_head.py)
+
+CLASSES[EmbedHead.kind] = EmbedHead

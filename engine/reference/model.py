@@ -90,16 +90,18 @@ class RefModel:
         m = {k: np.zeros_like(v) for k, v in params.items()}
         v = {k: np.zeros_like(a) for k, a in params.items()}
         decay_mask = {s.name: s.decay for s in self.specs}
+        lr_scale = {s.name: s.lr_scale for s in self.specs}
         losses = []
         for step in range(1, steps + 1):
             x, y = batches[(step - 1) % len(batches)]
             loss, caches = self.forward(params, state, x, y, step=step - 1)
             grads = self.backward(params, state, caches)
             if o.name == "sgd":
-                sgd_step(params, grads, m, lr(step), o.momentum, o.weight_decay, decay_mask, o.clip_norm, o.clip_value)
+                sgd_step(params, grads, m, lr(step), o.momentum, o.weight_decay, decay_mask, o.clip_norm, o.clip_value,
+                         lr_scale)
             else:
                 adamw_step(params, grads, m, v, step, lr(step), o.beta1, o.beta2, o.eps, o.weight_decay,
-                           decay_mask, o.clip_norm, o.clip_value)
+                           decay_mask, o.clip_norm, o.clip_value, lr_scale)
             self.local_updates(params, state, caches, step)
             losses.append(float(loss))
         return losses
