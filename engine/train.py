@@ -521,24 +521,24 @@ class _PrintEval(Callback):
             print(json.dumps(end), flush=True)
 
 
-def make_progress(total: int, initial: int = 0, interval: float = 5.0):
+def make_progress(total: int, initial: int = 0, interval: float = 5.0, unit: str = "tok"):
     """(update, bar): update(log record) shows progress on standard error. On a terminal a
     tqdm bar (the caller closes `bar` at the end); elsewhere (nohup, CI, a pipe) bar is None
     and update prints a plain line at the first record, then at most every `interval` seconds:
     `step 400/2000  loss 2.412  41,200 tok/s  elapsed 0:12  remaining 0:48`."""
     if not sys.stderr.isatty():
-        return _plain_progress(total, initial, interval), None
+        return _plain_progress(total, initial, interval, unit), None
     from tqdm import tqdm
     bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def update(rec):
         bar.n = rec["step"]
-        bar.set_postfix(loss=f"{rec['train_loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+        bar.set_postfix({"loss": f"{rec['train_loss']:.3f}", f"{unit}_s": f"{rec['tokens_per_s']:.0f}"})
         bar.refresh()
     return update, bar
 
 
-def _plain_progress(total: int, initial: int, interval: float):
+def _plain_progress(total: int, initial: int, interval: float, unit: str = "tok"):
     start = time.monotonic()
     last = [None]  # the first record prints at once: the run is seen to be alive from its first log point
 
@@ -550,9 +550,15 @@ def _plain_progress(total: int, initial: int, interval: float):
         step, elapsed = rec["step"], now - start
         done = step - initial
         remaining = format_duration(elapsed * (total - step) / done) if done > 0 else "?"
-        print(f"step {step}/{total}  loss {rec['train_loss']:.3f}  {rec.get('tokens_per_s', 0.0):,.0f} tok/s  "
+        print(f"step {step}/{total}  loss {rec['train_loss']:.3f}  {rec.get('tokens_per_s', 0.0):,.0f} {unit}/s  "
               f"elapsed {format_duration(elapsed)}  remaining {remaining}", file=sys.stderr, flush=True)
     return update
+
+
+def progress_unit(task) -> str:
+    """What a batch row is, for the progress line: characters (tok) or sentences (sent). The
+    records' tokens_per_s counts rows (B·S) a second in both."""
+    return "tok" if task.name == "char_lm" else "sent"
 
 
 def format_duration(seconds: float) -> str:
@@ -623,7 +629,7 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, term)
     previous = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
-    progress, bar = make_progress(cfg.train.steps, trainer.model.step)
+    progress, bar = make_progress(cfg.train.steps, trainer.model.step, unit=progress_unit(trainer.task))
     t0 = time.perf_counter()
     try:
         summary = trainer.train(progress)

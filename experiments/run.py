@@ -28,7 +28,7 @@ from engine.checkpoint import CheckpointError, check_out_dir
 from engine.config import Config, ConfigError, apply_overrides
 from engine.data import DataError
 from engine.device import DeviceError
-from engine.train import Trainer, TrainingError, make_progress
+from engine.train import Trainer, TrainingError, make_progress, progress_unit
 
 from . import liveness, presets
 from .tracking import MlflowLogger, TrackingError, check_store, client, experiment_id, log_dataset, \
@@ -223,7 +223,8 @@ def _train_tracked(cl, run_id, trainer, progress) -> dict:
     if trainer.model.step > 0:  # resumed: the tables and curves cover the whole run
         logger.restore(trainer.model.step)
     trainer.callbacks.append(logger)
-    update, bar = make_progress(trainer.cfg.train.steps, trainer.model.step) if progress else (None, None)
+    update, bar = (make_progress(trainer.cfg.train.steps, trainer.model.step, unit=progress_unit(trainer.task))
+                   if progress else (None, None))
     outer = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     stopper = next((h for h in outer.values() if isinstance(h, _Stopper)), None) or _Stopper(trainer)
     handlers = {s: signal.signal(s, stopper) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -322,13 +323,20 @@ def run_summary(uri: str, run_id: str, summary: dict, seconds: float) -> str:
     """One line: how the run ended, its figures, where its files are and how to look at it."""
     final = summary.get("final") or {}
     status = summary.get("status", "?")
-    figures = (f"val_loss {final['val_loss']:.4f} nats ({final['val_bpc']:.3f} bpc) at step {final['step']}, "
-               if final.get("val_loss") is not None else
-               f"step {summary['step']}, " if summary.get("step") is not None else "")
+    if final.get("val_loss") is not None and "val_cos" in final:   # the sentence-embedding task
+        figures = (f"val_loss {final['val_loss']:.4f}, val_cos {final['val_cos']:.4f}, val_r1 {final['val_r1']:.3f} "
+                   f"at step {final['step']}, ")
+    elif final.get("val_loss") is not None:
+        figures = f"val_loss {final['val_loss']:.4f} nats ({final['val_bpc']:.3f} bpc) at step {final['step']}, "
+    else:
+        figures = f"step {summary['step']}, " if summary.get("step") is not None else ""
     if summary.get("early_stop"):
         figures = f"{summary['early_stop']['message']}; " + figures
     test = summary.get("test")
-    if test:
+    if test and "test_cos" in test:
+        figures += (f"test_cos {test['test_cos']:.4f} test_mse {test['test_mse']:.5f} test_r1 {test['test_r1']:.3f} "
+                    f"(step {test['step']}), ")
+    elif test:
         figures += f"test_loss {test['test_loss']:.4f} test_f1 {test['test_f1']:.4f} (step {test['step']}), "
     minutes, secs = divmod(int(round(seconds)), 60)
     ckpt = summary.get("checkpoint")

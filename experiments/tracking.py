@@ -807,8 +807,8 @@ class MlflowLogger(Callback):
             self._write_artifact("kernel_timings.csv", self.timing_table(), "")
         if self.curves["train"]:
             self._loss_figure()
-        if getattr(self, "_test", None) is not None and self.curves["val"]:
-            self._design_figure()
+        if getattr(self, "_test", None) is not None and "test_f1" in self._test and self.curves["val"]:
+            self._design_figure()   # the character tasks' (the memory network design's figure)
         if self.histograms:
             self._usage_figure()
         task_artifacts = getattr(self.trainer.data, "artifacts", None) if self.trainer is not None else None
@@ -865,7 +865,8 @@ class MlflowLogger(Callback):
                 s, v = zip(*self.curves[key])
                 ax.plot(s, v, style, label=f"{key} loss")
         ax.set_xlabel("step")
-        ax.set_ylabel("nats / character")
+        ax.set_ylabel("nats / character" if self.trainer is None or self.trainer.task.name == "char_lm"
+                      else "loss (MSE + 0.5·(1 − cos) by default)")
         ax.legend()
         png = Path(self._tmp.name) / "loss_curves.png"
         fig.savefig(png, dpi=90)
