@@ -45,6 +45,20 @@ def tune_cache(tmp_path_factory):
         os.environ["HYBRID_TUNE_CACHE"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def teacher_cache(tmp_path_factory):
+    """engine.teacher's disk cache in a session folder ($HYBRID_TEACHER_CACHE, inherited by the
+    subprocesses): the tests never read or write the user's cache of teacher embeddings."""
+    old = os.environ.get("HYBRID_TEACHER_CACHE")
+    path = tmp_path_factory.mktemp("teacher")
+    os.environ["HYBRID_TEACHER_CACHE"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("HYBRID_TEACHER_CACHE", None)
+    else:
+        os.environ["HYBRID_TEACHER_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def dev():
     """One profiled engine.device.Device for the whole session, with the kernel
