@@ -2,12 +2,17 @@
 
 Used by `experiments.study` (a study's report) and `experiments.compare` (any runs). The
 statistics are `experiments.stats`; this module gets the numbers out of MLflow and lays
-them out. Per run it reads the validation series (val_loss, val_acc, val_bpc) and the
-cumulative training time `train_time_s` logged at each evaluation.
+them out. What a report shows is its runs' task (`engine.tasks`; a run's task follows from
+its param `model.family`), declared once per task in REPORTS: the validation series read
+at each evaluation (with the cumulative training time `train_time_s`), the measures
+summarised and compared, the end-of-run metrics (the test split) and, for the embedding
+task, reference values (the closed-form PCA baseline, one constant per run). A report of
+runs of two tasks is refused (ReportError).
 
 Measures (one value per run):
 - final: the last evaluation (at train.steps);
-- best: the lowest validation loss (highest accuracy) over the run's evaluations;
+- best: the lowest validation loss over the run's evaluations;
+- test: the test split's metric, logged once at the end of the run;
 - at equal wall-clock (a comparison of a with b, per seed): t = the shorter of the two runs'
   training times (seconds in training steps, evaluation excluded); the faster run's final
   loss against the loss the slower run had reached at t (linear in time between its two
@@ -22,6 +27,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.config import EMBED_FAMILIES
+from engine.tasks import CHAR_LM, EMBED
+
 from . import stats
 
 SERIES = ("val_loss", "val_acc", "val_bpc", "train_time_s")
@@ -30,6 +38,76 @@ MEASURES = (("val_loss", "final val loss", True), ("best_val_loss", "best val lo
             ("val_acc", "final val acc", False), ("val_bpc", "final val bpc", True))
 COMPARED = (("val_loss", "final val loss", True), ("best_val_loss", "best val loss", True),
             ("val_acc", "final val acc", False), ("equal_time_val_loss", "val loss at equal wall-clock", True))
+EQUAL_TIME = ("equal_time_val_loss", "val loss at equal wall-clock", True)
+
+
+class ReportError(ValueError):
+    """The runs cannot go into one report (runs of two tasks); the message is one line."""
+
+
+def _lower(task, name: str) -> bool:
+    """Whether lower is better for a task's metric; test_X and best_X go the way of val_X."""
+    base = name[len("best_"):] if name.startswith("best_") else \
+        "val_" + name[len("test_"):] if name.startswith("test_") else name
+    return task.metric(base).direction == "min"
+
+
+def _measure(task, name: str, label: str) -> tuple:
+    return (name, label, _lower(task, name))
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """What a report of one task's runs reads and shows."""
+    task: str
+    series: tuple        # validation metrics per evaluation (val_loss first), beside step and train_time_s
+    measures: tuple      # (column, label, lower is better): the summary table, mean [95 % CI]
+    compared: tuple      # (column, label, lower is better): the comparisons
+    end: tuple = ()      # (column, label, lower is better): end-of-run metrics, a second table where logged
+    references: tuple = ()   # (column, label): constants of the data split (baselines), shown beside `end`
+    table: tuple = ()    # the measures the summary table shows (all are in the summary frame)
+    curves: tuple = ()   # (metric, axis label): the validation curves figure, one row each
+    digits: dict = field(default_factory=dict)   # decimals of a column where 4 hide it (MSE ~ 1e-3)
+
+    @property
+    def end_keys(self) -> tuple:
+        return tuple(c for c, *_ in self.end) + tuple(c for c, _ in self.references)
+
+
+REPORTS = {
+    "char_lm": TaskReport("char_lm", SERIES[:-1], MEASURES, COMPARED,
+                          end=(("test_loss", "test loss", True), ("test_acc", "test acc", False),
+                               ("test_f1", "test F1", False)),
+                          table=("val_loss", "best_val_loss", "val_acc"), curves=(("val_loss", "validation loss (nats/char)"),)),
+    "embed_regression": TaskReport(
+        "embed_regression", ("val_loss", "val_cos", "val_mse", "val_r1", "val_r5"),
+        (_measure(EMBED, "val_loss", "final val loss"), _measure(EMBED, "best_val_loss", "best val loss"),
+         _measure(EMBED, "val_cos", "final val cos"), _measure(EMBED, "val_r1", "final val r@1")),
+        (_measure(EMBED, "val_loss", "final val loss"), _measure(EMBED, "val_cos", "final val cos"),
+         _measure(EMBED, "test_cos", "test cos"), EQUAL_TIME),
+        end=(_measure(EMBED, "test_cos", "test cos"), _measure(EMBED, "test_mse", "test mse"),
+             _measure(EMBED, "test_r1", "test r@1")),
+        references=(("pca_test_cos", "PCA test cos"), ("pca_test_r1", "PCA test r@1")),
+        table=("val_loss", "best_val_loss", "val_cos", "val_r1"),
+        curves=(("val_loss", "validation loss (MSE + 1 − cos)"), ("val_cos", "validation cosine")),
+        digits={"test_mse": 6}),
+}
+
+
+def task_of_params(params: dict) -> str:
+    """A run's task from its logged params (engine.tasks.task_of on the config it ran)."""
+    return EMBED.name if params.get("model.family") in EMBED_FAMILIES else CHAR_LM.name
+
+
+def report_of(records) -> TaskReport:
+    """The task report of a set of runs: their one task (char_lm without runs)."""
+    tasks: dict[str, set] = {}
+    for r in records:
+        tasks.setdefault(r.task, set()).add(r.experiment)
+    if len(tasks) > 1:
+        raise ReportError("runs of different tasks cannot share a report: " + "; ".join(
+            f"{t} ({', '.join(sorted(e))})" for t, e in sorted(tasks.items())) + "; report each task's runs apart")
+    return REPORTS[next(iter(tasks), CHAR_LM.name)]
 
 
 @dataclass
@@ -39,8 +117,14 @@ class RunRecord:
     seed: int | None
     status: str
     start_time: int = 0
-    evals: list = field(default_factory=list)   # (step, train_time_s, val_loss, val_acc, val_bpc)
+    evals: list = field(default_factory=list)   # (step, train_time_s, *REPORTS[task].series)
     error: str = ""
+    task: str = "char_lm"
+    end: dict = field(default_factory=dict)     # end-of-run metrics and references that the run logged
+
+    @property
+    def series(self) -> tuple:
+        return REPORTS[self.task].series
 
     def _col(self, i):
         return [e[i] for e in self.evals]
@@ -48,9 +132,9 @@ class RunRecord:
     @property
     def final(self) -> dict:
         if not self.evals:
-            return {"val_loss": math.nan, "val_acc": math.nan, "val_bpc": math.nan, "step": None}
-        s, _, loss, acc, bpc = self.evals[-1]
-        return {"val_loss": loss, "val_acc": acc, "val_bpc": bpc, "step": s}
+            return {**{k: math.nan for k in self.series}, "step": None}
+        last = self.evals[-1]
+        return {**dict(zip(self.series, last[2:])), "step": last[0]}
 
     @property
     def best_val_loss(self) -> float:
@@ -75,29 +159,40 @@ class RunRecord:
         return float(np.interp(t, times, losses))
 
     def values(self) -> dict:
+        """The run's per-run values: final series (val_loss, best_val_loss, the others), the
+        training time, the final step, then the end metrics it logged."""
         f = self.final
-        return {"val_loss": f["val_loss"], "best_val_loss": self.best_val_loss, "val_acc": f["val_acc"],
-                "val_bpc": f["val_bpc"], "train_time_s": self.train_time_s, "final_step": f["step"]}
+        first, *rest = self.series
+        return {first: f[first], "best_val_loss": self.best_val_loss, **{k: f[k] for k in rest},
+                "train_time_s": self.train_time_s, "final_step": f["step"], **self.end}
+
+    def value(self, col: str) -> float:
+        v = self.values().get(col, math.nan)
+        return math.nan if v is None else v
 
 
 def fetch_records(cl, runs, label=lambda run: run.data.params.get("experiment", "?")) -> list[RunRecord]:
-    """One RunRecord per MLflow run: its validation series by step (the last value of a step)."""
+    """One RunRecord per MLflow run: its task's validation series by step (the last value of a
+    step), and the end-of-run metrics it logged (their last value)."""
     out = []
     for run in runs:
+        task = task_of_params(run.data.params)
+        rep = REPORTS[task]
         series = {}
-        for key in SERIES:
+        for key in (*rep.series, "train_time_s"):
             hist = sorted(cl.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp))
             series[key] = {m.step: m.value for m in hist}
         steps = sorted(series["val_loss"])
         evals = [(s, series["train_time_s"].get(s, math.nan), series["val_loss"][s],
-                  series["val_acc"].get(s, math.nan), series["val_bpc"].get(s, math.nan)) for s in steps]
+                  *(series[k].get(s, math.nan) for k in rep.series[1:])) for s in steps]
+        end = {k: run.data.metrics[k] for k in rep.end_keys if k in run.data.metrics}
         seed = run.data.params.get("seed", run.data.tags.get("seed"))
         try:
             seed = int(seed)
         except (TypeError, ValueError):
             seed = None
         out.append(RunRecord(run.info.run_id, label(run), seed, run.info.status, run.info.start_time or 0,
-                             evals, run.data.tags.get("error", "")))
+                             evals, run.data.tags.get("error", ""), task, end))
     return out
 
 
@@ -124,11 +219,14 @@ def duplicates(records) -> int:
 
 # -- tables ------------------------------------------------------------------------------------------
 def summary_frame(records, order=(), baseline: str | None = None):
-    """Per experiment: seeds, and for each measure the mean, std and 95 % interval; the mean
-    training time and its ratio to the baseline's."""
+    """Per experiment: seeds, and for each of the task's measures the mean, std and 95 % interval;
+    the mean training time and its ratio to the baseline's; then the same for each end-of-run
+    metric and reference that the runs logged. `frame.attrs["task"]`: the runs' task."""
     import pandas as pd
+    rep = report_of(records)
     groups = by_experiment(records)
     names = [n for n in order if n in groups] + sorted(n for n in groups if n not in order)
+    logged = [c for c in rep.end_keys if any(c in r.end for g in groups.values() for r in g.values())]
     base_time = None
     if baseline in groups:
         base_time = stats.summarize(r.train_time_s for r in groups[baseline].values()).mean
@@ -136,14 +234,18 @@ def summary_frame(records, order=(), baseline: str | None = None):
     for name in names:
         recs = list(groups[name].values())
         row = {"experiment": name, "seeds": len(recs)}
-        for col, _, _ in MEASURES:
-            s = stats.summarize(r.values()[col] for r in recs)
+        for col in [c for c, _, _ in rep.measures] + ["train_time_s"] + logged:
+            if col == "train_time_s":
+                t = stats.summarize(r.train_time_s for r in recs)
+                row["train_time_s_mean"] = t.mean
+                row["time_vs_baseline"] = t.mean / base_time if base_time else math.nan
+                continue
+            s = stats.summarize(r.value(col) for r in recs)
             row.update({f"{col}_mean": s.mean, f"{col}_std": s.std, f"{col}_lo": s.lo, f"{col}_hi": s.hi})
-        t = stats.summarize(r.train_time_s for r in recs)
-        row["train_time_s_mean"] = t.mean
-        row["time_vs_baseline"] = t.mean / base_time if base_time else math.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["task"] = rep.task
+    return frame
 
 
 def compare_pair(a: dict, b: dict, col: str, lower_is_better: bool) -> stats.Comparison:
@@ -159,20 +261,19 @@ def compare_pair(a: dict, b: dict, col: str, lower_is_better: bool) -> stats.Com
             vb.append(b[s].loss_at_time(t))
         return stats.paired(va, vb, lower_is_better)
     if len(common) >= 2:
-        return stats.paired([a[s].values()[col] for s in common], [b[s].values()[col] for s in common],
-                            lower_is_better)
-    return stats.welch([r.values()[col] for r in a.values()], [r.values()[col] for r in b.values()],
-                       lower_is_better)
+        return stats.paired([a[s].value(col) for s in common], [b[s].value(col) for s in common], lower_is_better)
+    return stats.welch([r.value(col) for r in a.values()], [r.value(col) for r in b.values()], lower_is_better)
 
 
 def comparison_frame(records, comparisons):
-    """One row per (comparison, measure): a − b with interval, test, p (and Holm's over the
-    comparisons of that measure), the verdict of a against b and the seeds needed.
-    `comparisons`: (label, a, b) with a and b experiment names."""
+    """One row per (comparison, measure of the runs' task): a − b with interval, test, p (and
+    Holm's over the comparisons of that measure), the verdict of a against b and the seeds
+    needed. `comparisons`: (label, a, b) with a and b experiment names."""
     import pandas as pd
+    rep = report_of(records)
     groups = by_experiment(records)
     rows = []
-    for col, label, lower in COMPARED:
+    for col, label, lower in rep.compared:
         block = []
         for name, a, b in comparisons:
             if a not in groups or b not in groups:
@@ -186,7 +287,9 @@ def comparison_frame(records, comparisons):
         for row, ph in zip(block, stats.holm([r["p"] for r in block])):
             row["p_holm"] = ph
         rows.extend(block)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    frame.attrs["task"] = rep.task
+    return frame
 
 
 # -- text ----------------------------------------------------------------------------------------------
@@ -216,16 +319,41 @@ def _p(p) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _report(frame) -> TaskReport:
+    return REPORTS[frame.attrs.get("task", CHAR_LM.name)]
+
+
+def _ci(r, col, digits) -> str:
+    return _interval(r[f"{col}_mean"], r[f"{col}_lo"], r[f"{col}_hi"], digits.get(col, 4))
+
+
 def summary_rows(summary) -> tuple[list[str], list[list[str]]]:
-    head = ["experiment", "seeds", "final val loss [95 % CI]", "± std", "best val loss [95 % CI]",
-            "final val acc [95 % CI]", "train time (s)", "× baseline"]
+    """The summary table: the task's table columns (mean [95 % CI]; the std of the first), the time."""
+    rep = _report(summary)
+    cols = [(c, lab) for c, lab, _ in rep.measures if c in rep.table]
+    head = ["experiment", "seeds", f"{cols[0][1]} [95 % CI]", "± std",
+            *(f"{lab} [95 % CI]" for _, lab in cols[1:]), "train time (s)", "× baseline"]
     rows = []
     for _, r in summary.iterrows():
-        rows.append([r["experiment"], str(r["seeds"]),
-                     _interval(r["val_loss_mean"], r["val_loss_lo"], r["val_loss_hi"]), _num(r["val_loss_std"]),
-                     _interval(r["best_val_loss_mean"], r["best_val_loss_lo"], r["best_val_loss_hi"]),
-                     _interval(r["val_acc_mean"], r["val_acc_lo"], r["val_acc_hi"]),
+        first = cols[0][0]
+        rows.append([r["experiment"], str(r["seeds"]), _ci(r, first, rep.digits), _num(r[f"{first}_std"]),
+                     *(_ci(r, c, rep.digits) for c, _ in cols[1:]),
                      _num(r["train_time_s_mean"], "{:.1f}"), _num(r["time_vs_baseline"], "{:.2f}")])
+    return head, rows
+
+
+def end_rows(summary) -> tuple[list[str], list[list[str]]] | None:
+    """The end-of-run table (test split: mean [95 % CI]; references: their mean), or None when
+    the runs logged none of them."""
+    rep = _report(summary)
+    end = [(c, lab) for c, lab, _ in rep.end if f"{c}_mean" in summary]
+    refs = [(c, lab) for c, lab in rep.references if f"{c}_mean" in summary]
+    if not end and not refs:
+        return None
+    head = ["experiment", "seeds", *(f"{lab} [95 % CI]" for _, lab in end), *(lab for _, lab in refs)]
+    rows = [[r["experiment"], str(r["seeds"]), *(_ci(r, c, rep.digits) for c, _ in end),
+             *(_num(r[f"{c}_mean"], f"{{:.{rep.digits.get(c, 4)}f}}") for c, _ in refs)]
+            for _, r in summary.iterrows()]
     return head, rows
 
 
@@ -260,60 +388,76 @@ METHOD = ("Intervals: Student t, 95 %. Comparisons: a − b paired by seed (pair
           "comparisons of each measure; seeds needed: smallest n for 80 % power at α = 0.05 if the "
           "observed difference and spread were the truth. Equal wall-clock: both runs at the shorter "
           "training time (evaluation excluded).")
+END_METHOD = " Test split: evaluated once, at the end of each run (the best checkpoint where early stopping is on)."
+REFERENCE_METHOD = (" PCA: the closed-form baseline on the same split, reconstructed through the bottleneck's "
+                    "n² dimensions (fitted on the training sentences); a constant of the split, its mean over "
+                    "the runs, not compared.")
+COMPARISON_NOTE = {"char_lm": "comparisons (a − b; negative loss difference = a better)",
+                   "embed_regression": "comparisons (a − b; negative loss, positive cosine difference = a better)"}
 
 
 def render(summary, comps, title: str, markdown: bool = False) -> str:
     table = markdown_table if markdown else text_table
+    rep = _report(summary)
     parts = [f"## {title}" if markdown else title, ""]
     parts += [table(*summary_rows(summary)), ""]
+    method = METHOD
+    end = end_rows(summary)
+    if end is not None:
+        parts += [("### " if markdown else "") + "test split (end of run)"
+                  + ("; PCA: the closed-form reference" if rep.references else ""), "", table(*end), ""]
+        method += END_METHOD + (REFERENCE_METHOD if rep.references else "")
     if len(comps):
-        parts += [("### " if markdown else "") + "comparisons (a − b; negative loss difference = a better)", ""]
+        parts += [("### " if markdown else "") + COMPARISON_NOTE[rep.task], ""]
         parts += [table(*comparison_rows(comps)), ""]
     if markdown:
-        parts.append(METHOD)
+        parts.append(method)
     else:
         import textwrap
-        parts.append(textwrap.fill(METHOD, 110))
+        parts.append(textwrap.fill(method, 110))
     return "\n".join(parts) + "\n"
 
 
 # -- figures -----------------------------------------------------------------------------------------
 def figures(records, comps, folder: str, order=()) -> list[str]:
-    """validation_curves.png (mean over seeds, band = min-max, against step and against
-    training time) and differences.png (each comparison's difference with its 95 % interval)."""
+    """validation_curves.png (the task's curves, a row each: mean over seeds, band = min-max,
+    against step and against training time) and differences.png (each comparison's difference
+    with its 95 % interval)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    rep = report_of(records)
     groups = by_experiment(records)
     names = [n for n in order if n in groups] + sorted(n for n in groups if n not in order)
     paths = []
     if names:
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        for name in names:
-            recs = list(groups[name].values())
-            steps = sorted(set.intersection(*[{e[0] for e in r.evals} for r in recs]))
-            if not steps:
-                continue
-            loss = np.array([[dict((e[0], e[2]) for e in r.evals)[s] for s in steps] for r in recs])
-            tt = np.array([[dict((e[0], e[1]) for e in r.evals)[s] for s in steps] for r in recs])
-            mean = loss.mean(axis=0)
-            (line,) = axes[0].plot(steps, mean, label=f"{name} ({len(recs)} seeds)")
-            axes[0].fill_between(steps, loss.min(axis=0), loss.max(axis=0), color=line.get_color(), alpha=0.2)
-            if np.isfinite(tt).all():
-                axes[1].plot(tt.mean(axis=0), mean, color=line.get_color())
-                axes[1].fill_between(tt.mean(axis=0), loss.min(axis=0), loss.max(axis=0),
-                                     color=line.get_color(), alpha=0.2)
-        axes[0].set(xlabel="step", ylabel="validation loss (nats/char)", title="mean over seeds, band = min–max")
-        axes[1].set(xlabel="training time (s, mean over seeds)", ylabel="validation loss (nats/char)",
-                    title="against wall-clock")
-        axes[0].legend(fontsize=8)
-        for ax in axes:
-            ax.grid(alpha=0.3)
+        fig, axes = plt.subplots(len(rep.curves), 2, figsize=(12, 4.5 * len(rep.curves)), squeeze=False)
+        for row, (metric, ylabel) in zip(axes, rep.curves):
+            col = 2 + rep.series.index(metric)   # its place in an evaluation tuple
+            for name in names:
+                recs = list(groups[name].values())
+                steps = sorted(set.intersection(*[{e[0] for e in r.evals} for r in recs]))
+                if not steps:
+                    continue
+                vals = np.array([[dict((e[0], e[col]) for e in r.evals)[s] for s in steps] for r in recs])
+                tt = np.array([[dict((e[0], e[1]) for e in r.evals)[s] for s in steps] for r in recs])
+                mean = vals.mean(axis=0)
+                (line,) = row[0].plot(steps, mean, label=f"{name} ({len(recs)} seeds)")
+                row[0].fill_between(steps, vals.min(axis=0), vals.max(axis=0), color=line.get_color(), alpha=0.2)
+                if np.isfinite(tt).all():
+                    row[1].plot(tt.mean(axis=0), mean, color=line.get_color())
+                    row[1].fill_between(tt.mean(axis=0), vals.min(axis=0), vals.max(axis=0),
+                                        color=line.get_color(), alpha=0.2)
+            row[0].set(xlabel="step", ylabel=ylabel, title="mean over seeds, band = min–max")
+            row[1].set(xlabel="training time (s, mean over seeds)", ylabel=ylabel, title="against wall-clock")
+            for ax in row:
+                ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
         fig.tight_layout()
         paths.append(_save(fig, folder, "validation_curves.png"))
         plt.close(fig)
-    if len(comps):
-        metrics = [m for m, _, _ in COMPARED if m in set(comps["metric"])]
+    metrics = [m for m, _, _ in rep.compared if len(comps) and m in set(comps["metric"])]
+    if metrics:
         cols = 2 if len(metrics) > 1 else 1
         nrows = (len(metrics) + cols - 1) // cols
         height = 0.45 * comps["comparison"].nunique() + 1.3
@@ -333,7 +477,7 @@ def figures(records, comps, folder: str, order=()) -> list[str]:
             ax.axvline(0, color="black", lw=0.8)
             ax.set_yticks(y, sub["comparison"] if k % cols == 0 else [""] * len(sub), fontsize=8)
             ax.set_ylim(-0.6, len(sub) - 0.4)
-            ax.set_title(dict((m, lab) for m, lab, _ in COMPARED)[metric], fontsize=9)
+            ax.set_title(dict((m, lab) for m, lab, _ in rep.compared)[metric], fontsize=9)
             ax.grid(alpha=0.3, axis="x")
         for k in range(len(metrics), nrows * cols):
             axes[k // cols][k % cols].axis("off")

@@ -3,16 +3,19 @@
     python -m experiments.compare [--experiment-name hybrid-lm] [--runs ID ...] [--baseline hybrid] [--csv FILE]
 
 Per run: the experiment name, seed, status, the params that differ between
-the runs shown, and the final value of each headline metric (with the transformer
-family's attention entropy per block, attn_entropy/h0, h1, ...). Then the finished
-runs (reproductions and study parents left out) grouped by experiment (and by
-config, where runs of one experiment name differ in more than the seed):
-mean, std and 95 % interval of the final and best validation loss and of the
-accuracy; and each group against the baseline, paired by seed, with the
-difference's 95 % interval, the test, a verdict ("better", "worse", "no
-difference detectable with N seeds") and the seeds that would be needed
-(`experiments.stats`, `experiments.analysis`: the same report as
-`experiments.study`). `--report-csv FILE` writes the comparisons as CSV.
+the runs shown, and the final value of each headline metric of its task (the
+character task: loss, accuracy, bpc, with the transformer family's attention
+entropy per block, attn_entropy/h0, h1, ...; the embedding task: loss, cosine,
+MSE, retrieval@1, the test split's and the PCA baseline's cosine). Then the
+finished runs (reproductions and study parents left out) grouped by experiment
+(and by config, where runs of one experiment name differ in more than the seed):
+mean, std and 95 % interval of the task's measures; and each group against the
+baseline, paired by seed, with the difference's 95 % interval, the test, a
+verdict ("better", "worse", "no difference detectable with N seeds") and the
+seeds that would be needed (`experiments.stats`, `experiments.analysis`: the
+same report as `experiments.study`). Runs of two tasks get a report each (the
+baseline: the named one in its task, else each task's first group).
+`--report-csv FILE` writes the comparisons as CSV.
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ from .run import DEFAULT_EXPERIMENT
 from .tracking import TrackingError, check_store, client, resolve_tracking_uri
 
 FINAL_METRICS = ("val_loss", "val_acc", "val_bpc", "train_loss", "proto_perplexity", "proto_dead", "hebb_norm")
+# the embedding task's (engine/tasks/embed_regression.py; pca_*: the closed-form baseline on the run's split)
+EMBED_FINAL_METRICS = ("val_loss", "val_cos", "val_mse", "val_r1", "test_cos", "test_mse", "test_r1",
+                       "pca_test_cos", "train_loss")
 # per-layer headline metrics, a column each where a run has them (the transformer family's blocks)
 LAYER_METRIC = re.compile(r"^attn_entropy/h(\d+)$")
 HIDDEN_PARAMS = {"overrides"}
@@ -54,23 +60,34 @@ def runs_frame(cl, experiment_name: str | None, run_ids: list[str] | None, runs=
     if runs is None:
         runs = fetch_runs(cl, experiment_name, run_ids)
     layer_cols = layer_metrics(runs)
+    final = final_metrics(runs)
     rows = []
     for r in runs:
         row = {"run_id": r.info.run_id, "experiment": r.data.params.get("experiment", "?"),
                "seed": r.data.params.get("seed", "?"), "status": r.info.status,
                "reproduces": r.data.tags.get("reproduces", "")}
         row.update({f"param:{k}": v for k, v in r.data.params.items() if k not in HIDDEN_PARAMS})
-        row.update({m: r.data.metrics.get(m) for m in (*FINAL_METRICS, *layer_cols)})
+        row.update({m: r.data.metrics.get(m) for m in (*final, *layer_cols)})
         rows.append(row)
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     pcols = [c for c in df.columns if c.startswith("param:")]
     varying = [c for c in pcols if df[c].astype(str).nunique() > 1 and c not in ("param:experiment", "param:seed")]
-    df = df[["run_id", "experiment", "seed", "status", "reproduces", *varying, *FINAL_METRICS, *layer_cols]]
+    df = df[["run_id", "experiment", "seed", "status", "reproduces", *varying, *final, *layer_cols]]
     df = df.rename(columns={c: c[len("param:"):] for c in varying})
     order = pd.to_numeric(df["seed"], errors="coerce")
     return df.assign(_o=order).sort_values(["experiment", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+def final_metrics(runs) -> list[str]:
+    """The headline columns of the runs' tasks: the character task's, then the embedding task's
+    that it lacks (runs without a param model.family: the character task)."""
+    tasks = {analysis.task_of_params(r.data.params) for r in runs} or {"char_lm"}
+    cols = list(FINAL_METRICS) if "char_lm" in tasks else []
+    if "embed_regression" in tasks:
+        cols += [m for m in EMBED_FINAL_METRICS if m not in cols]
+    return cols
 
 
 def layer_metrics(runs) -> list[str]:
@@ -97,7 +114,8 @@ def group_labels(runs) -> dict[str, str]:
 
 def statistics(cl, runs, baseline: str | None):
     """(records, summary, comparisons, baseline) over the finished runs that are not
-    reproductions (a reproduction is not a new seed)."""
+    reproductions (a reproduction is not a new seed); the runs are of one task
+    (analysis.ReportError otherwise: see by_task)."""
     done = [r for r in runs if r.info.status == "FINISHED" and not r.data.tags.get("reproduces")]
     labels = group_labels(done)
     records = analysis.fetch_records(cl, done, label=lambda r: labels[r.info.run_id])
@@ -111,6 +129,22 @@ def statistics(cl, runs, baseline: str | None):
     summary = analysis.summary_frame(records, order, baseline)
     comps = analysis.comparison_frame(records, [(f"{g} vs {baseline}", g, baseline) for g in order[1:]])
     return records, summary, comps, baseline
+
+
+def by_task(runs, baseline: str | None) -> list[tuple[str, list, str | None]]:
+    """(task, its runs, its baseline) per task of the runs (one report each): the named baseline
+    for the task whose runs have that experiment, the default for the others."""
+    tasks: dict[str, list] = {}
+    for r in runs:
+        tasks.setdefault(analysis.task_of_params(r.data.params), []).append(r)
+    if len(tasks) < 2:
+        return [(next(iter(tasks), "char_lm"), runs, baseline)]
+    labels = group_labels([r for r in runs if r.info.status == "FINISHED" and not r.data.tags.get("reproduces")])
+    owner = {labels[r.info.run_id]: t for t, rs in tasks.items() for r in rs if r.info.run_id in labels}
+    if baseline is not None and baseline not in owner:
+        raise TrackingError(f"--baseline {baseline!r} is not among the finished runs' groups: "
+                            + ", ".join(repr(g) for g in sorted(owner)))
+    return [(t, rs, baseline if owner.get(baseline) == t else None) for t, rs in sorted(tasks.items())]
 
 
 def main(argv=None) -> int:
@@ -136,8 +170,9 @@ def main(argv=None) -> int:
         cl = client(uri)
         runs = fetch_runs(cl, args.experiment_name, args.runs)
         df = runs_frame(cl, args.experiment_name, args.runs, runs)
-        stats_ = statistics(cl, runs, args.baseline) if not df.empty else None
-    except TrackingError as exc:
+        parts = by_task(runs, args.baseline) if not df.empty else []
+        reports = [(task, statistics(cl, rs, base)) for task, rs, base in parts]
+    except (TrackingError, analysis.ReportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if df.empty:
@@ -147,14 +182,18 @@ def main(argv=None) -> int:
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 200,
                            "display.float_format", "{:.4f}".format):
         print(df.to_string(index=False))
-    records, summary, comps, baseline = stats_
-    if len(summary):
+    for task, (records, summary, comps, baseline) in reports:
+        if not len(summary):
+            continue
         n = sum(len(v) for v in analysis.by_experiment(records).values())
         dup = analysis.duplicates(records)
         title = (f"{n} finished runs in {len(summary)} groups, baseline {baseline}"
+                 + (f", task {task}" if len(reports) > 1 or task != "char_lm" else "")
                  + (f" ({dup} older runs of the same group and seed left out)" if dup else ""))
         print()
         print(analysis.render(summary, comps, title), end="")
+    comps = reports[0][1][2] if len(reports) == 1 else \
+        pd.concat([c for _, (_, _, c, _) in reports if len(c)] or [pd.DataFrame()], ignore_index=True)
     for flag, path, frame in (("--csv", args.csv, df), ("--report-csv", args.report_csv, comps)):
         if not path:
             continue

@@ -19,8 +19,9 @@ outcome, reported, not retried. `--seeds 5` after `--seeds 3` trains the two new
 lines are prefixed with the run they belong to. Wall-clock figures (the equal-time
 comparison, the time ratio) are only fair with one worker: K runs share the machine.
 
-The report (`experiments.analysis`, `experiments.stats`) is printed, and logged on the
-parent run under `report/`: summary.csv, comparisons.csv, runs.csv, report.md and
+The report (`experiments.analysis`, `experiments.stats`) is on the measures of the
+experiments' task (one task per study: a study mixing them is refused), printed, and logged
+on the parent run under `report/`: summary.csv, comparisons.csv, runs.csv, report.md and
 figures/validation_curves.png, figures/differences.png. The last line of standard output
 is the parent run id.
 """
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 from engine.checkpoint import CheckpointError
 from engine.config import Config, ConfigError, apply_overrides, with_overrides
 from engine.device import DeviceError
+from engine.tasks import task_of
 from engine.train import Trainer, format_duration
 
 from . import analysis, liveness, presets
@@ -198,6 +200,12 @@ def plan(study: Study, seeds: int, overrides: list[str]) -> list[Job]:
             cfgs[e] = apply_overrides(presets.get(e).config(), base_sets + first)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (experiment {e})") from None
+    tasks: dict[str, list] = {}
+    for e, c in cfgs.items():
+        tasks.setdefault(task_of(c).name, []).append(e)
+    if len(tasks) > 1:   # one report compares runs on one task's measures
+        raise StudyError(f"study {study.name!r} mixes tasks: " + "; ".join(
+            f"{t} ({', '.join(es)})" for t, es in tasks.items()) + "; a study's experiments must share one task")
     start = cfgs[study.baseline].seed
     jobs = []
     for s in range(start, start + seeds):
