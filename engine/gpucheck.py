@@ -42,7 +42,9 @@ from .device import DeviceError, device_type_name, list_devices
 REPO = Path(__file__).resolve().parent.parent
 TESTS = ["tests/test_kernels.py", "tests/test_delta.py", "tests/test_layer_contract.py", "tests/test_layers.py",
          "tests/test_model.py", "tests/test_golden.py", "tests/test_generate.py", "tests/test_parallel.py",
-         "tests/test_tune.py"]
+         "tests/test_tune.py", "tests/test_generate_kv.py", "tests/test_gru.py", "tests/test_memory.py",
+         "tests/test_lattice.py", "tests/test_embed_head.py", "tests/test_optim_lr_scale.py",
+         "tests/test_embed_task.py"]
 SIZES = ("reference", "gpu_sized")        # defined in benchmarks/speed.py (SIZES)
 ICD_DIR = "/etc/OpenCL/vendors"
 NVIDIA_LIB = "libnvidia-opencl.so.1"
