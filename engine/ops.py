@@ -823,9 +823,27 @@ def lattice_tanh_backward(dev, dh, h, n):
     dev.launch(dev.kernel("lattice.cl", "lattice_tanh_backward"), (n,), None, dh.data, h.data)
 
 
-def lattice_colsum(dev, X, out, rows, U, beta=0.0):
-    """out (U,) = beta·out + Σ_j X (rows, U)[j] (j ascending)."""
-    dev.launch(dev.kernel("lattice.cl", "lattice_colsum"), (U,), None, X.data, i32(rows), i32(U), f32(beta), out.data)
+COLSUM_CHUNK = 1024   # rows a work-item sums in lattice_colsum_part
+
+
+def colsum_parts(rows: int) -> int:
+    """Partial sums lattice_colsum takes for `rows` rows (0: one stage, a loop per column)."""
+    return -(-rows // COLSUM_CHUNK) if rows > 4 * COLSUM_CHUNK else 0
+
+
+def lattice_colsum(dev, X, out, rows, U, beta=0.0, part=None):
+    """out (U,) = beta·out + Σ_j X (rows, U)[j]. Up to 4·COLSUM_CHUNK rows: one loop per column (j
+    ascending); beyond, chunks of COLSUM_CHUNK rows summed in parallel into part (colsum_parts(rows)·U
+    floats), then the chunks in order (a fixed order either way: deterministic, no atomics)."""
+    P = colsum_parts(rows)
+    if not P:
+        dev.launch(dev.kernel("lattice.cl", "lattice_colsum"), (U,), None, X.data, i32(rows), i32(U), f32(beta),
+                   out.data)
+        return
+    dev.launch(dev.kernel("lattice.cl", "lattice_colsum_part"), (U, P), None, X.data, i32(rows), i32(U),
+               i32(COLSUM_CHUNK), part.data)
+    dev.launch(dev.kernel("lattice.cl", "lattice_colsum_reduce"), (U,), None, part.data, i32(P), i32(U), f32(beta),
+               out.data)
 
 
 def lattice_gate_softmax(dev, g, bg, rows, E):

@@ -18,6 +18,8 @@
  *   lattice_bias_tanh        h[j, u] = tanh(h[j, u] + b[u]) in place                global (Hc, rows)
  *   lattice_tanh_backward    dh *= 1 − h² in place                                  global (n)
  *   lattice_colsum           out[u] = beta·out[u] + Σ_j X[j, u] (j ascending)       global (U)
+ *   lattice_colsum_part      part[p, u] = Σ_j of chunk p of X[j, u] (ascending)     global (U, P)
+ *   lattice_colsum_reduce    out[u] = beta·out[u] + Σ_p part[p, u] (p ascending)    global (U)
  *   lattice_gate_softmax     g[j] = softmax_e(g[j, e] + bg[e]) in place             global (rows)
  *   lattice_gate_mix         s[j, c] += g[j, e]·dl[j, c]                            global (C, rows)
  *   lattice_gate_split       dd[j, c] = g[j,e]·ds[j,c]; dg[j,e] = Σ_c ds[j,c]·dl[j,c] global (rows)
@@ -113,6 +115,29 @@ __kernel void lattice_colsum(__global const float* X, const int rows, const int 
     const int u = get_global_id(0);
     float acc = 0.0f;
     for (int j = 0; j < rows; j++) acc += X[(long)j * U + u];
+    out[u] = beta == 0.0f ? acc : beta * out[u] + acc;
+}
+
+/* The column sum in two fixed-order stages for many rows (every bias gradient of a 37³ lattice:
+ * rows = N·37³): part[p, u] = Σ of rows [p·CH, min((p+1)·CH, rows)) ascending, one work-item per
+ * (u, p); then out[u] = beta·out[u] + Σ_p part[p, u], p ascending. Both stages have many items (a
+ * GPU's occupancy, both CPU cores) and no atomics. */
+__kernel void lattice_colsum_part(__global const float* X, const int rows, const int U, const int CH,
+                                  __global float* part)
+{
+    const int u = get_global_id(0), p = get_global_id(1);
+    const int j1 = min(rows, (p + 1) * CH);
+    float acc = 0.0f;
+    for (int j = p * CH; j < j1; j++) acc += X[(long)j * U + u];
+    part[(long)p * U + u] = acc;
+}
+
+__kernel void lattice_colsum_reduce(__global const float* part, const int P, const int U, const float beta,
+                                    __global float* out)
+{
+    const int u = get_global_id(0);
+    float acc = 0.0f;
+    for (int p = 0; p < P; p++) acc += part[(long)p * U + u];
     out[u] = beta == 0.0f ? acc : beta * out[u] + acc;
 }
 

@@ -30,6 +30,9 @@ CASES = {
     "distant+gate": dict(TINY, experts=("local", "distant"), R=3, seed=5),
     "all+gate": dict(TINY, experts=("local", "distant", "functional"), R=3, dk=2, seed=5),
     "K0": dict(TINY, K=0),
+    # N·13³ = 4394 rows: the weight gradients in a 4096-row head and a 298-row tail
+    # (engine.layers.lattice.wgrad_parts), the bias gradients in two stages (ops.colsum_parts)
+    "long rows": dict(n=13, D=13, C=2, Hc=4, K=2, experts=("local", "distant"), R=2, seed=5),
 }
 
 

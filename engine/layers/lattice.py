@@ -49,6 +49,31 @@ from ..reference.lattice import EXPERTS, lattice_links, lattice_neighbours, reve
 from . import Layer, StateSpec, f32, i32
 
 
+
+def wgrad_parts(rows: int) -> list[tuple[int, int]]:
+    """(first row, rows) of the pieces a weight gradient Aᵀ·B over `rows` rows is computed in: one,
+    unless rows is long (ops.K_SPLIT_MIN) and has no chunk divisor (ops._k_chunk: N·37³ rows), then a
+    head of a multiple of 512 rows (ops.gemm splits it over 512-row chunks in parallel) and the tail
+    added after it (β = 1): a fixed order, so deterministic; the 37³ lattice's products run ~4x faster."""
+    if rows < ops.K_SPLIT_MIN or ops._k_chunk(rows):
+        return [(0, rows)]
+    head = rows - rows % 512
+    return [(0, head), (head, rows - head)]
+
+
+def wgrad(dev, a, b, c, M, N, rows, beta):
+    """c (M, N) = beta·c + aᵀ·b over a (rows, M), b (rows, N), in the pieces of wgrad_parts. a and b
+    are read as rows of M and N floats from their first element, whatever width the buffers were
+    declared with (P holds the widest expert's perception; the distant expert's is narrower)."""
+    parts = wgrad_parts(rows)
+    if len(parts) == 1:
+        ops.gemm(dev, a, b, c, M, N, rows, beta=beta, trans_a=True)
+        return
+    fa, fb = a.ravel(), b.ravel()
+    for k, (r0, n) in enumerate(parts):
+        ops.gemm(dev, fa[r0 * M:(r0 + n) * M], fb[r0 * N:(r0 + n) * N], c, M, N, n, beta=beta if k == 0 else 1.0,
+                 trans_a=True)
+
 class Lattice(Layer):
     kind = "lattice"
 
@@ -145,6 +170,8 @@ class Lattice(Layer):
         out = {"states": (((self.K + 1) * rows, C), f32), "P": ((rows, Wm * C), f32), "h": ((rows, Hc), f32),
                "dh": ((rows, Hc), f32), "ds_a": ((rows, C), f32), "ds_b": ((rows, C), f32),
                "y": ((N, n2), f32), "dx": ((N, n2), f32), "tmp": ((max(Hc, C, E, self.dk),), f32)}
+        if ops.colsum_parts(rows):   # the bias gradients' partial column sums (ops.lattice_colsum)
+            out["cpart"] = ((ops.colsum_parts(rows) * max(Hc, E),), f32)
         if self.gated:
             out |= {"g": ((rows, E), f32), "dg": ((rows, E), f32), "dl": ((rows, C), f32), "dd": ((rows, C), f32)}
         if "functional" in self.experts:
@@ -164,15 +191,15 @@ class Lattice(Layer):
             if e in self.W:
                 WC = self.W[e] * C
                 tn += [(rows, Hc, WC, 1), (rows, C, Hc, 1), (rows, Hc, C, 1), (rows, WC, Hc, 1)]
-                ta += [(Hc, C, rows), (WC, Hc, rows)]
+                ta += [(M, Nn, k) for M, Nn in ((Hc, C), (WC, Hc)) for _, k in wgrad_parts(rows)]
             else:
                 dk = self.dk
                 tn += [(rows, dk, C, 1), (rows, C, C, 1), (n2, n2, dk, G), (n2, C, n2, G), (n2, n2, C, G),
                        (n2, dk, n2, G), (rows, C, dk, 1)]
-                ta += [(C, dk, rows), (C, C, rows)]
+                ta += [(M, Nn, k) for M, Nn in ((C, dk), (C, C)) for _, k in wgrad_parts(rows)]
         if self.gated:
             tn += [(rows, E, C, 1), (rows, C, E, 1)]
-            ta += [(C, E, rows)]
+            ta += [(C, E, k) for _, k in wgrad_parts(rows)]
         return tn, ta
 
     # -- helpers --------------------------------------------------------------------------------------
@@ -255,17 +282,17 @@ class Lattice(Layer):
             ops.gemm(dev, b.dA, b.fk, b.dq, n2, dk, n2, alpha=scale, batch=G)
             ops.gemm(dev, b.dA, b.fq, b.dkk, n2, dk, n2, alpha=scale, trans_a=True, batch=G)
             for w, d, width in (("Wq", b.dq, dk), ("Wk", b.dkk, dk), ("Wv", b.dv, C)):
-                ops.gemm(dev, s, d, g[w], C, width, rows, beta=beta, trans_a=True)
+                wgrad(dev, s, d, g[w], C, width, rows, beta)
                 ops.gemm(dev, d, p[w], ds, rows, C, width, beta=1.0, trans_b=True)
             return
         x, W = self._suffix(e), self.W[e]
         if recompute:
             self._expert_hidden(c, e, s)
-        ops.gemm(dev, b.h, dD, g["W2" + x], Hc, C, rows, beta=beta, trans_a=True)
+        wgrad(dev, b.h, dD, g["W2" + x], Hc, C, rows, beta)
         ops.gemm(dev, dD, p["W2" + x], b.dh, rows, Hc, C, trans_b=True)
         ops.lattice_tanh_backward(dev, b.dh, b.h, rows * Hc)
-        ops.gemm(dev, b.P, b.dh, g["W1" + x], W * C, Hc, rows, beta=beta, trans_a=True)
-        ops.lattice_colsum(dev, b.dh, g["b1" + x], rows, Hc, beta)
+        wgrad(dev, b.P, b.dh, g["W1" + x], W * C, Hc, rows, beta)
+        ops.lattice_colsum(dev, b.dh, g["b1" + x], rows, Hc, beta, getattr(b, "cpart", None))
         ops.gemm(dev, b.dh, p["W1" + x], b.P, rows, W * C, Hc, trans_b=True)       # P becomes ∂P
         ops.lattice_gather_backward(dev, b.P, c.st["rev_ptr" + x], c.st["rev_idx" + x], ds, W, rows, self.Q, C)
 
@@ -291,8 +318,8 @@ class Lattice(Layer):
                     ops.lattice_gate_split(dev, dnext, b.g, b.dl, j, b.dd, b.dg, rows, self.E, C)
                     self._expert_backward(c, e, s, b.dd, dcur, beta, recompute=False)
                 ops.lattice_gate_softmax_backward(dev, b.g, b.dg, rows, self.E)
-                ops.gemm(dev, s, b.dg, g["Wg"], C, self.E, rows, beta=beta, trans_a=True)
-                ops.lattice_colsum(dev, b.dg, g["bg"], rows, self.E, beta)
+                wgrad(dev, s, b.dg, g["Wg"], C, self.E, rows, beta)
+                ops.lattice_colsum(dev, b.dg, g["bg"], rows, self.E, beta, getattr(b, "cpart", None))
                 ops.gemm(dev, b.dg, p["Wg"], dcur, rows, C, self.E, beta=1.0, trans_b=True)
             dnext, dcur = dcur, dnext
         ops.lattice_read(dev, dnext, p["a"], b.dx, 0, N, n2, Q, C)              # dx = Σ_c ∂s_0·a
