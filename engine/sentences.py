@@ -154,16 +154,17 @@ def split_sentences(text: str, min_words: int = 5, max_words: int = 25) -> list[
 def split_sentence_set(sentences: list[str], val_fraction: float, test_fraction: float,
                        seed: int) -> tuple[list[str], list[str], list[str]]:
     """(train, val, test): a seeded permutation of the indices cut into test, val, train (the
-    module docstring); each keeps the input order. Each set needs at least one sentence."""
+    module docstring); each keeps the input order. Each set needs at least one sentence (the test
+    set none when test_fraction = 0: no test split)."""
     n = len(sentences)
     if n == 0:
         raise DataError("no sentences found (the text has no prose sentences within the word bounds)")
-    if not 0 < val_fraction < 1 or not 0 < test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise DataError(f"val_fraction and test_fraction must be in (0, 1) with a sum below 1, "
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(f"data.val_fraction must be in (0, 1) and data.test_fraction in [0, 1) with a sum below 1, "
                         f"got val_fraction={val_fraction!r}, test_fraction={test_fraction!r}")
     n_test, n_val = round(n * test_fraction), round(n * val_fraction)
     n_train = n - n_test - n_val
-    if min(n_train, n_val, n_test) < 1:
+    if min(n_train, n_val) < 1 or (test_fraction > 0 and n_test < 1):
         raise DataError(f"{n} sentences are too few to split with val_fraction={val_fraction}, "
                         f"test_fraction={test_fraction} (train {n_train}, validation {n_val}, "
                         f"test {n_test}; each needs at least 1)")

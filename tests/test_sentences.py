@@ -118,3 +118,9 @@ def test_split_errors():
         split_sentence_set(SENTS[:3], 0.1, 0.3, seed=0)
     with pytest.raises(DataError, match="sum below 1"):
         split_sentence_set(SENTS, 0.5, 0.5, seed=0)
+
+
+def test_no_test_split_when_its_fraction_is_zero():
+    train, val, test = split_sentence_set(SENTS, 0.2, 0.0, seed=0)
+    assert test == [] and len(val) == round(0.2 * len(SENTS)) and len(train) + len(val) == len(SENTS)
+    assert val == split_sentence_set(SENTS, 0.2, 0.0, seed=0)[1]
