@@ -475,7 +475,7 @@ def log_dataset(cl, run_id: str, trainer) -> None:
     from mlflow.entities import Dataset, DatasetInput, InputTag
     cfg = trainer.cfg
     source = os.path.abspath(cfg.data.path) if cfg.data.path else "python:pydoc_data.topics.topics"
-    task_profile = getattr(trainer.data, "profile", None)   # the embedding task's sentence counts
+    task_profile = getattr(getattr(trainer, "data", None), "profile", None)   # the embedding task's sentence counts
     profile = json.dumps(task_profile() if task_profile else
                          {"characters": trainer.n_chars, "vocab_size": trainer.vocab.size,
                           "train_chars": int(trainer.train_ids.size), "val_chars": int(trainer.val_ids.size)})
