@@ -605,8 +605,11 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", metavar="CKPT", help="continue from a checkpoint (its config, plus --set; "
                                                      "train.steps must be above its step)")
     args = ap.parse_args(argv)
-    # until the loop runs, SIGTERM is a Ctrl+C: both stop the setup with one line
+    # until the loop runs, SIGTERM is a Ctrl+C: both stop the setup with one line (SIGINT set here too:
+    # a process started with SIGINT ignored, as a test suite's child can be, would not stop otherwise;
+    # the loop below takes both signals over as well)
     term = signal.signal(signal.SIGTERM, _raise_interrupt)
+    intr = signal.signal(signal.SIGINT, _raise_interrupt)
     try:
         if args.resume:
             _, meta = load_checkpoint(args.resume)
@@ -628,6 +631,7 @@ def main(argv=None) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, term)
+        signal.signal(signal.SIGINT, intr)
     previous = {s: signal.signal(s, lambda *_: trainer.request_stop()) for s in (signal.SIGINT, signal.SIGTERM)}
     progress, bar = make_progress(cfg.train.steps, trainer.model.step, unit=progress_unit(trainer.task))
     t0 = time.perf_counter()
