@@ -102,12 +102,16 @@ SPACES = {s.name: s for s in [
     Space("lattice_rates", "each connection expert's own Adam rate, the gate's, and the number of cell updates K "
           "on `lattice_moe` (the face maps stay at optim.lr 3e-3)",
           "lattice_moe", (
-              LogUniform("lattice.lr_local", 3e-4, 3e-2, "a decade below the face maps' 3e-3 to a decade above"),
+              LogUniform("lattice.lr_local", 3e-4, 3e-2, "a decade below the face maps' 3e-3 to a decade above; "
+                                                        "measured on `lattice` at 300 steps (seed 0): 3e-4 gave "
+                                                        "val cos 0.405 (the mean vector's: nothing learned), "
+                                                        "3e-3 0.640, 3e-2 0.824"),
               LogUniform("lattice.lr_functional", 3e-4, 3e-2, "as lr_local, for the attention over a layer's cells"),
               LogUniform("lattice.lr_distant", 3e-4, 3e-2, "as lr_local, for the fixed long-range links"),
               LogUniform("lattice.lr_gate", 3e-4, 3e-2, "as lr_local, for the per-cell gate over the three"),
               IntLogUniform("lattice.steps", 7, 16, "7: the fewest steps in which the front face reaches the back "
-                                                    "of an 8-deep lattice (one cell a step); 16: twice that"),
+                                                    "of an 8-deep lattice (one cell a step); 16: twice that; on "
+                                                    "`lattice` at 300 steps: K 7 val cos 0.683, 8 0.640, 16 0.836"),
           )),
 ]}
 
