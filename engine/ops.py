@@ -836,12 +836,11 @@ def lattice_colsum(dev, X, out, rows, U, beta=0.0, part=None):
     ascending); beyond, chunks of COLSUM_CHUNK rows summed in parallel into part (colsum_parts(rows)·U
     floats), then the chunks in order (a fixed order either way: deterministic, no atomics)."""
     P = colsum_parts(rows)
-    if not P:
-        dev.launch(dev.kernel("lattice.cl", "lattice_colsum"), (U,), None, X.data, i32(rows), i32(U), f32(beta),
-                   out.data)
-        return
-    dev.launch(dev.kernel("lattice.cl", "lattice_colsum_part"), (U, P), None, X.data, i32(rows), i32(U),
-               i32(COLSUM_CHUNK), part.data)
+    if P:
+        dev.launch(dev.kernel("lattice.cl", "lattice_colsum_part"), (U, P), None, X.data, i32(rows), i32(U),
+                   i32(COLSUM_CHUNK), part.data)
+    else:   # the reduce stage over the rows themselves: one loop per column
+        part, P = X, rows
     dev.launch(dev.kernel("lattice.cl", "lattice_colsum_reduce"), (U,), None, part.data, i32(P), i32(U), f32(beta),
                out.data)
 

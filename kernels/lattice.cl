@@ -17,9 +17,9 @@
  *                            (the CSR adjoint of the table, m ascending)            global (C, N·Q)
  *   lattice_bias_tanh        h[j, u] = tanh(h[j, u] + b[u]) in place                global (Hc, rows)
  *   lattice_tanh_backward    dh *= 1 − h² in place                                  global (n)
- *   lattice_colsum           out[u] = beta·out[u] + Σ_j X[j, u] (j ascending)       global (U)
  *   lattice_colsum_part      part[p, u] = Σ_j of chunk p of X[j, u] (ascending)     global (U, P)
  *   lattice_colsum_reduce    out[u] = beta·out[u] + Σ_p part[p, u] (p ascending)    global (U)
+ *                            (a few rows: X itself as part, one stage)
  *   lattice_gate_softmax     g[j] = softmax_e(g[j, e] + bg[e]) in place             global (rows)
  *   lattice_gate_mix         s[j, c] += g[j, e]·dl[j, c]                            global (C, rows)
  *   lattice_gate_split       dd[j, c] = g[j,e]·ds[j,c]; dg[j,e] = Σ_c ds[j,c]·dl[j,c] global (rows)
@@ -107,15 +107,6 @@ __kernel void lattice_tanh_backward(__global float* dh, __global const float* h)
 {
     const long j = get_global_id(0);
     dh[j] *= 1.0f - h[j] * h[j];
-}
-
-__kernel void lattice_colsum(__global const float* X, const int rows, const int U, const float beta,
-                             __global float* out)
-{
-    const int u = get_global_id(0);
-    float acc = 0.0f;
-    for (int j = 0; j < rows; j++) acc += X[(long)j * U + u];
-    out[u] = beta == 0.0f ? acc : beta * out[u] + acc;
 }
 
 /* The column sum in two fixed-order stages for many rows (every bias gradient of a 37³ lattice:

@@ -31,32 +31,33 @@ def _device(**kwargs):
         pytest.skip(reason)
 
 
+def _session_env(name: str, value: str):
+    """Set environment variable `name` for the session (the subprocesses inherit it), then restore it."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    yield
+    if old is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = old
+
+
 @pytest.fixture(scope="session", autouse=True)
 def tune_cache(tmp_path_factory):
     """engine.tune's cache in a session folder ($HYBRID_TUNE_CACHE, inherited by the subprocesses):
     the tests never read or write the user's cache, and a GPU is tuned at most once per session."""
-    old = os.environ.get("HYBRID_TUNE_CACHE")
     path = tmp_path_factory.mktemp("tune") / "tune.json"
-    os.environ["HYBRID_TUNE_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("HYBRID_TUNE_CACHE", None)
-    else:
-        os.environ["HYBRID_TUNE_CACHE"] = old
+    for _ in _session_env("HYBRID_TUNE_CACHE", str(path)):
+        yield path
 
 
 @pytest.fixture(scope="session", autouse=True)
 def teacher_cache(tmp_path_factory):
     """engine.teacher's disk cache in a session folder ($HYBRID_TEACHER_CACHE, inherited by the
     subprocesses): the tests never read or write the user's cache of teacher embeddings."""
-    old = os.environ.get("HYBRID_TEACHER_CACHE")
     path = tmp_path_factory.mktemp("teacher")
-    os.environ["HYBRID_TEACHER_CACHE"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("HYBRID_TEACHER_CACHE", None)
-    else:
-        os.environ["HYBRID_TEACHER_CACHE"] = old
+    for _ in _session_env("HYBRID_TEACHER_CACHE", str(path)):
+        yield path
 
 
 @pytest.fixture(scope="session")
